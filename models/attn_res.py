@@ -1,0 +1,128 @@
+"""Depth mixing for AttnRes: the two-phase Block schedule, Full AttnRes, and the depth-pool layout.
+
+Keys: RMSNorm(v) = v * rinv(v) * g, and w · (g ⊙ v̂) = (w ⊙ g) · v̂, so a source's key reduces to the
+scalar rinv(v) = 1/rms(v) once the gain g is folded into the query at load. The depth pool keeps
+each completed source and its rinv, computed once when the source is completed.
+
+The plain reference `naive_mix` lives in models.reference; tests hold these functions to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.config import ModelConfig
+from models.context import DepthBuffers
+
+
+@dataclass(frozen=True)
+class DepthPoolSpec:
+    """Per-token shapes of the depth pool; the cache manager multiplies them by its row count."""
+
+    num_sources: int  # N completed blocks + 1 partial (block), or 2L + 1 (full)
+    hidden: int
+    num_phase1_queries: int  # 2 * block_size for block mode, 0 for full
+    state_dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        state = self.num_sources * self.hidden * torch.empty((), dtype=self.state_dtype).element_size()
+        rinv = self.num_sources * 4
+        phase1 = self.num_phase1_queries * (2 + self.hidden) * 4
+        return state + rinv + phase1
+
+    def allocate(self, rows: int) -> DepthBuffers:
+        q = self.num_phase1_queries
+        return DepthBuffers(
+            states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype),
+            rinv=torch.zeros(rows, self.num_sources, dtype=torch.float32),
+            m=torch.zeros(rows, q, dtype=torch.float32) if q else None,
+            den=torch.zeros(rows, q, dtype=torch.float32) if q else None,
+            o=torch.zeros(rows, q, self.hidden, dtype=torch.float32) if q else None,
+        )
+
+
+def depth_pool_spec(cfg: ModelConfig, dtype: torch.dtype) -> DepthPoolSpec | None:
+    if cfg.attn_res_mode == "none":
+        return None
+    q = 2 * cfg.attn_res_block_size if cfg.attn_res_mode == "block" else 0
+    return DepthPoolSpec(cfg.num_depth_sources, cfg.hidden_size, q, dtype)
+
+
+def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/rms over the last dim, fp32: [..., d] -> [...]."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
+def phase1(states: torch.Tensor, rinv: torch.Tensor, queries: torch.Tensor,
+           out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every query of a block against all completed blocks in one batched matmul.
+
+    states: [T, n, d] completed blocks; rinv: [T, n]; queries: [Q, d] fp32 (gains folded).
+    Returns unnormalised softmax statistics m [T, Q], l [T, Q], o [T, Q, d] (fp32), written into
+    `out` (depth-pool views) when given.
+    """
+    s = states.float()
+    scores = torch.matmul(s, queries.t()).transpose(1, 2) * rinv.unsqueeze(1)  # [T, Q, n]
+    if out is None:
+        m = scores.amax(-1)  # [T, Q]
+        p = torch.exp(scores - m.unsqueeze(-1))  # [T, Q, n]
+        return m, p.sum(-1), torch.bmm(p, s)
+    m, den, o = out
+    torch.amax(scores, -1, out=m)
+    p = torch.exp(scores - m.unsqueeze(-1))
+    torch.sum(p, -1, out=den)
+    torch.bmm(p, s, out=o)  # [T, Q, d]
+    return m, den, o
+
+
+def phase2(m1: torch.Tensor, l1: torch.Tensor, o1: torch.Tensor, partial: torch.Tensor,
+           rinv_partial: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge Phase-1 statistics with the current partial sum by online softmax.
+
+    m1, l1: [T]; o1: [T, d]; partial: [T, d]; rinv_partial: [T]; query: [d] fp32.
+    Returns x [T, d] fp32, and the partial's weight and the blocks' scale (for introspection).
+    """
+    p = partial.float()
+    s2 = (p @ query) * rinv_partial  # [T]
+    mx = torch.maximum(m1, s2)
+    a1 = torch.exp(m1 - mx)
+    a2 = torch.exp(s2 - mx)
+    denom = a1 * l1 + a2
+    x = (a1.unsqueeze(-1) * o1 + a2.unsqueeze(-1) * p) / denom.unsqueeze(-1)
+    return x, a2 / denom, a1 / denom
+
+
+def mix_sources(states: torch.Tensor, rinv: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot mix over n sources with precomputed rinv: states [T, n, d] -> (x [T, d] fp32, alpha [T, n])."""
+    s = states.float()
+    scores = torch.matmul(s, query) * rinv  # [T, n]
+    alpha = torch.softmax(scores, dim=-1)
+    return torch.bmm(alpha.unsqueeze(1), s).squeeze(1), alpha
+
+
+class BlockSchedule:
+    """Which layers open a block, and which Phase-1 query row each sublayer of a layer uses."""
+
+    def __init__(self, num_layers: int, block_size: int) -> None:
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.num_blocks = math.ceil(num_layers / block_size)
+
+    def opens_block(self, layer: int) -> bool:
+        return layer % self.block_size == 0
+
+    def block_of(self, layer: int) -> int:
+        return layer // self.block_size
+
+    def block_layers(self, block: int) -> range:
+        return range(block * self.block_size, min((block + 1) * self.block_size, self.num_layers))
+
+    def query_rows(self, layer: int) -> tuple[int, int]:
+        """Rows of this layer's attention and MLP queries within its block's stacked query matrix."""
+        j = layer % self.block_size
+        return 2 * j, 2 * j + 1

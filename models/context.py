@@ -1,0 +1,69 @@
+"""Per-step inputs of the serving model: one flat packed batch and its attention metadata.
+
+The engine's model runner builds a ForwardBatch once per step; every layer reads it. Nothing
+here is global: the batch is passed down the call chain explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence with more than one new token this step (a prompt chunk)."""
+
+    start: int  # first row of this sequence in the packed batch
+    end: int  # one past its last row
+    context_len: int  # tokens in its KV cache after this step (prefix + earlier chunks + this chunk)
+    gather_slots: torch.Tensor | None  # [context_len] KV slots; None when the whole context is this chunk
+    mask: torch.Tensor | None  # [1, 1, q_len, context_len] bool (True = attend); None when causal from 0
+
+
+@dataclass
+class AttentionMetadata:
+    """How the packed rows map onto the paged KV cache. Decode rows come first: rows [0, num_decode)."""
+
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decode: int = 0
+    decode_gather: torch.Tensor | None = None  # [B_d, C] KV slots of each decode sequence, padded
+    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, C] bool, True for real context positions
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class Communicator(Protocol):
+    """Collective ops a tensor-parallel model needs (implemented over torch.distributed in engine/)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class DepthBuffers:
+    """Views of the depth pool for the T rows of this step (shapes from models.attn_res.depth_pool_spec)."""
+
+    states: torch.Tensor  # [T, n_src, d] completed blocks (embedding first) and the current partial
+    rinv: torch.Tensor  # [T, n_src] fp32: 1/rms of each completed source (its key, gain folded away)
+    m: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 running max per query of the open block
+    den: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 softmax denominators
+    o: torch.Tensor | None = None  # [T, Q, d] fp32 Phase-1 unnormalised weighted values
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward step needs."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] rows whose next-token logits are wanted
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V each [num_slots, n_kv, hd]
+    depth: DepthBuffers | None = None  # AttnRes models only
+    depth_weights: list[torch.Tensor] | None = None  # when a list: each mixing site appends alpha [S, n]

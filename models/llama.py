@@ -1,0 +1,278 @@
+"""The serving decoder: one Llama family, standard PreNorm residual or Block/Full AttnRes by config.
+
+Works on a flat packed batch (models.context.ForwardBatch) over a paged KV cache. AttnRes models
+read and write the per-step depth pool: Block AttnRes with the two-phase schedule of ATTNRES.md,
+Full AttnRes with incremental keys. Only the rows whose logits are wanted go through the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from models.attn_res import BlockSchedule, inv_rms, mix_sources, phase1, phase2
+from models.config import ModelConfig
+from models.context import Communicator, DepthBuffers, ForwardBatch
+from models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
+
+
+class TensorSource(Protocol):
+    """A checkpoint tensor that can be read in part (safetensors slices, or an in-memory tensor)."""
+
+    shape: tuple[int, ...]
+
+    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor: ...
+
+
+class InMemoryTensor:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        self.shape = tuple(t.shape)
+
+    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        t = self.t if rows is None else self.t[rows]
+        return t if cols is None else t[:, cols]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype,
+                 comm: Communicator | None) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, rope,
+                                   dtype, comm)
+        self.mlp = SwiGLU(d, cfg.intermediate_size, dtype, comm)
+
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_RES_SITES = {"self_attention_res": 0, "mlp_res": 1}
+
+
+class LlamaForServing(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 comm: Communicator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.comm = comm
+        d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, dtype, comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope, dtype, comm) for _ in range(n_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabParallelEmbedding(
+            cfg.vocab_size, d, dtype, comm)
+        if cfg.is_attn_res:
+            # Raw gains and queries as loaded; fold_queries() turns them into (w ⊙ g), kept in fp32.
+            f32 = torch.float32
+            self.res_norm = nn.Parameter(torch.ones(n_layers, 2, d, dtype=f32), requires_grad=False)
+            self.res_proj = nn.Parameter(torch.zeros(n_layers, 2, d, dtype=f32), requires_grad=False)
+            self.out_norm = nn.Parameter(torch.ones(d, dtype=f32), requires_grad=False)
+            self.out_proj = nn.Parameter(torch.zeros(d, dtype=f32), requires_grad=False)
+            self.queries = torch.zeros(n_layers, 2, d)  # [L, 2(attn, mlp), d] folded
+            self.out_query = torch.zeros(d)
+            self.block_queries: list[torch.Tensor] = []  # per block: [2 * block_size, d]
+        self.schedule = (BlockSchedule(n_layers, cfg.attn_res_block_size)
+                         if cfg.attn_res_mode == "block" else None)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Returns final-normed hidden states [S, d] of the rows in batch.logits_indices."""
+        h = self.embed_tokens.embed(batch.input_ids)  # [T, d]
+        cos_sin = self.rope(batch.positions)
+        mode = self.cfg.attn_res_mode
+        if mode == "none":
+            for i, layer in enumerate(self.layers):
+                h = h + layer.self_attn(layer.input_layernorm(h), batch, i, cos_sin)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            return self.norm(h[batch.logits_indices])
+        if batch.depth is None:
+            raise RuntimeError("AttnRes model run without depth buffers")
+        if mode == "block":
+            x = self._forward_block(h, batch, batch.depth, cos_sin)
+        else:
+            x = self._forward_full(h, batch, batch.depth, cos_sin)
+        return self.norm(x.to(self.dtype))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, d] -> fp32 logits [S, vocab]."""
+        return self.lm_head.logits(hidden)
+
+    def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
+                       cos_sin: tuple) -> torch.Tensor:
+        sched = self.schedule
+        assert sched is not None and depth.m is not None and depth.den is not None and depth.o is not None
+        eps, dt = self.cfg.rms_norm_eps, self.dtype
+        states, rinv = depth.states, depth.rinv  # [T, N+1, d], [T, N+1]
+        m1, l1, o1 = depth.m, depth.den, depth.o  # [T, Q], [T, Q], [T, Q, d]
+        n = 0  # completed blocks; the partial sum lives in states[:, n]
+        states[:, 0] = emb
+        for i, layer in enumerate(self.layers):
+            qa, qm = sched.query_rows(i)
+            opens = sched.opens_block(i)
+            if opens:  # close the partial as block n, then Phase 1 for every query of the new block
+                rinv[:, n] = inv_rms(states[:, n], eps)
+                n += 1
+                phase1(states[:, :n], rinv[:, :n], self.block_queries[sched.block_of(i)], out=(m1, l1, o1))
+                x = o1[:, qa] / l1[:, qa].unsqueeze(-1)
+            else:
+                x = phase2(m1[:, qa], l1[:, qa], o1[:, qa], states[:, n], inv_rms(states[:, n], eps),
+                           self.queries[i, 0])[0]
+            a = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
+            if opens:
+                states[:, n] = a
+            else:
+                states[:, n] += a
+            x = phase2(m1[:, qm], l1[:, qm], o1[:, qm], states[:, n], inv_rms(states[:, n], eps),
+                       self.queries[i, 1])[0]
+            states[:, n] += layer.mlp(layer.post_attention_layernorm(x.to(dt)))
+        rows = batch.logits_indices
+        srcs = states[rows, :n + 1]  # [S, n+1, d]
+        r = torch.cat([rinv[rows, :n], inv_rms(srcs[:, n], eps).unsqueeze(-1)], dim=-1)
+        return mix_sources(srcs, r, self.out_query)[0]
+
+    def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
+                      cos_sin: tuple) -> torch.Tensor:
+        eps, dt = self.cfg.rms_norm_eps, self.dtype
+        states, rinv = depth.states, depth.rinv  # [T, 2L+1, d], [T, 2L+1]
+        states[:, 0] = emb
+        rinv[:, 0] = inv_rms(emb, eps)
+        for i, layer in enumerate(self.layers):
+            k = 2 * i + 1  # sources completed before this layer's attention
+            x = mix_sources(states[:, :k], rinv[:, :k], self.queries[i, 0])[0]
+            states[:, k] = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
+            rinv[:, k] = inv_rms(states[:, k], eps)
+            x = mix_sources(states[:, :k + 1], rinv[:, :k + 1], self.queries[i, 1])[0]
+            states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x.to(dt)))
+            rinv[:, k + 1] = inv_rms(states[:, k + 1], eps)
+        rows = batch.logits_indices
+        return mix_sources(states[rows], rinv[rows], self.out_query)[0]
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
+        """Copy checkpoint tensors (Hugging Face + K3 AttnRes names) into this rank's shards.
+
+        Raises ValueError naming the tensor for a missing, unexpected or mis-shaped one.
+        """
+        expected = set(self.expected_tensor_names())
+        seen: set[str] = set()
+        for name, src in tensors:
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                    continue
+                raise ValueError(f"checkpoint has unexpected tensor {name!r} for {self.cfg.architecture}")
+            self._load_one(name, src)
+            seen.add(name)
+        missing = sorted(expected - seen)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+        if self.cfg.is_attn_res:
+            self.fold_queries()
+
+    def expected_tensor_names(self) -> list[str]:
+        cfg = self.cfg
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        per_layer = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        if cfg.is_attn_res:
+            per_layer += ["self_attention_res_norm", "self_attention_res_proj", "mlp_res_norm", "mlp_res_proj"]
+            names += ["model.output_attn_res_norm.weight", "model.output_attn_res_proj.weight"]
+        for i in range(cfg.num_hidden_layers):
+            names += [f"model.layers.{i}.{p}.weight" for p in per_layer]
+        return names
+
+    def _expected_shape(self, name: str) -> tuple[int, ...]:
+        cfg = self.cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        shapes = {
+            "self_attn.q_proj.weight": (cfg.num_attention_heads * hd, d),
+            "self_attn.k_proj.weight": (cfg.num_key_value_heads * hd, d),
+            "self_attn.v_proj.weight": (cfg.num_key_value_heads * hd, d),
+            "self_attn.o_proj.weight": (d, cfg.num_attention_heads * hd),
+            "mlp.gate_proj.weight": (cfg.intermediate_size, d),
+            "mlp.up_proj.weight": (cfg.intermediate_size, d),
+            "mlp.down_proj.weight": (d, cfg.intermediate_size),
+        }
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return (cfg.vocab_size, d)
+        m = _LAYER_RE.fullmatch(name)
+        suffix = m.group(2) if m else name
+        if suffix in shapes:
+            return shapes[suffix]
+        return (1, d) if suffix.endswith("_proj.weight") else (d,)
+
+    def _load_one(self, name: str, src: TensorSource) -> None:
+        want = self._expected_shape(name)
+        if tuple(src.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {list(src.shape)}, expected {list(want)}")
+        rank, world = (self.comm.rank, self.comm.world_size) if self.comm else (0, 1)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            emb = self.embed_tokens if name.startswith("model.") else self.lm_head
+            hi = min(emb.hi, self.cfg.vocab_size)
+            emb.weight.zero_()
+            if hi > emb.lo:
+                emb.weight[: hi - emb.lo].copy_(src.read(slice(emb.lo, hi)))
+            return
+        if name == "model.norm.weight":
+            self.norm.weight.copy_(src.read())
+            return
+        if name.startswith("model.output_attn_res_"):
+            (self.out_norm if name.endswith("norm.weight") else self.out_proj).copy_(src.read().reshape(-1))
+            return
+        m = _LAYER_RE.fullmatch(name)
+        assert m is not None
+        i, suffix = int(m.group(1)), m.group(2)
+        layer: DecoderLayer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = self.cfg.head_dim
+        nq, nk = attn.heads * hd, attn.kv_heads * hd
+        if suffix == "input_layernorm.weight":
+            layer.input_layernorm.weight.copy_(src.read())
+        elif suffix == "post_attention_layernorm.weight":
+            layer.post_attention_layernorm.weight.copy_(src.read())
+        elif suffix == "self_attn.q_proj.weight":
+            attn.qkv_proj[:nq].copy_(src.read(slice(rank * nq, (rank + 1) * nq)))
+        elif suffix in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+            kv_total = self.cfg.num_key_value_heads
+            first_head = rank * kv_total // world  # sharded, or replicated when kv_total < world
+            rows = slice(first_head * hd, first_head * hd + nk)
+            off = nq if suffix.startswith("self_attn.k") else nq + nk
+            attn.qkv_proj[off:off + nk].copy_(src.read(rows))
+        elif suffix == "self_attn.o_proj.weight":
+            attn.o_proj.copy_(src.read(None, slice(rank * nq, (rank + 1) * nq)))
+        elif suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            f = mlp.ffn
+            off = 0 if suffix.startswith("mlp.gate") else f
+            mlp.gate_up_proj[off:off + f].copy_(src.read(slice(rank * f, (rank + 1) * f)))
+        elif suffix == "mlp.down_proj.weight":
+            f = mlp.ffn
+            mlp.down_proj.copy_(src.read(None, slice(rank * f, (rank + 1) * f)))
+        else:
+            site = _RES_SITES[suffix.rsplit("_", 1)[0]]
+            target = self.res_norm if suffix.endswith("_norm.weight") else self.res_proj
+            target[i, site].copy_(src.read().reshape(-1))
+
+    @torch.no_grad()
+    def fold_queries(self) -> None:
+        """q = w ⊙ g (ATTNRES.md): each source's key becomes the scalar 1/rms; stack per-block queries."""
+        self.queries = (self.res_proj * self.res_norm).contiguous()  # [L, 2, d]
+        self.out_query = (self.out_proj * self.out_norm).contiguous()
+        if self.schedule is not None:
+            q_rows = 2 * self.cfg.attn_res_block_size
+            blocks = []
+            for b in range(self.schedule.num_blocks):
+                layers = self.schedule.block_layers(b)
+                qb = torch.zeros(q_rows, self.cfg.hidden_size)  # a short last block is padded with zero rows
+                qb[: 2 * len(layers)] = self.queries[layers.start:layers.stop].reshape(-1, self.cfg.hidden_size)
+                blocks.append(qb)
+            self.block_queries = blocks

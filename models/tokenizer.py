@@ -1,0 +1,121 @@
+"""Tokenizers for checkpoint folders: sentencepiece (tokenizer.model) or Hugging Face tokenizer.json.
+
+Also the chat template (tokenizer_config.json `chat_template`, Jinja) and incremental detokenization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used when a checkpoint ships no chat template: plain "role: content" lines.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class Tokenizer:
+    """A uniform face over sentencepiece and `tokenizers` backends."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        cfg: dict[str, Any] = {}
+        if (folder / "tokenizer_config.json").exists():
+            cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.add_bos: bool = bool(cfg.get("add_bos_token", True))
+        if (folder / "tokenizer.model").exists():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self._hf = None
+            self.vocab_size = self._sp.get_piece_size()
+            self.bos_token_id: int | None = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+            self.eos_token_id: int | None = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+            self._special = {i for i in range(self.vocab_size) if self._sp.is_control(i)}
+        elif (folder / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._sp = None
+            self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            self.vocab_size = self._hf.get_vocab_size()
+            self.bos_token_id = self._token_id(cfg.get("bos_token"))
+            self.eos_token_id = self._token_id(cfg.get("eos_token"))
+            self._special = set()
+            self.add_bos = bool(cfg.get("add_bos_token", False))
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer in {folder}: expected tokenizer.model (sentencepiece) or tokenizer.json")
+        self.bos_token = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+        self.eos_token = self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
+
+    def _token_id(self, tok: Any) -> int | None:
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if not tok or self._hf is None:
+            return None
+        return self._hf.token_to_id(tok)
+
+    def id_to_token(self, i: int) -> str:
+        return self._sp.id_to_piece(i) if self._sp is not None else (self._hf.id_to_token(i) or "")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._sp is not None:
+            ids = list(self._sp.encode(text))
+        else:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if self._sp is not None:
+            if skip_special_tokens:
+                ids = [i for i in ids if i not in self._special]
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the checkpoint's template (or DEFAULT_CHAT_TEMPLATE)."""
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg: str) -> None:
+            raise ValueError(msg)
+
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token, eos_token=self.eos_token)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Decodes a short window (a few tokens of context + the new ones) so that word-initial spaces and
+    multi-byte characters come out right; holds text back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        """Append token ids; return the newly completed text."""
+        self.ids.extend(new_ids)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
