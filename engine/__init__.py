@@ -1,0 +1,7 @@
+"""The engine: scheduling, batching, sampling; `from engine import LLM, SamplingParams`."""
+
+from engine.llm_engine import LLM, LLMEngine
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "LLMEngine", "Logprob", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,306 @@
+"""LLMEngine: step() = schedule -> run -> sample -> update; LLM: the offline generate() API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
+from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from kvcache.depth_cache import DepthCache, max_tokens_for_budget
+from kvcache.kv_manager import KVCacheManager
+from models.attn_res import depth_pool_spec
+from models.config import ModelConfig
+from models.loader import load_config, load_model, resolve_model
+from models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("depthserve.engine")
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_dir = resolve_model(config.model)
+        self.model_config: ModelConfig = load_config(self.model_dir)
+        self.tokenizer: Tokenizer | None = None
+        if (self.model_dir / "tokenizer.model").exists() or (self.model_dir / "tokenizer.json").exists():
+            self.tokenizer = Tokenizer(self.model_dir)
+        mcfg = self.model_config
+        self.max_model_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{mcfg.max_position_embeddings}")
+        if config.parallel.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by this build yet")
+        self.model = load_model(self.model_dir, config.dtype, cfg=mcfg)
+        self.kv, self.depth, self.max_step_tokens = self._size_caches()
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
+        self.runner = ModelRunner(self.model, self.kv, self.depth)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- start-up sizing ---------------------------------------------------------------------
+    def _size_caches(self) -> tuple[KVCacheManager, DepthCache | None, int]:
+        cc, sc = self.config.cache, self.config.scheduler
+        per_block = kv_bytes_per_block(self.model, cc.block_size)
+        num_blocks = cc.num_kv_blocks or cc.kv_cache_memory // per_block
+        blocks_per_seq = -(-self.max_model_len // cc.block_size)
+        if num_blocks < blocks_per_seq:
+            need = blocks_per_seq * per_block
+            raise ValueError(
+                f"KV cache budget holds {num_blocks} blocks of {cc.block_size} tokens, but one request of "
+                f"max_model_len={self.max_model_len} needs {blocks_per_seq}: raise --kv-cache-memory to at least "
+                f"{need / 2**20:.1f} MiB or lower --max-model-len")
+        step_tokens = sc.max_num_batched_tokens
+        depth = None
+        spec = depth_pool_spec(self.model_config, self.config.dtype)
+        if spec is not None:
+            fit = max_tokens_for_budget(spec, cc.depth_cache_memory)
+            if fit < 1:
+                raise ValueError(
+                    f"depth cache budget {cc.depth_cache_memory} B holds no token ({spec.bytes_per_token} B per "
+                    f"token): raise --depth-cache-memory")
+            if fit < step_tokens:
+                logger.info("depth cache budget caps the step at %d tokens (max_num_batched_tokens=%d)",
+                            fit, step_tokens)
+            step_tokens = min(step_tokens, fit)
+            depth = DepthCache(spec, step_tokens)
+        return KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching), depth, step_tokens
+
+    # ---- requests ------------------------------------------------------------------------------
+    def make_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> Request:
+        """Validate and tokenize a prompt without touching engine state (safe from any thread)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        params.validate()
+        text: str | None = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            text = prompt
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                return self.make_request(prompt["prompt"], params, request_id)
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        else:
+            ids = prompt
+        if not isinstance(ids, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids contains {bad}, outside the vocabulary [0, {vocab})")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) leaves no room to generate within the context length "
+                             f"of {self.max_model_len} tokens")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
+                      eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        return req
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
+        return self.add_built_request(self.make_request(prompt, params, request_id))
+
+    def add_built_request(self, req: Request) -> str:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add_request(req)
+        return req.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req)
+        req.finish_reason = "abort"
+        return self._output(req, [], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished() and not sched.preempted:
+                raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+            return []
+        step = ModelRunner.order(sched.scheduled)
+        now = time.monotonic()
+        for req, n in step.scheduled:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                self.num_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
+        try:
+            logits = self.runner.execute(step)
+        except Exception as e:  # fail the requests of this step only; the engine keeps serving
+            logger.exception("model step failed")
+            return [self._fail(req, f"model step failed: {type(e).__name__}") for req, _ in step.scheduled]
+        for req, n in step.scheduled:
+            req.num_computed_tokens += n
+        sampled = self.sampler(logits, step.sample) if step.sample else None
+        outputs = []
+        now = time.monotonic()
+        for i, req in enumerate(step.sample):
+            assert sampled is not None
+            tok = sampled.token_ids[i]
+            req.token_ids.append(tok)
+            self.num_generation_tokens += 1
+            if req.logprobs is not None and sampled.logprobs[i] is not None:
+                req.logprobs.append(sampled.logprobs[i])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            new_text = self._check_stop(req, tok)
+            if req.finish_reason is not None:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+                req.metrics.finished_time = now
+            outputs.append(self._output(req, [tok], new_text))
+        return outputs
+
+    def _check_stop(self, req: Request, tok: int) -> str:
+        """Detokenize the new token, apply stop conditions, return the text to emit."""
+        p = req.params
+        new_text = ""
+        if req.detokenizer is not None and not (tok in req.eos_token_ids or tok in p.stop_token_ids):
+            new_text = req.detokenizer.add([tok])
+            if p.stop and new_text:
+                prev_len = len(req.output_text)
+                text = req.output_text + new_text
+                window = max(0, prev_len - max(len(s) for s in p.stop) + 1)
+                hit = min(((text.find(s, window), s) for s in p.stop if text.find(s, window) >= 0),
+                          default=None)
+                if hit is not None:
+                    at, s = hit
+                    end = at + len(s) if p.include_stop_str_in_output else at
+                    req.output_text = text[:end]
+                    req.finish_reason, req.stop_reason = "stop", s
+                    return text[prev_len:end] if end > prev_len else ""
+            req.output_text += new_text
+        if req.num_output_tokens >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                req.finish_reason, req.stop_reason = "stop", tok
+            elif tok in req.eos_token_ids:
+                req.finish_reason = "stop"
+        if req.finish_reason is None and (
+                (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens)
+                or req.num_tokens >= req.max_model_len):
+            req.finish_reason = "length"
+        if req.finish_reason is not None and req.detokenizer is not None:
+            tail = req.detokenizer.flush()
+            req.output_text += tail
+            new_text += tail
+        return new_text
+
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        req.finish_reason = "error"
+        out = self._output(req, [], "")
+        out.error = message
+        return out
+
+    def _output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+        comp = CompletionOutput(
+            index=0, text=req.output_text, token_ids=req.output_token_ids, finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason, logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            new_text=new_text, new_token_ids=new_ids)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
+                             finished=req.finish_reason is not None, metrics=req.metrics)
+
+    # ---- introspection for tests and metrics ------------------------------------------------------
+    def kv_blocks_held_by_requests(self) -> int:
+        return self.kv.num_request_blocks()
+
+    def depth_rows_in_use(self) -> int:
+        return self.depth.rows_in_use if self.depth is not None else 0
+
+
+class LLM:
+    """Offline batch generation, in the style of vLLM's `LLM`."""
+
+    def __init__(self, model: str, dtype: str | torch.dtype = "float32", tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, kv_cache_memory: str | int = "1GiB", depth_cache_memory: str | int = "256MiB",
+                 enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
+                 long_prefill_token_threshold: int = 0, seed: int = 0, num_threads: int | None = None) -> None:
+        cfg = EngineConfig(
+            model=model, dtype=parse_dtype(dtype), seed=seed, num_threads=num_threads,
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_bytes(kv_cache_memory),
+                              depth_cache_memory=parse_bytes(depth_cache_memory),
+                              enable_prefix_caching=enable_prefix_caching, num_kv_blocks=num_kv_blocks),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len,
+                                      long_prefill_token_threshold=long_prefill_token_threshold),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
+        self.engine = LLMEngine(cfg)
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; one RequestOutput per prompt, in order (n samples each)."""
+        if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        plist = list(params) if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        eng = self.engine
+        ids: list[list[str]] = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            row = []
+            for j in range(p.n):
+                sub = p if p.n == 1 else replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+                row.append(eng.add_request(prompt, sub, request_id=f"gen-{id(self)}-{i}-{j}"))
+            ids.append(row)
+        final: dict[str, RequestOutput] = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    final[out.request_id] = out
+        results = []
+        for row in ids:
+            first = final[row[0]]
+            comps = []
+            for j, rid in enumerate(row):
+                c = final[rid].outputs[0]
+                c.index = j
+                comps.append(c)
+            if any(final[r].error for r in row):
+                first.error = next(final[r].error for r in row if final[r].error)
+            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, comps, True,
+                                         first.metrics, first.error))
+        return results

@@ -1,0 +1,111 @@
+"""Turns a SchedulerOutput into one flat packed batch, runs the model, returns logits to sample.
+
+Rows are ordered decode-like sequences (one new token) first, then prompt chunks; the attention
+metadata is built once per step here, vectorised over block tables, and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+from kvcache.depth_cache import DepthCache
+from kvcache.kv_manager import KVCacheManager
+from models.context import AttentionMetadata, ForwardBatch, PrefillSpan
+from models.llama import LlamaForServing
+
+
+@dataclass
+class StepInput:
+    """The requests of a step in row order, and which of them get a token sampled."""
+
+    scheduled: list[tuple[Request, int]]  # (request, new tokens), decode-like first
+    sample: list[Request]  # requests whose KV catches up with their tokens this step
+
+
+def kv_bytes_per_block(model: LlamaForServing, block_size: int) -> int:
+    attn = model.layers[0].self_attn
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * len(model.layers) * block_size * attn.kv_heads * attn.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None) -> None:
+        self.model = model
+        self.kv = kv
+        self.depth = depth
+        attn = model.layers[0].self_attn
+        slots = kv.num_blocks * kv.block_size
+        self.kv_caches = [
+            (torch.zeros(slots, attn.kv_heads, attn.head_dim, dtype=model.dtype),
+             torch.zeros(slots, attn.kv_heads, attn.head_dim, dtype=model.dtype))
+            for _ in model.layers
+        ]
+
+    @staticmethod
+    def order(scheduled: list[tuple[Request, int]]) -> StepInput:
+        ordered = sorted(scheduled, key=lambda rn: rn[1] != 1)  # stable: decode-like rows first
+        sample = [r for r, n in ordered if r.num_computed_tokens + n == r.num_tokens]
+        return StepInput(ordered, sample)
+
+    def _slots(self, block_ids: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """KV slots of positions [0, length) per sequence, padded: [B, max(length)]."""
+        bs = self.kv.block_size
+        width = max(len(b) for b in block_ids)
+        table = torch.tensor([b + [0] * (width - len(b)) for b in block_ids], dtype=torch.long)  # [B, nb]
+        slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).reshape(len(block_ids), -1)
+        return slots[:, : max(lengths)]
+
+    def prepare(self, step: StepInput) -> ForwardBatch:
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_map: list[int] = []
+        decode_tables, decode_lens = [], []
+        prefills: list[PrefillSpan] = []
+        rows_of: dict[str, int] = {}
+        for req, n in step.scheduled:
+            start = req.num_computed_tokens
+            row0 = len(ids)
+            ids.extend(req.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slot_map.extend(self.kv.slot_mapping(req.request_id, start, start + n))
+            rows_of[req.request_id] = row0 + n - 1
+            ctx = start + n
+            if n == 1:
+                decode_tables.append(self.kv.block_ids(req.request_id))
+                decode_lens.append(ctx)
+            elif start == 0:
+                prefills.append(PrefillSpan(row0, row0 + n, ctx, None, None))
+            else:
+                gather = self._slots([self.kv.block_ids(req.request_id)], [ctx])[0]
+                q_pos = torch.arange(start, ctx).unsqueeze(1)
+                mask = (torch.arange(ctx).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
+                prefills.append(PrefillSpan(row0, row0 + n, ctx, gather, mask))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long), prefills=prefills)
+        if decode_lens:
+            meta.num_decode = len(decode_lens)
+            meta.decode_gather = self._slots(decode_tables, decode_lens)
+            lens = torch.tensor(decode_lens).unsqueeze(1)
+            meta.decode_mask = (torch.arange(meta.decode_gather.shape[1]).unsqueeze(0) < lens)[:, None, None, :]
+        t = len(ids)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            attn=meta,
+            logits_indices=torch.tensor([rows_of[r.request_id] for r in step.sample], dtype=torch.long),
+            kv_caches=self.kv_caches,
+            depth=self.depth.reserve(t) if self.depth is not None else None,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one step; returns fp32 logits [len(step.sample), vocab]."""
+        batch = self.prepare(step)
+        try:
+            hidden = self.model(batch)
+            return self.model.compute_logits(hidden)
+        finally:
+            if self.depth is not None:
+                self.depth.release()

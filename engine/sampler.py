@@ -1,0 +1,108 @@
+"""Batched sampling from fp32 logits with per-request parameters and generators.
+
+Random rows use the exponential race (argmax p / q, q ~ Exp(1)): a seeded request draws its own q
+from its own generator, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import Logprob
+from engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        """logits: [S, V] fp32, one row per request in `reqs`."""
+        raw = logits
+        logits = logits.clone()
+        self._apply_penalties(logits, reqs)
+        self._apply_min_tokens(logits, reqs)
+        temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32)
+        greedy = temps == 0
+        tokens = logits.argmax(-1)
+        if not bool(greedy.all()):
+            rows = (~greedy).nonzero().squeeze(1)
+            sub = [reqs[i] for i in rows.tolist()]
+            probs = self._probs(logits[rows] / temps[rows].unsqueeze(1), sub)
+            tokens[rows] = self._race(probs, sub)
+        ids = tokens.tolist()
+        lps: list[Logprob | None] = [None] * len(reqs)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:
+            logp = torch.log_softmax(raw[want], dim=-1)  # raw model distribution, as vLLM reports it
+            for j, i in enumerate(want):
+                k = reqs[i].params.logprobs or 0
+                top = []
+                if k:
+                    v, ix = logp[j].topk(k)
+                    top = list(zip(ix.tolist(), v.tolist(), strict=True))
+                lps[i] = Logprob(ids[i], float(logp[j, ids[i]]), top)
+        return SamplerOutput(ids, lps)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
+        for i, r in enumerate(reqs):
+            p = r.params
+            if not p.has_penalties:
+                continue
+            row = logits[i]
+            if p.repetition_penalty != 1.0:  # over prompt and output, as in Hugging Face / vLLM
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)
+                seen = seen[seen < row.shape[0]]
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            out = r.output_token_ids
+            if out and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=row.shape[0])
+                counts = counts[: row.shape[0]].float()
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+    @staticmethod
+    def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
+        for i, r in enumerate(reqs):
+            if r.num_output_tokens < r.params.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """top-k, top-p and min-p filtering, vectorised over rows with per-row parameters."""
+        vocab = logits.shape[1]
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs])
+        top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32)
+        min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32)
+        if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
+            srt, idx = logits.sort(dim=-1, descending=True)
+            rank = torch.arange(vocab).unsqueeze(0)
+            drop = rank >= top_k.unsqueeze(1)
+            p = torch.softmax(srt.masked_fill(drop, float("-inf")), dim=-1)
+            drop |= (p.cumsum(-1) - p) >= top_p.unsqueeze(1)  # keep the smallest set reaching top_p
+            logits = torch.full_like(logits, float("-inf")).scatter(1, idx, srt.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(logits, dim=-1)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
+        return probs
+
+    def _race(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        q = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+        if unseeded:
+            q[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+        for i, r in enumerate(reqs):
+            if r.generator is not None:
+                q[i].exponential_(generator=r.generator)
+        return (probs / q).argmax(-1)

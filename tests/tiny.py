@@ -1,0 +1,81 @@
+"""Tiny random checkpoints (with a real sentencepiece tokenizer) written to disk for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.config import ModelConfig
+from models.reference import ReferenceLlama
+
+CORPUS = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "All the world's a stage, and all the men and women merely players; they have their exits "
+    "and their entrances. Now is the winter of our discontent made glorious summer by this sun of York. "
+    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
+)
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 400) -> None:
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join([CORPUS] * 20), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    text.unlink()
+
+
+def tiny_config(mode: str = "block", block_size: int = 2, layers: int = 5, kv_heads: int = 2,
+                tie: bool = False, vocab: int = 400, max_pos: int = 256) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                       rope_theta=10000.0, tie_word_embeddings=tie, attn_res_mode=mode,  # type: ignore[arg-type]
+                       attn_res_block_size=block_size if mode == "block" else 0)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> ReferenceLlama:
+    """Random weights with peaked logits and non-trivial (non-uniform) AttnRes depth weights."""
+    torch.manual_seed(seed)
+    model = ReferenceLlama(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_res_proj.weight"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def write_tiny(folder: Path, cfg: ModelConfig, seed: int = 0, tokenizer_from: Path | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[Path, ReferenceLlama]:
+    model = random_model(cfg, seed)
+    save_checkpoint(model.state_dict(), cfg, folder, dtype=dtype)
+    if tokenizer_from is not None:
+        (folder / "tokenizer.model").write_bytes((tokenizer_from / "tokenizer.model").read_bytes())
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder, model
+
+
+@torch.no_grad()
+def reference_greedy(model: ReferenceLlama, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...] = ()
+                     ) -> list[int]:
+    """Greedy decoding by full recompute: the oracle for the engine."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        tok = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok in stop_ids:
+            break
+    return out
