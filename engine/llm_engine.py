@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -56,6 +56,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.last_step_tokens = 0
 
     # ---- start-up sizing ---------------------------------------------------------------------
     def _size_caches(self) -> tuple[KVCacheManager, DepthCache | None, int]:
@@ -158,6 +159,7 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return []
         step = ModelRunner.order(sched.scheduled)
+        self.last_step_tokens = sched.num_tokens
         now = time.monotonic()
         for req, n in step.scheduled:
             if req.metrics.first_scheduled_time is None:
@@ -248,6 +250,37 @@ class LLMEngine:
 
     def depth_rows_in_use(self) -> int:
         return self.depth.rows_in_use if self.depth is not None else 0
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics; cheap, read on the engine thread."""
+        running = len(self.scheduler.running)
+        depth_cap = self.depth.capacity if self.depth is not None else 0
+        return EngineStats(
+            num_running=running, num_waiting=len(self.scheduler.waiting), kv_cache_usage=self.kv.usage(),
+            kv_blocks_total=self.kv.num_blocks, kv_blocks_held=self.kv.num_request_blocks(),
+            depth_cache_usage=(self.last_step_tokens / depth_cap if depth_cap and running else 0.0),
+            depth_cache_bytes=self.depth.bytes if self.depth is not None else 0,
+            depth_rows_in_use=self.depth_rows_in_use(),
+            prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by requests
+    kv_blocks_total: int
+    kv_blocks_held: int
+    depth_cache_usage: float  # fraction of the depth pool the last step used (0 when idle)
+    depth_cache_bytes: int
+    depth_rows_in_use: int  # outside a step this must be 0
+    prompt_tokens: int  # counters, monotonic
+    generation_tokens: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
 
 
 class LLM:
