@@ -22,7 +22,7 @@ from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
-from models.loader import load_config, load_model, resolve_model
+from models.loader import load_config, load_model, load_tokenizer, resolve_model
 from models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("depthserve.engine")
@@ -37,9 +37,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
-        self.tokenizer: Tokenizer | None = None
-        if (self.model_dir / "tokenizer.model").exists() or (self.model_dir / "tokenizer.json").exists():
-            self.tokenizer = Tokenizer(self.model_dir)
+        self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         mcfg = self.model_config
         self.max_model_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:

