@@ -14,6 +14,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -43,23 +44,45 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mcfg.max_position_embeddings}")
-        if config.parallel.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by this build yet")
-        self.model = load_model(self.model_dir, config.dtype, cfg=mcfg)
-        self.kv, self.depth, self.max_step_tokens = self._size_caches()
+        tp = config.parallel.tensor_parallel_size
+        self.kv, self.depth, self.max_step_tokens = self._size_caches(tp)
+        self.tp_group: TPGroup | None = None
+        if tp > 1:
+            self._check_tp(tp)
+            spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
+                              self.max_step_tokens, config.num_threads)
+            self.tp_group = TPGroup(tp, spec)
+        try:
+            self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
+                                    cfg=mcfg)
+            if self.tp_group is not None:
+                self.tp_group.ready()
+        except BaseException:
+            self.shutdown()
+            raise
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self.depth)
+        self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.last_step_tokens = 0
+        self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
 
     # ---- start-up sizing ---------------------------------------------------------------------
-    def _size_caches(self) -> tuple[KVCacheManager, DepthCache | None, int]:
+    def _check_tp(self, tp: int) -> None:
+        m = self.model_config
+        for name, size in (("num_attention_heads", m.num_attention_heads), ("intermediate_size", m.intermediate_size)):
+            if size % tp:
+                raise ValueError(f"{name}={size} is not divisible by tensor_parallel_size={tp}")
+        kv = m.num_key_value_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise ValueError(f"num_key_value_heads={kv} must divide, or be a multiple of, tensor_parallel_size={tp}")
+
+    def _size_caches(self, tp: int) -> tuple[KVCacheManager, DepthCache | None, int]:
         cc, sc = self.config.cache, self.config.scheduler
-        per_block = kv_bytes_per_block(self.model, cc.block_size)
+        per_block = kv_bytes_per_block(self.model_config, self.config.dtype, cc.block_size, tp)
         num_blocks = cc.num_kv_blocks or cc.kv_cache_memory // per_block
         blocks_per_seq = -(-self.max_model_len // cc.block_size)
         if num_blocks < blocks_per_seq:
@@ -149,8 +172,15 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (no-op at TP=1); safe to call twice."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.fatal_error is not None:
+            raise WorkerDiedError(self.fatal_error)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.has_unfinished() and not sched.preempted:
@@ -167,6 +197,9 @@ class LLMEngine:
         try:
             logits = self.runner.execute(step)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
+            if self.tp_group is not None:  # ranks are out of step after a failed collective: fatal
+                self.fatal_error = self.tp_group.dead or f"tensor-parallel step failed: {e}"
+                raise WorkerDiedError(self.fatal_error) from e
             logger.exception("model step failed")
             return [self._fail(req, f"model step failed: {type(e).__name__}") for req, _ in step.scheduled]
         for req, n in step.scheduled:
@@ -299,6 +332,20 @@ class LLM:
                                       long_prefill_token_threshold=long_prefill_token_threshold),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         self.engine = LLMEngine(cfg)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -7,12 +7,14 @@ metadata is built once per step here, vectorised over block tables, and shared b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from engine.request import Request
 from kvcache.depth_cache import DepthCache
 from kvcache.kv_manager import KVCacheManager
+from models.config import ModelConfig
 from models.context import AttentionMetadata, ForwardBatch, PrefillSpan
 from models.llama import LlamaForServing
 
@@ -25,24 +27,32 @@ class StepInput:
     sample: list[Request]  # requests whose KV catches up with their tokens this step
 
 
-def kv_bytes_per_block(model: LlamaForServing, block_size: int) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int, tp: int = 1) -> int:
+    """Bytes of one KV block on one rank (KV heads are sharded, or replicated when fewer than ranks)."""
+    kv_heads = max(1, cfg.num_key_value_heads // tp)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
+
+
+def allocate_kv(model: LlamaForServing, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V), each [num_slots, local KV heads, head_dim], in the model's dtype."""
     attn = model.layers[0].self_attn
-    elem = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * len(model.layers) * block_size * attn.kv_heads * attn.head_dim * elem
+    return [(torch.zeros(num_slots, attn.kv_heads, attn.head_dim, dtype=model.dtype),
+             torch.zeros(num_slots, attn.kv_heads, attn.head_dim, dtype=model.dtype)) for _ in model.layers]
+
+
+class BatchBroadcaster(Protocol):
+    def broadcast(self, batch: ForwardBatch) -> None: ...
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None) -> None:
+    def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None,
+                 group: BatchBroadcaster | None = None) -> None:
         self.model = model
         self.kv = kv
         self.depth = depth
-        attn = model.layers[0].self_attn
-        slots = kv.num_blocks * kv.block_size
-        self.kv_caches = [
-            (torch.zeros(slots, attn.kv_heads, attn.head_dim, dtype=model.dtype),
-             torch.zeros(slots, attn.kv_heads, attn.head_dim, dtype=model.dtype))
-            for _ in model.layers
-        ]
+        self.group = group  # tensor-parallel workers that run the same batch
+        self.kv_caches = allocate_kv(model, kv.num_blocks * kv.block_size)
 
     @staticmethod
     def order(scheduled: list[tuple[Request, int]]) -> StepInput:
@@ -104,6 +114,8 @@ class ModelRunner:
         """Run one step; returns fp32 logits [len(step.sample), vocab]."""
         batch = self.prepare(step)
         try:
+            if self.group is not None:
+                self.group.broadcast(batch)
             hidden = self.model(batch)
             return self.model.compute_logits(hidden)
         finally:
