@@ -34,12 +34,12 @@ from models.tokenizer import Tokenizer
 SUPPORTED_GGUF_ARCHS = ("llama",)
 
 # llama.cpp tensor names -> Hugging Face Llama names ({i}: the layer index).
-_GLOBAL_NAMES = {
+GLOBAL_TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+LAYER_TENSOR_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -79,7 +79,7 @@ def open_gguf(path: str | Path) -> Any:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ImportError("loading a .gguf model needs the `gguf` package: pip install gguf") from None
+        raise ImportError("loading a .gguf model needs the `gguf` package: pip install 'gguf>=0.13'") from None
     p = Path(path).resolve()
     st = p.stat()
     try:
@@ -167,11 +167,11 @@ def gguf_config(path: str | Path) -> ModelConfig:
 # ---- weights ------------------------------------------------------------------------------------
 def hf_name(gguf_name: str) -> str:
     """llama.cpp tensor name -> Hugging Face Llama name; ValueError for one we cannot serve."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GLOBAL_TENSOR_NAMES:
+        return GLOBAL_TENSOR_NAMES[gguf_name]
     m = _BLK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in LAYER_TENSOR_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_TENSOR_NAMES[m.group(2)]}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in a Llama decoder")
 
 
