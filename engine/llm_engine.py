@@ -144,6 +144,8 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) leaves no room to generate within the context length "
                              f"of {self.max_model_len} tokens")
+        if (params.depth_attention or params.prompt_depth_attention) and not self.model_config.is_attn_res:
+            raise ValueError("depth_attention needs an AttnRes model; this model has a standard residual stream")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
                       eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids)
@@ -195,7 +197,7 @@ class LLMEngine:
             if req.num_computed_tokens < req.num_prompt_tokens:
                 self.num_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
         try:
-            logits = self.runner.execute(step)
+            logits, depth_records = self.runner.execute(step)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
             if self.tp_group is not None:  # ranks are out of step after a failed collective: fatal
                 self.fatal_error = self.tp_group.dead or f"tensor-parallel step failed: {e}"
@@ -204,6 +206,8 @@ class LLMEngine:
             return [self._fail(req, f"model step failed: {type(e).__name__}") for req, _ in step.scheduled]
         for req, n in step.scheduled:
             req.num_computed_tokens += n
+        for req, pos, entry in depth_records:
+            req.depth_entries[pos] = entry
         sampled = self.sampler(logits, step.sample) if step.sample else None
         outputs = []
         now = time.monotonic()
@@ -272,8 +276,17 @@ class LLMEngine:
             index=0, text=req.output_text, token_ids=req.output_token_ids, finish_reason=req.finish_reason,
             stop_reason=req.stop_reason, logprobs=list(req.logprobs) if req.logprobs is not None else None,
             new_text=new_text, new_token_ids=new_ids)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
-                             finished=req.finish_reason is not None, metrics=req.metrics)
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
+                            finished=req.finish_reason is not None, metrics=req.metrics)
+        p = req.params
+        if p.depth_attention:  # the token at position q came from the forward pass at q - 1
+            first = req.num_prompt_tokens - 1
+            comp.depth_attention = [req.depth_entries[first + j] for j in range(req.num_output_tokens)]
+            comp.new_depth_attention = comp.depth_attention[len(comp.depth_attention) - len(new_ids):]
+        if p.prompt_depth_attention:
+            out.prompt_depth_attention = [req.depth_entries[q] for q in range(req.num_prompt_tokens)
+                                          if q in req.depth_entries]
+        return out
 
     # ---- introspection for tests and metrics ------------------------------------------------------
     def kv_blocks_held_by_requests(self) -> int:
@@ -377,8 +390,6 @@ class LLM:
                 c = final[rid].outputs[0]
                 c.index = j
                 comps.append(c)
-            if any(final[r].error for r in row):
-                first.error = next(final[r].error for r in row if final[r].error)
-            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, comps, True,
-                                         first.metrics, first.error))
+            error = next((final[r].error for r in row if final[r].error), None)
+            results.append(replace(first, outputs=comps, finished=True, error=error))
         return results

@@ -18,6 +18,8 @@ from models.config import ModelConfig
 from models.context import AttentionMetadata, ForwardBatch, PrefillSpan
 from models.llama import LlamaForServing
 
+DepthRecord = tuple[Request, int, list[list[float]]]  # (request, position of the pass, weights per site)
+
 
 @dataclass
 class StepInput:
@@ -75,9 +77,12 @@ class ModelRunner:
         decode_tables, decode_lens = [], []
         prefills: list[PrefillSpan] = []
         rows_of: dict[str, int] = {}
+        sampled = {r.request_id for r in step.sample}
+        self._depth_rows: list[tuple[Request, int, int]] = []  # (request, position, row)
         for req, n in step.scheduled:
             start = req.num_computed_tokens
             row0 = len(ids)
+            self._plan_depth_records(req, start, n, row0, req.request_id in sampled)
             ids.extend(req.token_ids[start:start + n])
             pos.extend(range(start, start + n))
             slot_map.extend(self.kv.slot_mapping(req.request_id, start, start + n))
@@ -107,17 +112,35 @@ class ModelRunner:
             logits_indices=torch.tensor([rows_of[r.request_id] for r in step.sample], dtype=torch.long),
             kv_caches=self.kv_caches,
             depth=self.depth.reserve(t) if self.depth is not None else None,
+            depth_rows=torch.tensor([r for _, _, r in self._depth_rows], dtype=torch.long)
+            if self._depth_rows else None,
         )
 
+    def _plan_depth_records(self, req: Request, start: int, n: int, row0: int, samples: bool) -> None:
+        """Rows whose depth weights a request asked for: its sampled row, and prompt rows for echo."""
+        p = req.params
+        if p.prompt_depth_attention:
+            for k in range(n):
+                if start + k < req.num_prompt_tokens or (samples and k == n - 1 and p.depth_attention):
+                    self._depth_rows.append((req, start + k, row0 + k))
+        elif p.depth_attention and samples:
+            self._depth_rows.append((req, start + n - 1, row0 + n - 1))
+
+    def _collect_depth(self, weights: list[torch.Tensor]) -> list[DepthRecord]:
+        """[R, n_site] per site -> per recorded row, weights per site rounded to 4 decimals."""
+        sites = [(torch.round(w.float() * 1e4) / 1e4).tolist() for w in weights]
+        return [(req, pos, [site[i] for site in sites]) for i, (req, pos, _) in enumerate(self._depth_rows)]
+
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one step; returns fp32 logits [len(step.sample), vocab]."""
+    def execute(self, step: StepInput) -> tuple[torch.Tensor, list[DepthRecord]]:
+        """Run one step; returns fp32 logits [len(step.sample), vocab] and any requested depth weights."""
         batch = self.prepare(step)
         try:
             if self.group is not None:
                 self.group.broadcast(batch)
             hidden = self.model(batch)
-            return self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)
         finally:
             if self.depth is not None:
                 self.depth.release()
+        return logits, self._collect_depth(batch.depth_weights) if self._depth_rows else []

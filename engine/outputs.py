@@ -22,6 +22,10 @@ class CompletionOutput:
     logprobs: list[Logprob] | None = None
     new_text: str = ""  # text added since the previous output of this request (streaming)
     new_token_ids: list[int] = field(default_factory=list)
+    # Per generated token: per mixing site (layer 0 attn, layer 0 mlp, ..., output head) the depth
+    # weights over that site's sources. None unless SamplingParams.depth_attention.
+    depth_attention: list[list[list[float]]] | None = None
+    new_depth_attention: list[list[list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -43,3 +47,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request failed inside the engine
+    prompt_depth_attention: list[list[list[float]]] | None = None  # per prompt token, when asked for

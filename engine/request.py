@@ -46,6 +46,7 @@ class Request:
         self.num_preemptions = 0
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
         self.detokenizer = None  # set by the engine when a tokenizer is available
+        self.depth_entries: dict[int, list[list[float]]] = {}  # position of a forward pass -> its weights
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives per token (0: only the sampled one)
     skip_special_tokens: bool = True
+    depth_attention: bool = False  # return, per generated token, the AttnRes depth weights of every site
+    prompt_depth_attention: bool = False  # also per prompt token (echo); disables prefix-cache hits for it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

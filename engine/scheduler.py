@@ -81,7 +81,8 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            hit, n_cached = self.kv.get_computed_blocks(req.request_id, req.token_ids)
+            hit, n_cached = ([], 0) if req.params.prompt_depth_attention else \
+                self.kv.get_computed_blocks(req.request_id, req.token_ids)
             n = self._chunk(req, n_cached, budget)
             if not self.kv.allocate_slots(req.request_id, req.token_ids, n_cached, n, hit):
                 break

@@ -113,6 +113,7 @@ class LlamaForServing(nn.Module):
         states, rinv = depth.states, depth.rinv  # [T, N+1, d], [T, N+1]
         m1, l1, o1 = depth.m, depth.den, depth.o  # [T, Q], [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
+        record = batch.depth_rows
         states[:, 0] = emb
         for i, layer in enumerate(self.layers):
             qa, qm = sched.query_rows(i)
@@ -122,9 +123,13 @@ class LlamaForServing(nn.Module):
                 n += 1
                 phase1(states[:, :n], rinv[:, :n], self.block_queries[sched.block_of(i)], out=(m1, l1, o1))
                 x = o1[:, qa] / l1[:, qa].unsqueeze(-1)
+                if record is not None:
+                    self._record(batch, states[record, :n], rinv[record, :n], self.queries[i, 0])
             else:
                 x = phase2(m1[:, qa], l1[:, qa], o1[:, qa], states[:, n], inv_rms(states[:, n], eps),
                            self.queries[i, 0])[0]
+                if record is not None:
+                    self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 0])
             a = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
             if opens:
                 states[:, n] = a
@@ -132,11 +137,27 @@ class LlamaForServing(nn.Module):
                 states[:, n] += a
             x = phase2(m1[:, qm], l1[:, qm], o1[:, qm], states[:, n], inv_rms(states[:, n], eps),
                        self.queries[i, 1])[0]
+            if record is not None:
+                self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 1])
             states[:, n] += layer.mlp(layer.post_attention_layernorm(x.to(dt)))
+        if record is not None:
+            self._record_with_partial(batch, states, rinv, n, record, self.out_query)
         rows = batch.logits_indices
         srcs = states[rows, :n + 1]  # [S, n+1, d]
         r = torch.cat([rinv[rows, :n], inv_rms(srcs[:, n], eps).unsqueeze(-1)], dim=-1)
         return mix_sources(srcs, r, self.out_query)[0]
+
+    # ---- depth-attention introspection (only when batch.depth_rows is set) -------------------------
+    def _record(self, batch: ForwardBatch, states: torch.Tensor, rinv: torch.Tensor, query: torch.Tensor) -> None:
+        """Weights of the recorded rows over completed sources: the same scores and softmax as the mix."""
+        batch.depth_weights.append(mix_sources(states, rinv, query)[1])
+
+    def _record_with_partial(self, batch: ForwardBatch, states: torch.Tensor, rinv: torch.Tensor, n: int,
+                             rows: torch.Tensor, query: torch.Tensor) -> None:
+        """Completed blocks plus the current partial sum (whose key is taken now, as Phase 2 does)."""
+        srcs = states[rows, :n + 1]  # [R, n+1, d]
+        r = torch.cat([rinv[rows, :n], inv_rms(srcs[:, n], self.cfg.rms_norm_eps).unsqueeze(-1)], dim=-1)
+        self._record(batch, srcs, r, query)
 
     def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
                       cos_sin: tuple) -> torch.Tensor:
@@ -144,14 +165,21 @@ class LlamaForServing(nn.Module):
         states, rinv = depth.states, depth.rinv  # [T, 2L+1, d], [T, 2L+1]
         states[:, 0] = emb
         rinv[:, 0] = inv_rms(emb, eps)
+        record = batch.depth_rows
         for i, layer in enumerate(self.layers):
             k = 2 * i + 1  # sources completed before this layer's attention
-            x = mix_sources(states[:, :k], rinv[:, :k], self.queries[i, 0])[0]
+            x, alpha = mix_sources(states[:, :k], rinv[:, :k], self.queries[i, 0])
+            if record is not None:
+                batch.depth_weights.append(alpha[record])
             states[:, k] = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
             rinv[:, k] = inv_rms(states[:, k], eps)
-            x = mix_sources(states[:, :k + 1], rinv[:, :k + 1], self.queries[i, 1])[0]
+            x, alpha = mix_sources(states[:, :k + 1], rinv[:, :k + 1], self.queries[i, 1])
+            if record is not None:
+                batch.depth_weights.append(alpha[record])
             states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x.to(dt)))
             rinv[:, k + 1] = inv_rms(states[:, k + 1], eps)
+        if record is not None:
+            self._record(batch, states[record], rinv[record], self.out_query)
         rows = batch.logits_indices
         return mix_sources(states[rows], rinv[rows], self.out_query)[0]
 
