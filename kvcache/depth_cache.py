@@ -49,9 +49,8 @@ class DepthCache:
         p = self._pool
         return DepthBuffers(
             states=p.states[:num_tokens], rinv=p.rinv[:num_tokens],
-            m=None if p.m is None else p.m[:num_tokens],
-            den=None if p.den is None else p.den[:num_tokens],
-            o=None if p.o is None else p.o[:num_tokens])
+            lse=None if p.lse is None else p.lse[:num_tokens],
+            xo=None if p.xo is None else p.xo[:num_tokens])
 
     def release(self) -> None:
         self.rows_in_use = 0

@@ -31,7 +31,7 @@ class DepthPoolSpec:
     def bytes_per_token(self) -> int:
         state = self.num_sources * self.hidden * torch.empty((), dtype=self.state_dtype).element_size()
         rinv = self.num_sources * 4
-        phase1 = self.num_phase1_queries * (2 + self.hidden) * 4
+        phase1 = self.num_phase1_queries * (1 + self.hidden) * 4
         return state + rinv + phase1
 
     def allocate(self, rows: int) -> DepthBuffers:
@@ -39,9 +39,8 @@ class DepthPoolSpec:
         return DepthBuffers(
             states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype),
             rinv=torch.zeros(rows, self.num_sources, dtype=torch.float32),
-            m=torch.zeros(rows, q, dtype=torch.float32) if q else None,
-            den=torch.zeros(rows, q, dtype=torch.float32) if q else None,
-            o=torch.zeros(rows, q, self.hidden, dtype=torch.float32) if q else None,
+            lse=torch.zeros(rows, q, dtype=torch.float32) if q else None,
+            xo=torch.zeros(rows, q, self.hidden, dtype=torch.float32) if q else None,
         )
 
 
@@ -58,43 +57,36 @@ def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def phase1(states: torch.Tensor, rinv: torch.Tensor, queries: torch.Tensor,
-           out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every query of a block against all completed blocks in one batched matmul.
 
     states: [T, n, d] completed blocks; rinv: [T, n]; queries: [Q, d] fp32 (gains folded).
-    Returns unnormalised softmax statistics m [T, Q], l [T, Q], o [T, Q, d] (fp32), written into
-    `out` (depth-pool views) when given.
+    Returns per query the log-sum-exp of its scores lse [T, Q] and its normalised mix of the blocks
+    xo [T, Q, d] (fp32), written into `out` (depth-pool views) when given. These are the paper's
+    (m, l, o) statistics in normalised form: lse = m + log l, xo = o / l.
     """
     s = states.float()
     scores = torch.matmul(s, queries.t()).transpose(1, 2) * rinv.unsqueeze(1)  # [T, Q, n]
-    if out is None:
-        m = scores.amax(-1)  # [T, Q]
-        p = torch.exp(scores - m.unsqueeze(-1))  # [T, Q, n]
-        return m, p.sum(-1), torch.bmm(p, s)
-    m, den, o = out
-    torch.amax(scores, -1, out=m)
-    p = torch.exp(scores - m.unsqueeze(-1))
-    torch.sum(p, -1, out=den)
-    torch.bmm(p, s, out=o)  # [T, Q, d]
-    return m, den, o
+    lse, xo = out if out is not None else (None, None)
+    lse = torch.logsumexp(scores, -1, out=lse)  # [T, Q]
+    p = torch.exp(scores - lse.unsqueeze(-1))  # softmax over the blocks, [T, Q, n]
+    xo = torch.bmm(p, s, out=xo)  # [T, Q, d]
+    return lse, xo
 
 
-def phase2(m1: torch.Tensor, l1: torch.Tensor, o1: torch.Tensor, partial: torch.Tensor,
-           rinv_partial: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge Phase-1 statistics with the current partial sum by online softmax.
+def phase2(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, rinv_partial: torch.Tensor,
+           query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge Phase-1 statistics with the current partial sum (online softmax over two groups).
 
-    m1, l1: [T]; o1: [T, d]; partial: [T, d]; rinv_partial: [T]; query: [d] fp32.
-    Returns x [T, d] fp32, and the partial's weight and the blocks' scale (for introspection).
+    lse1: [T]; xo1: [T, d]; partial: [T, d]; rinv_partial: [T]; query: [d] fp32.
+    With s2 the partial's score, softmax over {blocks, partial} gives the partial the weight
+    e^s2 / (e^lse1 + e^s2) = sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so
+    x = lerp(xo1, partial, w): the same result as M = max(m1, m2) rescaling, in five kernels.
+    Returns x [T, d] fp32 and the partial's weight w [T].
     """
     p = partial.float()
-    s2 = (p @ query) * rinv_partial  # [T]
-    mx = torch.maximum(m1, s2)
-    a1 = torch.exp(m1 - mx)
-    a2 = torch.exp(s2 - mx)
-    denom = a1 * l1 + a2
-    x = (a1.unsqueeze(-1) * o1 + a2.unsqueeze(-1) * p) / denom.unsqueeze(-1)
-    return x, a2 / denom, a1 / denom
+    w = torch.sigmoid((p @ query) * rinv_partial - lse1)  # [T]
+    return torch.lerp(xo1, p, w.unsqueeze(-1)), w
 
 
 def mix_sources(states: torch.Tensor, rinv: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,9 +51,8 @@ class DepthBuffers:
 
     states: torch.Tensor  # [T, n_src, d] completed blocks (embedding first) and the current partial
     rinv: torch.Tensor  # [T, n_src] fp32: 1/rms of each completed source (its key, gain folded away)
-    m: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 running max per query of the open block
-    den: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 softmax denominators
-    o: torch.Tensor | None = None  # [T, Q, d] fp32 Phase-1 unnormalised weighted values
+    lse: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 log-sum-exp per query of the open block
+    xo: torch.Tensor | None = None  # [T, Q, d] fp32 Phase-1 softmax-weighted mix of the completed blocks
 
 
 @dataclass

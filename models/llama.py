@@ -108,10 +108,10 @@ class LlamaForServing(nn.Module):
     def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
                        cos_sin: tuple) -> torch.Tensor:
         sched = self.schedule
-        assert sched is not None and depth.m is not None and depth.den is not None and depth.o is not None
+        assert sched is not None and depth.lse is not None and depth.xo is not None
         eps, dt = self.cfg.rms_norm_eps, self.dtype
         states, rinv = depth.states, depth.rinv  # [T, N+1, d], [T, N+1]
-        m1, l1, o1 = depth.m, depth.den, depth.o  # [T, Q], [T, Q], [T, Q, d]
+        lse, xo = depth.lse, depth.xo  # [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
         record = batch.depth_rows
         states[:, 0] = emb
@@ -121,13 +121,12 @@ class LlamaForServing(nn.Module):
             if opens:  # close the partial as block n, then Phase 1 for every query of the new block
                 rinv[:, n] = inv_rms(states[:, n], eps)
                 n += 1
-                phase1(states[:, :n], rinv[:, :n], self.block_queries[sched.block_of(i)], out=(m1, l1, o1))
-                x = o1[:, qa] / l1[:, qa].unsqueeze(-1)
+                phase1(states[:, :n], rinv[:, :n], self.block_queries[sched.block_of(i)], out=(lse, xo))
+                x = xo[:, qa]
                 if record is not None:
                     self._record(batch, states[record, :n], rinv[record, :n], self.queries[i, 0])
             else:
-                x = phase2(m1[:, qa], l1[:, qa], o1[:, qa], states[:, n], inv_rms(states[:, n], eps),
-                           self.queries[i, 0])[0]
+                x = phase2(lse[:, qa], xo[:, qa], states[:, n], inv_rms(states[:, n], eps), self.queries[i, 0])[0]
                 if record is not None:
                     self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 0])
             a = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
@@ -135,8 +134,7 @@ class LlamaForServing(nn.Module):
                 states[:, n] = a
             else:
                 states[:, n] += a
-            x = phase2(m1[:, qm], l1[:, qm], o1[:, qm], states[:, n], inv_rms(states[:, n], eps),
-                       self.queries[i, 1])[0]
+            x = phase2(lse[:, qm], xo[:, qm], states[:, n], inv_rms(states[:, n], eps), self.queries[i, 1])[0]
             if record is not None:
                 self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 1])
             states[:, n] += layer.mlp(layer.post_attention_layernorm(x.to(dt)))
