@@ -1,0 +1,382 @@
+"""AsyncLLMEngine: the engine loop on a background thread, per-request streams on the asyncio side.
+
+LLMEngine is not thread-safe, so exactly one thread (the engine thread) touches it: the asyncio side
+only validates/tokenizes (`make_request`, which reads no engine state) and posts commands (add, abort)
+to a locked list that the engine thread drains at the start of each step. Outputs go back once per
+step through `loop.call_soon_threadsafe`, together with an `engine.stats()` snapshot, so metrics never
+read the engine across threads. When idle the thread sleeps on a condition (no busy spin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm_engine import EngineStats, LLMEngine, PromptType
+
+logger = logging.getLogger("depthserve.async_engine")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for the engine: the client should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died or shut down: no request can be served (HTTP 503)."""
+
+
+class RequestObserver(Protocol):
+    """Hooks for request-level metrics, called on the event loop where outputs are delivered."""
+
+    def observe_queue_time(self, seconds: float) -> None: ...
+    def observe_first_token(self, seconds: float) -> None: ...
+    def observe_inter_token(self, seconds: float) -> None: ...
+    def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None: ...
+
+
+@dataclass
+class _Track:
+    """Asyncio-side state of one engine request."""
+
+    group: RequestGroup
+    last_token_time: float | None = None
+    scheduled_seen: bool = False
+    detached: bool = False  # aborted by the client: still observed for metrics, no longer queued
+
+
+class RequestGroup:
+    """Outputs of one or more engine requests (n samples, a batch of prompts) on one asyncio queue.
+
+    Iterate with `async for`; it ends when every member has finished. Engine death or shutdown is
+    raised from the iterator as EngineDeadError. `abort()` (idempotent) aborts unfinished members:
+    call it in a `finally` so that a client disconnect frees the KV cache.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, request_ids: Sequence[str]) -> None:
+        self._engine = engine
+        self.request_ids = list(request_ids)
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._unfinished = set(self.request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def __aiter__(self) -> RequestGroup:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._unfinished and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished.clear()
+            raise item
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return item
+
+    def abort(self) -> None:
+        for rid in list(self._unfinished):
+            self._engine.abort(rid)
+        self._unfinished.clear()
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+
+class AsyncLLMEngine:
+    """Drives an LLMEngine from a background thread for an asyncio server.
+
+    `max_queued_requests` bounds the requests accepted but not yet admitted by the scheduler: when that
+    many are waiting, `submit` raises QueueFullError (a batch is accepted whole while the queue is not
+    full, so a large `n` cannot starve). 0 disables the bound.
+    """
+
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 0,
+                 observer: RequestObserver | None = None) -> None:
+        if max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.observer = observer
+        self.stats: EngineStats | None = None  # latest snapshot, updated on the event loop
+        self._cond = threading.Condition()
+        self._commands: list[tuple[str, Request | str]] = []  # guarded by _cond
+        self._num_waiting = 0  # requests in the scheduler's waiting queue, as of the last step; _cond
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tracks: dict[str, _Track] = {}  # event-loop side only
+
+    # ---- read-only facts (immutable after the engine is built) -------------------------------------
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]  # models.tokenizer.Tokenizer | None
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread; outputs are delivered on `loop` (default: the running loop)."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncLLMEngine already started")
+        self._loop = loop or asyncio.get_running_loop()
+        self.stats = self.engine.stats()  # before the thread exists, so still single-threaded
+        self._thread = threading.Thread(target=self._run, name="depthserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def is_healthy(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive() and self._dead is None
+                and not self._stopping and self._fatal() is None)
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        if self._dead is None and (fatal := self._fatal()) is not None:
+            return EngineDeadError(fatal)
+        return self._dead
+
+    def _fatal(self) -> str | None:
+        """A fatal engine condition noticed off-step (a tensor-parallel worker died while idle).
+
+        Reads plain attributes set by the engine and its watchdog: a benign cross-thread read.
+        """
+        eng = self.engine
+        fatal = getattr(eng, "fatal_error", None)
+        tp = getattr(eng, "tp_group", None)
+        return fatal or (getattr(tp, "dead", None) if tp is not None else None)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread after its current step, abort every request, fail open streams.
+
+        Safe from any thread; idempotent. Called from a worker thread by the server's lifespan so the
+        event loop keeps delivering while the engine finishes its step.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread did not stop within %.0f s", timeout)
+        err = EngineDeadError("the server is shutting down")
+        if self._loop is not None and self._on_loop():
+            self._fail_all(err)
+        else:
+            self._post(self._fail_all, err)
+
+    # ---- requests (event loop side) ----------------------------------------------------------------
+    def make_request(self, prompt: PromptType, params: SamplingParams, request_id: str) -> Request:
+        """Validate and tokenize (raises ValueError/TypeError); touches no engine state."""
+        return self.engine.make_request(prompt, params, request_id)
+
+    def submit(self, requests: Sequence[Request]) -> RequestGroup:
+        """Queue validated requests as one group. Raises EngineDeadError or QueueFullError."""
+        self._check_alive()
+        with self._cond:
+            pending = sum(1 for kind, _ in self._commands if kind == "add")
+            queued = pending + self._num_waiting
+            if self.max_queued_requests and queued >= self.max_queued_requests:
+                raise QueueFullError(f"{queued} requests are already waiting (max_queued_requests="
+                                     f"{self.max_queued_requests}): retry later")
+            ids = [r.request_id for r in requests]
+            if len(set(ids)) != len(ids) or any(rid in self._tracks for rid in ids):
+                raise ValueError("request ids must be unique among requests in flight")
+            group = RequestGroup(self, ids)
+            for r in requests:
+                self._tracks[r.request_id] = _Track(group)
+                self._commands.append(("add", r))
+            self._cond.notify()
+        return group
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str) -> RequestGroup:
+        """Validate, tokenize and queue one request; iterate the group for its outputs."""
+        return self.submit([self.make_request(prompt, params, request_id)])
+
+    def generate(self, prompt: PromptType, params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs: `async for out in engine.generate(...)`.
+
+        A plain method (not `async def`) so that validation, QueueFullError and EngineDeadError are
+        raised at the call, before anything is queued; the returned iterator aborts the request in its
+        `finally` when it is closed or cancelled early (client disconnect).
+        """
+        if params.n != 1:
+            raise ValueError("generate() runs one sample: fan n > 1 out as separate requests")
+        return _iterate(self.add_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished); its KV blocks are freed at the next step."""
+        track = self._tracks.get(request_id)
+        if track is None or track.detached:
+            return
+        track.detached = True
+        with self._cond:
+            self._commands.append(("abort", request_id))
+            self._cond.notify()
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {type(self._dead).__name__}: {self._dead}")
+        if self._stopping:
+            raise EngineDeadError("the server is shutting down")
+        if self._thread is None:
+            raise EngineDeadError("the engine is not started")
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        busy = False
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not self._stopping and not busy:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    commands, self._commands = self._commands, []
+                    self._num_waiting += sum(1 for kind, _ in commands if kind == "add")
+                outputs = self._apply(commands)
+                if eng.has_unfinished_requests():
+                    outputs.extend(eng.step())
+                stats = eng.stats()
+                busy = eng.has_unfinished_requests()
+                with self._cond:
+                    self._num_waiting = stats.num_waiting
+                now = time.monotonic()
+                for out in outputs:  # private copies: the engine keeps mutating its own
+                    if out.metrics is not None:
+                        out.metrics = replace(out.metrics)
+                        if out.finished and out.metrics.finished_time is None:
+                            out.metrics.finished_time = now
+                self._post(self._deliver, outputs, stats)
+        except BaseException as e:  # noqa: BLE001 - any escape kills the loop: report, never hang clients
+            logger.exception("engine loop died")
+            self._dead = e
+            self._post(self._fail_all, EngineDeadError(f"the engine has stopped: {type(e).__name__}: {e}"))
+            self._stop_engine()
+            return
+        for rid in list(eng.requests):  # shutdown: free everything
+            with contextlib.suppress(Exception):
+                eng.abort_request(rid)
+        with contextlib.suppress(Exception):
+            self._post(self._set_stats, eng.stats())
+        self._stop_engine()
+
+    def _stop_engine(self) -> None:
+        """Release what the engine holds outside this process (tensor-parallel workers)."""
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            try:
+                stop()
+            except Exception:
+                logger.exception("engine shutdown failed")
+
+    def _apply(self, commands: list[tuple[str, Request | str]]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for kind, arg in commands:
+            if kind == "add":
+                assert isinstance(arg, Request)
+                try:
+                    self.engine.add_built_request(arg)
+                except ValueError as e:  # e.g. a duplicate id: fail this request only
+                    outputs.append(_failed_output(arg, str(e)))
+            else:
+                assert isinstance(arg, str)
+                out = self.engine.abort_request(arg)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _post(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    # ---- delivery (event loop side) ----------------------------------------------------------------
+    def _set_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+
+    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self.stats = stats
+        for out in outputs:
+            track = self._tracks.get(out.request_id)
+            if track is None:
+                continue
+            if self.observer is not None:
+                try:
+                    self._observe(track, out)
+                except Exception:  # metrics must never break serving
+                    logger.exception("metrics observer failed")
+            if out.finished:
+                del self._tracks[out.request_id]
+            if not track.detached:
+                track.group._put(out)
+
+    def _observe(self, track: _Track, out: RequestOutput) -> None:
+        obs, m = self.observer, out.metrics
+        if obs is None or m is None:
+            return
+        if not track.scheduled_seen and m.first_scheduled_time is not None:
+            track.scheduled_seen = True
+            obs.observe_queue_time(m.first_scheduled_time - m.arrival_time)
+        if out.outputs[0].new_token_ids and m.last_token_time is not None:
+            if track.last_token_time is None:
+                obs.observe_first_token(m.last_token_time - m.arrival_time)
+            else:
+                obs.observe_inter_token(m.last_token_time - track.last_token_time)
+            track.last_token_time = m.last_token_time
+        if out.finished:
+            end = m.finished_time if m.finished_time is not None else time.monotonic()
+            obs.observe_finished(out.outputs[0].finish_reason or "error", end - m.arrival_time)
+
+    def _fail_all(self, err: BaseException) -> None:
+        tracks, self._tracks = self._tracks, {}
+        groups = {id(t.group): t.group for t in tracks.values() if not t.detached}
+        for group in groups.values():
+            group._put(err)
+
+
+async def _iterate(group: RequestGroup) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in group:
+            yield out
+    finally:
+        group.abort()
+
+
+def _failed_output(req: Request, message: str) -> RequestOutput:
+    comp = CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp], finished=True,
+                         metrics=req.metrics, error=message)

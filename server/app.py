@@ -1,0 +1,610 @@
+"""FastAPI app: OpenAI routes, SSE streaming, errors in OpenAI's shape, auth, /metrics, /health.
+
+Bodies are read by hand (size-capped, then validated with the protocol models) so that every client
+mistake becomes a 400/401/404/413 in `{"error": {...}}` form and never a 422 or a 500. Every request
+handed to the engine is aborted in a `finally` if it has not finished: a client that disconnects
+(streaming or not) frees its KV blocks within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestGroup
+from engine.outputs import Logprob, RequestOutput
+from engine.request import Request as EngineRequest
+from engine.sampling_params import SamplingParams
+from server import protocol as P
+from server.metrics import ServerMetrics
+
+logger = logging.getLogger("depthserve.server")
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_CHOICES = 256  # prompts x n in one request: more would flood the queue from a single call
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    """An error for the client, rendered as OpenAI's {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        info = P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return P.ErrorResponse(error=info).model_dump_json().encode()
+
+    def response(self) -> Response:
+        return Response(self.body(), status_code=self.status, media_type="application/json", headers=self.headers)
+
+
+def _queue_full(e: QueueFullError) -> APIError:
+    return APIError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _dead(e: EngineDeadError) -> APIError:
+    return APIError(503, str(e), "service_unavailable_error", code="engine_unavailable")
+
+
+def _json(model: BaseModel, status: int = 200, **dump: Any) -> Response:
+    return Response(model.model_dump_json(**dump), status_code=status, media_type="application/json")
+
+
+def _sse(model: BaseModel, **dump: Any) -> str:
+    return f"data: {model.model_dump_json(**dump)}\n\n"
+
+
+_SSE_DONE = "data: [DONE]\n\n"
+
+
+def _param_of(message: str, fields: Sequence[str], prompt_field: str) -> str | None:
+    """Guess the offending field from an engine/SamplingParams message ('top_p must be ...')."""
+    m = re.match(r"[a-z_]+", message)
+    if m is None:
+        return None
+    name = m.group(0)
+    if name in ("prompt", "prompt_token_ids"):
+        return prompt_field
+    return name if name in fields else None
+
+
+class _EngineStream(StreamingResponse):
+    """SSE response that aborts its engine requests however the response ends (even unstarted)."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._group = group
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._group.abort()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, group: RequestGroup, work: Awaitable[Response]) -> Response:
+    """Run a non-streaming handler's wait; if the client goes away first, abort its requests."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        return Response(status_code=499)  # nobody is listening; this only ends the handler
+    finally:
+        task.cancel()
+        watch.cancel()
+        group.abort()
+
+
+@dataclass
+class _Choice:
+    """What a handler needs about one engine request of its group."""
+
+    index: int
+    prompt_index: int
+    prompt_text: str
+    num_prompt_tokens: int
+    text_offset: int = 0
+    final: RequestOutput | None = None
+    started: bool = False  # chat: role chunk sent
+
+
+@dataclass
+class _Job:
+    id: str
+    model: str
+    group: RequestGroup
+    choices: dict[str, _Choice]
+    params: SamplingParams
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> P.UsageInfo:
+        prompt = {c.prompt_index: c.num_prompt_tokens for c in self.choices.values()}
+        completion = sum(len(c.final.outputs[0].token_ids) for c in self.choices.values() if c.final)
+        total_prompt = sum(prompt.values())
+        return P.UsageInfo(prompt_tokens=total_prompt, completion_tokens=completion,
+                           total_tokens=total_prompt + completion)
+
+
+class OpenAIServer:
+    """Routes and their shared state; one per app (no module-global state)."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None,
+                 max_body_bytes: int) -> None:
+        if not served_model_names:
+            raise ValueError("at least one served model name is needed")
+        self.engine = engine
+        self.names = list(served_model_names)
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+
+    # ---- request plumbing --------------------------------------------------------------------------
+    async def auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        too_big = APIError(413, f"request body is larger than the limit of {limit} bytes",
+                           code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(self, request: Request, model: type[M]) -> M:
+        body = await self.read_body(request)
+        try:
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as e:
+            raise _validation_error(e.errors()) from None
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.names:
+            return name or self.names[0]
+        raise APIError(404, f"The model `{name}` does not exist. Served: {', '.join(self.names)}",
+                       "not_found_error", param="model", code="model_not_found")
+
+    def make(self, prompt: str | list[int], params: SamplingParams, rid: str, fields: Sequence[str],
+             prompt_field: str) -> EngineRequest:
+        try:
+            return self.engine.make_request(prompt, params, rid)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), param=_param_of(str(e), fields, prompt_field)) from None
+
+    def submit(self, reqs: list[EngineRequest]) -> RequestGroup:
+        try:
+            return self.engine.submit(reqs)
+        except QueueFullError as e:
+            raise _queue_full(e) from None
+        except EngineDeadError as e:
+            raise _dead(e) from None
+
+    def sampling(self, req: P._SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                 prompt_field: str) -> SamplingParams:
+        bad = req.unsupported()
+        if bad is not None:
+            raise APIError(400, bad[1], param=bad[0])
+        try:
+            params = req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e), list(type(req).model_fields), prompt_field)) from None
+        return params
+
+    def fan_out(self, prompts: list[str | list[int]], params: SamplingParams, rid: str,
+                fields: Sequence[str], prompt_field: str) -> tuple[list[EngineRequest], dict[str, _Choice]]:
+        """n samples per prompt as separate engine requests (seed+j when seeded), all validated first."""
+        if len(prompts) * params.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={params.n} exceeds {MAX_CHOICES} choices per request",
+                           param="n")
+        reqs, choices = [], {}
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                sub = params if params.n == 1 else replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + j)
+                r = self.make(prompt, sub, f"{rid}-{i}-{j}", fields, prompt_field)
+                text = prompt if isinstance(prompt, str) else self.decode(r.prompt_token_ids)
+                choices[r.request_id] = _Choice(i * params.n + j, i, text, len(r.prompt_token_ids))
+                reqs.append(r)
+        return reqs, choices
+
+    def decode(self, ids: list[int]) -> str:
+        tok = self.engine.tokenizer
+        return tok.decode(ids) if tok is not None else ""
+
+    def _token_text(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        """A token as display text (what it adds to the output) and its bytes, for logprobs."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            s = f"token_id:{token_id}"
+            return s, tuple(s.encode())
+        piece = tok.id_to_token(token_id)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # sentencepiece byte fallback
+            b = int(piece[3:5], 16)
+            return (chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"), (b,)
+        if "\u2581" in piece:  # sentencepiece word boundary
+            s = piece.replace("\u2581", " ")
+        else:
+            s = tok.decode([token_id], skip_special_tokens=False) or piece
+        return s, tuple(s.encode())
+
+    def render_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> str:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot serve chat: use /v1/completions "
+                                "with token ids", param="messages")
+        msgs = []
+        for k, m in enumerate(messages):
+            d = m.model_dump(exclude_none=True)
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.type != "text":
+                        raise APIError(400, f"only text content parts are supported, got {part.type!r}",
+                                       param=f"messages.{k}.content")
+                    if part.text is None:
+                        raise APIError(400, "a text content part needs a 'text' string",
+                                       param=f"messages.{k}.content")
+                    texts.append(part.text)
+                content = "\n".join(texts)
+            d["content"] = content or ""
+            if d["role"] == "developer":
+                d["role"] = "system"
+            msgs.append(d)
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - template errors are caused by the messages sent
+            raise APIError(400, f"cannot apply the chat template to these messages: {e}", param="messages") from None
+        if tok.add_bos and tok.bos_token and text.startswith(tok.bos_token):
+            text = text[len(tok.bos_token):]  # encode() adds the BOS id itself
+        return text
+
+    # ---- logprobs ----------------------------------------------------------------------------------
+    def completion_logprobs(self, lps: Sequence[Logprob], choice: _Choice) -> P.CompletionLogprobs:
+        out = P.CompletionLogprobs()
+        for lp in lps:
+            s, _ = self.token_text(lp.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(lp.logprob)
+            top = {s: lp.logprob}
+            for tid, v in lp.top:
+                top.setdefault(self.token_text(tid)[0], v)
+            out.top_logprobs.append(top)
+            out.text_offset.append(choice.text_offset)
+            choice.text_offset += 0 if s.startswith("bytes:") else len(s)
+        return out
+
+    def chat_logprobs(self, lps: Sequence[Logprob], k: int) -> P.ChatLogprobs:
+        entries = []
+        for lp in lps:
+            s, b = self.token_text(lp.token_id)
+            top = [P.TopLogprob(token=self.token_text(t)[0], logprob=v, bytes=list(self.token_text(t)[1]))
+                   for t, v in lp.top[:k]]
+            entries.append(P.ChatLogprobEntry(token=s, logprob=lp.logprob, bytes=list(b), top_logprobs=top))
+        return P.ChatLogprobs(content=entries)
+
+    # ---- /v1/completions ---------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        req = await self.parse(request, P.CompletionRequest)
+        model = self.check_model(req.model)
+        prompts = _prompts(req.prompt)
+        params = self.sampling(req, req.max_tokens, req.logprobs, "prompt")
+        fields = list(P.CompletionRequest.model_fields)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        reqs, choices = self.fan_out(prompts, params, rid, fields, "prompt")
+        job = _Job(rid, model, self.submit(reqs), choices, params)
+        if req.stream:
+            return _EngineStream(self.stream_completion(job, req), job.group)
+        return await _unless_disconnected(request, job.group, self.finish_completion(job, req))
+
+    async def finish_completion(self, job: _Job, req: P.CompletionRequest) -> Response:
+        await _collect(job)
+        choices = []
+        for c in sorted(job.choices.values(), key=lambda c: c.index):
+            assert c.final is not None
+            comp = c.final.outputs[0]
+            lp = self.completion_logprobs(comp.logprobs or [], c) if req.logprobs is not None else None
+            choices.append(P.CompletionChoice(index=c.index, text=(c.prompt_text if req.echo else "") + comp.text,
+                                              logprobs=lp, finish_reason=comp.finish_reason,
+                                              stop_reason=comp.stop_reason))
+        return _json(P.CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
+                                          usage=job.usage()))
+
+    async def stream_completion(self, job: _Job, req: P.CompletionRequest) -> AsyncIterator[str]:
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(choice: P.CompletionChoice) -> str:
+            return _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                   choices=[choice]), exclude=exclude)
+
+        try:
+            if req.echo:
+                for c in sorted(job.choices.values(), key=lambda c: c.index):
+                    yield chunk(P.CompletionChoice(index=c.index, text=c.prompt_text))
+            async for out in job.group:
+                c = job.choices[out.request_id]
+                comp = out.outputs[0]
+                if out.error:
+                    yield _sse_error(APIError(500, out.error, "internal_error", code="engine_error"))
+                    break
+                lp = None
+                if req.logprobs is not None and comp.new_token_ids and comp.logprobs:
+                    lp = self.completion_logprobs(comp.logprobs[-len(comp.new_token_ids):], c)
+                if out.finished:
+                    c.final = out
+                elif not comp.new_text and lp is None:
+                    continue
+                yield chunk(P.CompletionChoice(index=c.index, text=comp.new_text, logprobs=lp,
+                                               finish_reason=comp.finish_reason if out.finished else None,
+                                               stop_reason=comp.stop_reason if out.finished else None))
+            else:
+                if req.include_usage:
+                    yield _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                          choices=[], usage=job.usage()))
+        except EngineDeadError as e:
+            yield _sse_error(_dead(e))
+        yield _SSE_DONE
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        req = await self.parse(request, P.ChatCompletionRequest)
+        model = self.check_model(req.model)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling(req, req.effective_max_tokens, top, "messages")
+        text = self.render_chat(req.messages, req.add_generation_prompt)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        reqs, choices = self.fan_out([text], params, rid, list(P.ChatCompletionRequest.model_fields), "messages")
+        job = _Job(rid, model, self.submit(reqs), choices, params)
+        if req.stream:
+            return _EngineStream(self.stream_chat(job, req), job.group)
+        return await _unless_disconnected(request, job.group, self.finish_chat(job, req))
+
+    async def finish_chat(self, job: _Job, req: P.ChatCompletionRequest) -> Response:
+        await _collect(job)
+        choices = []
+        for c in sorted(job.choices.values(), key=lambda c: c.index):
+            assert c.final is not None
+            comp = c.final.outputs[0]
+            lp = self.chat_logprobs(comp.logprobs or [], req.top_logprobs or 0) if req.logprobs else None
+            choices.append(P.ChatChoice(index=c.index, message=P.ChatMessageOut(content=comp.text), logprobs=lp,
+                                        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+        return _json(P.ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
+                                              usage=job.usage()))
+
+    async def stream_chat(self, job: _Job, req: P.ChatCompletionRequest) -> AsyncIterator[str]:
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(choice: P.ChatStreamChoice) -> str:
+            return _sse(P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                       choices=[choice]), exclude=exclude)
+
+        try:
+            for c in sorted(job.choices.values(), key=lambda c: c.index):  # the role comes first
+                yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(role="assistant", content="")))
+            async for out in job.group:
+                c = job.choices[out.request_id]
+                comp = out.outputs[0]
+                if out.error:
+                    yield _sse_error(APIError(500, out.error, "internal_error", code="engine_error"))
+                    break
+                lp = None
+                if req.logprobs and comp.new_token_ids and comp.logprobs:
+                    lp = self.chat_logprobs(comp.logprobs[-len(comp.new_token_ids):], req.top_logprobs or 0)
+                if comp.new_text or lp is not None:
+                    yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(content=comp.new_text),
+                                                   logprobs=lp))
+                if out.finished:
+                    c.final = out
+                    yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(),
+                                                   finish_reason=comp.finish_reason))
+            else:
+                if req.include_usage:
+                    yield _sse(P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                              choices=[], usage=job.usage()))
+        except EngineDeadError as e:
+            yield _sse_error(_dead(e))
+        yield _SSE_DONE
+
+    # ---- small routes ------------------------------------------------------------------------------
+    async def models(self) -> Response:
+        root = str(self.engine.engine.config.model)
+        cards = [P.ModelCard(id=n, root=root, max_model_len=self.engine.max_model_len) for n in self.names]
+        return _json(P.ModelList(data=cards))
+
+    async def tokenize(self, request: Request) -> Response:
+        req = await self.parse(request, P.TokenizeRequest)
+        self.check_model(req.model)
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer")
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        text = req.prompt if req.prompt is not None else self.render_chat(req.messages or [],
+                                                                            req.add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=req.add_special_tokens or req.messages is not None)
+        return _json(P.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids))
+
+    async def detokenize(self, request: Request) -> Response:
+        req = await self.parse(request, P.DetokenizeRequest)
+        self.check_model(req.model)
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer")
+        vocab = self.engine.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return _json(P.DetokenizeResponse(prompt=tok.decode(req.tokens)))
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty: give a string, a list of strings, token ids or lists of token ids",
+                       param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+async def _collect(job: _Job) -> None:
+    async for out in job.group:
+        if out.error:
+            raise APIError(500, out.error, "internal_error", code="engine_error")
+        if out.finished:
+            job.choices[out.request_id].final = out
+
+
+def _sse_error(err: APIError) -> str:
+    return f"data: {err.body().decode()}\n\n"
+
+
+_UNION_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)")
+
+
+def _loc(err: Any) -> list[str]:
+    return [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header")]
+
+
+def _validation_error(errors: Sequence[Any]) -> APIError:
+    """First pydantic/FastAPI error -> 400 naming the field ('max_tokens: Input should be ...')."""
+    if not errors:
+        return APIError(400, "invalid request")
+    e = errors[0]
+    loc = _loc(e)
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if e.get("type") == "model_type" and not loc:
+        return APIError(400, "request body must be a JSON object")
+    # pydantic tags union members in the path ('prompt', 'list[int]', 0): keep the field path, and
+    # say which shapes a union field accepts instead of reporting one member's complaint
+    param = ".".join(x for x in loc if not _UNION_TAG.fullmatch(x)) or None
+    msg = e.get("msg", "invalid value")
+    at = next((i for i, x in enumerate(loc) if _UNION_TAG.fullmatch(x)), None)
+    if e.get("type") == "extra_forbidden":
+        msg = "unrecognized request argument"
+    elif at is not None:
+        prefix = loc[:at]
+        same = [err for err in errors if _loc(err)[:at] == prefix and len(_loc(err)) > at]
+        shapes = list(dict.fromkeys(_loc(err)[at] for err in same if _UNION_TAG.fullmatch(_loc(err)[at])))
+        if len(shapes) > 1:
+            param = ".".join(prefix)
+            msg = "Input should be one of: " + ", ".join(shapes)
+            errors = same[:1] + [err for err in errors if err not in same]
+    extra = f" ({len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return APIError(400, f"{param}: {msg}{extra}" if param else f"{msg}{extra}", param=param)
+
+
+def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
+              max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False) -> FastAPI:
+    """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine."""
+    server = OpenAIServer(engine, served_model_names, api_key, max_body_bytes)
+    metrics = ServerMetrics(lambda: engine.stats, server.names[0])
+    engine.observer = metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.started:
+            engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+            logger.info("engine stopped")
+
+    app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.state.metrics = metrics
+    app.state.engine = engine
+    auth = [Depends(server.auth)]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full_error(request: Request, exc: QueueFullError) -> Response:
+        return _queue_full(exc).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead_error(request: Request, exc: EngineDeadError) -> Response:
+        return _dead(exc).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal server error", "internal_error").response()
+
+    route: Callable[..., Any]
+    for path, route in (("/v1/completions", server.completions), ("/v1/chat/completions", server.chat),
+                        ("/tokenize", server.tokenize), ("/detokenize", server.detokenize)):
+        app.add_api_route(path, route, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/models", server.models, methods=["GET"], dependencies=auth)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy:
+            return Response(b'{"status":"ok"}', media_type="application/json")
+        err = engine.dead_error
+        reason = f"the engine has stopped: {type(err).__name__}: {err}" if err else "the engine is not running"
+        return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
+
+    @app.get("/metrics", dependencies=auth if metrics_require_auth else [])
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,114 @@
+"""Prometheus collectors for one server, in their own CollectorRegistry (no module-global state).
+
+Names follow vLLM's (prefix `depthserve:`). Gauges and engine counters are read at scrape time from
+the latest `EngineStats` snapshot, which the engine thread takes after each step, so a scrape never
+touches the engine. Latency histograms and finish reasons are observed where outputs are delivered
+(AsyncLLMEngine calls the RequestObserver methods below).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine.llm_engine import EngineStats
+
+PREFIX = "depthserve:"
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+# vLLM's buckets, extended downwards: a small model on CPU decodes in milliseconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+               5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges and monotonic counters straight from the latest engine snapshot."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
+        self._stats = stats
+        self._model = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        labels = ["model_name"]
+        values = [self._model]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            c.add_metric(values, value)
+            return c
+
+        def get(field: str) -> float:
+            return float(getattr(s, field)) if s is not None else 0.0
+
+        yield gauge("num_requests_running", "Requests in the running batch.", get("num_running"))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", get("num_waiting"))
+        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks held by requests (0-1).",
+                    get("kv_cache_usage"))
+        yield gauge("kv_cache_blocks_held", "KV cache blocks referenced by live requests.", get("kv_blocks_held"))
+        yield gauge("depth_cache_usage_perc", "Fraction of the AttnRes depth pool used by the last step (0-1).",
+                    get("depth_cache_usage"))
+        yield gauge("depth_cache_bytes", "Bytes preallocated for the AttnRes depth pool.", get("depth_cache_bytes"))
+        yield counter("prompt_tokens", "Prefill tokens processed.", get("prompt_tokens"))
+        yield counter("generation_tokens", "Tokens generated.", get("generation_tokens"))
+        yield counter("num_preemptions", "Requests preempted for lack of KV cache.", get("num_preemptions"))
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      get("prefix_cache_queries"))
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", get("prefix_cache_hits"))
+
+
+class ServerMetrics:
+    """All collectors of one server; implements AsyncLLMEngine's RequestObserver."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+                        ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Time from arrival to the end of a request.", E2E_BUCKETS)
+        self.queue_time = hist("request_queue_time_seconds", "Time from arrival to first scheduling.",
+                               TTFT_BUCKETS)
+        self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                               ["model_name", "finished_reason"], registry=self.registry)
+        for h in (self.ttft, self.itl, self.e2e, self.queue_time):  # export zeros from the start, so
+            h.labels(model_name)  # dashboards and rate() see every series before the first request
+        for reason in FINISH_REASONS:
+            self.success.labels(model_name, reason)
+        self.registry.register(_EngineStatsCollector(stats, model_name))
+
+    # ---- RequestObserver ---------------------------------------------------------------------------
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
+        reason = finish_reason if finish_reason in FINISH_REASONS else "error"
+        self.success.labels(self.model_name, reason).inc()
+        self.e2e.labels(self.model_name).observe(max(e2e_seconds, 0.0))
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,191 @@
+"""AsyncLLMEngine in-process: streaming, validation before queueing, abort on cancel, queue bound, death."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_engine(model: Path, max_num_seqs: int = 4) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model), num_threads=1,
+                                  cache=CacheConfig(kv_cache_memory=8 << 20, depth_cache_memory=8 << 20),
+                                  scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.events.append(("queue", seconds))
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.events.append(("ttft", seconds))
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.events.append(("itl", seconds))
+
+    def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
+        self.events.append(("finished", finish_reason))
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.events if k == kind)
+
+
+async def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_stream_matches_offline_and_feeds_metrics(tiny_model: Path) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    offline = make_engine(tiny_model)
+    offline.add_request("To be, or not", greedy, "ref")
+    ref = None
+    while offline.has_unfinished_requests():
+        ref = next((o for o in offline.step() if o.finished), ref)
+    assert ref is not None
+
+    async def run() -> tuple[list[int], str, Recorder]:
+        rec = Recorder()
+        eng = AsyncLLMEngine(make_engine(tiny_model), observer=rec)
+        eng.start()
+        try:
+            ids, text, last = [], "", None
+            async for out in eng.generate("To be, or not", greedy, "a"):
+                ids += out.outputs[0].new_token_ids
+                text += out.outputs[0].new_text
+                last = out
+            assert last is not None and last.finished and last.outputs[0].finish_reason == "length"
+            assert eng.stats is not None and eng.stats.kv_blocks_held == 0
+            return ids, text, rec
+        finally:
+            eng.shutdown()
+
+    ids, text, rec = asyncio.run(run())
+    assert ids == ref.outputs[0].token_ids and text == ref.outputs[0].text
+    assert rec.count("ttft") == 1 and rec.count("itl") == 5 and rec.count("queue") == 1
+    assert ("finished", "length") in rec.events
+
+
+def test_validation_errors_raise_before_queueing(tiny_model: Path) -> None:
+    async def run() -> None:
+        eng = AsyncLLMEngine(make_engine(tiny_model))
+        eng.start()
+        try:
+            with pytest.raises(ValueError, match="exceeds the model's context"):
+                eng.generate("hello", SamplingParams(max_tokens=10_000), "too-long")
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                eng.generate([1, 10_000], SamplingParams(), "bad-id")
+            with pytest.raises(ValueError, match="empty"):
+                eng.generate([], SamplingParams(), "empty")
+            assert not eng._commands and not eng._tracks
+        finally:
+            eng.shutdown()
+
+    asyncio.run(run())
+
+
+def test_cancelled_stream_aborts_and_frees_kv(tiny_model: Path) -> None:
+    async def run() -> None:
+        rec = Recorder()
+        eng = AsyncLLMEngine(make_engine(tiny_model), observer=rec)
+        eng.start()
+        try:
+            params = SamplingParams(max_tokens=200, ignore_eos=True)
+
+            async def consume() -> None:
+                async for _ in eng.generate("All the world's a stage", params, "long"):
+                    pass
+
+            task = asyncio.create_task(consume())
+            await wait_until(lambda: eng.stats is not None and eng.stats.kv_blocks_held > 0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await wait_until(lambda: eng.stats.kv_blocks_held == 0 and eng.stats.num_running == 0)
+            await wait_until(lambda: ("finished", "abort") in rec.events)
+            assert not eng._tracks
+
+            stream = eng.generate("Now is the winter", params, "closed")  # closed after one output
+            async for _ in stream:
+                break
+            await stream.aclose()  # type: ignore[attr-defined]
+            await wait_until(lambda: eng.stats.kv_blocks_held == 0 and not eng._tracks)
+        finally:
+            eng.shutdown()
+
+    asyncio.run(run())
+
+
+def test_queue_bound_raises_queue_full(tiny_model: Path) -> None:
+    async def run() -> None:
+        eng = AsyncLLMEngine(make_engine(tiny_model, max_num_seqs=1), max_queued_requests=2)
+        eng.start()
+        try:
+            params = SamplingParams(max_tokens=50, ignore_eos=True)
+            streams = []
+            with pytest.raises(QueueFullError, match="max_queued_requests=2"):
+                for i in range(10):
+                    streams.append(eng.generate("To be", params, f"r{i}"))
+            assert 2 <= len(streams) < 10
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+        finally:
+            eng.shutdown()
+
+    asyncio.run(run())
+
+
+def test_dead_loop_fails_streams_and_reports_unhealthy(tiny_model: Path) -> None:
+    async def run() -> None:
+        llm = make_engine(tiny_model)
+
+        def broken_step() -> list:
+            raise RuntimeError("boom")
+
+        llm.step = broken_step  # type: ignore[method-assign]
+        eng = AsyncLLMEngine(llm)
+        eng.start()
+        assert eng.is_healthy
+        with pytest.raises(EngineDeadError, match="boom"):
+            async for _ in eng.generate("To be", SamplingParams(max_tokens=4), "x"):
+                pass
+        assert not eng.is_healthy and "boom" in str(eng.dead_error)
+        with pytest.raises(EngineDeadError):
+            eng.generate("To be", SamplingParams(max_tokens=4), "y")
+        eng.shutdown()
+
+    asyncio.run(run())
+
+
+def test_shutdown_stops_thread_and_fails_open_streams(tiny_model: Path) -> None:
+    async def run() -> None:
+        eng = AsyncLLMEngine(make_engine(tiny_model))
+        eng.start()
+        gen = eng.generate("To be", SamplingParams(max_tokens=200, ignore_eos=True), "s")
+        first = await gen.__anext__()
+        assert first.outputs[0].new_token_ids
+        await asyncio.to_thread(eng.shutdown)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            async for _ in gen:
+                pass
+        assert eng.stats is not None and eng.stats.kv_blocks_held == 0
+        assert not any(t.name == "depthserve-engine" for t in threading.enumerate())
+        assert not eng.is_healthy
+        with pytest.raises(EngineDeadError):
+            eng.generate("To be", SamplingParams(), "after")
+
+    asyncio.run(run())

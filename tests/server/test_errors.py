@@ -1,0 +1,145 @@
+"""Every client mistake gets OpenAI's error shape and the right status; never a 500 or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30.0) as c:
+        yield c
+
+
+def check_error(r: httpx.Response, status: int, param: str | None = "any", contains: str = "") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    assert "Traceback" not in r.text
+    if param != "any":
+        assert err["param"] == param, err
+    assert contains in err["message"], err
+    return err
+
+
+COMPLETION = {"model": MODEL_NAME, "prompt": "To be", "max_tokens": 2}
+CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize(("patch", "param", "contains"), [
+    ({"max_tokens": "abc"}, "max_tokens", "integer"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({"temperature": -1}, "temperature", "temperature"),
+    ({"top_p": 1.5}, "top_p", "top_p"),
+    ({"n": 0}, "n", "n must be"),
+    ({"n": True}, "n", ""),
+    ({"logprobs": 21}, "logprobs", "logprobs"),
+    ({"max_token": 5}, "max_token", "unrecognized"),
+    ({"stop": 3}, "stop", ""),
+    ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": [1, 10_000]}, "prompt", "outside the vocabulary"),
+    ({"prompt": None}, "prompt", ""),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+    ({"seed": 2**64}, "seed", "64-bit"),
+    ({"prompt": [[1, 2], []]}, "prompt", "empty"),
+    ({"prompt": [1, "a"]}, "prompt", "one of"),
+    ({"echo": True, "logprobs": 1}, "echo", "not supported"),
+])
+def test_completion_400(http: httpx.Client, patch: dict, param: str, contains: str) -> None:
+    check_error(http.post("/v1/completions", json={**COMPLETION, **patch}), 400, param, contains)
+
+
+@pytest.mark.parametrize(("patch", "param", "contains"), [
+    ({"messages": []}, "messages", ""),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", ""),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content", "text"),
+    ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"max_tokens": 300}, "messages", "300"),
+])
+def test_chat_400(http: httpx.Client, patch: dict, param: str, contains: str) -> None:
+    check_error(http.post("/v1/chat/completions", json={**CHAT, **patch}), 400, param, contains)
+
+
+def test_context_overflow_names_both_numbers(http: httpx.Client) -> None:
+    ids = list(range(3, 203))  # 200 prompt tokens + 100 > 256
+    err = check_error(http.post("/v1/completions", json={**COMPLETION, "prompt": ids, "max_tokens": 100}), 400)
+    assert "200" in err["message"] and "100" in err["message"] and "256" in err["message"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe", b"", b'"text"'])
+def test_malformed_bodies_are_400(http: httpx.Client, body: bytes) -> None:
+    check_error(http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_auth(server: ServerProcess) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(server.url + "/v1/completions", json=COMPLETION, headers=headers)
+        assert check_error(r, 401)["code"] == "invalid_api_key"
+        check_error(httpx.get(server.url + "/v1/models", headers=headers), 401)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_unknown_model_and_route(http: httpx.Client) -> None:
+    err = check_error(http.post("/v1/completions", json={**COMPLETION, "model": "gpt-4"}), 404, "model", "gpt-4")
+    assert err["code"] == "model_not_found"
+    check_error(http.post("/v1/chat/completions", json={**CHAT, "model": "nope"}), 404, "model")
+    check_error(http.get("/v1/nothing"), 404)
+    check_error(http.get("/v1/completions"), 405)
+
+
+def test_oversized_body_is_413(http: httpx.Client) -> None:
+    big = json.dumps({**COMPLETION, "prompt": "x" * (80 << 10)}).encode()
+    check_error(http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}), 413)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the server must count while reading
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    check_error(http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413)
+
+
+def test_tokenize_errors(http: httpx.Client) -> None:
+    check_error(http.post("/detokenize", json={"tokens": [5, 99_999]}), 400, "tokens", "vocabulary")
+    check_error(http.post("/tokenize", json={}), 400, "prompt")
+
+
+def test_dead_engine_is_503(tiny_model: Path, one_thread: None) -> None:
+    """In-process app around an engine whose loop dies: the request, /health and later requests get 503."""
+    from engine.async_engine import AsyncLLMEngine
+    from server.app import build_app
+    from tests.server.test_async_engine import make_engine
+
+    async def run() -> None:
+        llm = make_engine(tiny_model)
+
+        def broken_step() -> list:
+            raise RuntimeError("kaboom")
+
+        llm.step = broken_step  # type: ignore[method-assign]
+        eng = AsyncLLMEngine(llm)
+        app = build_app(eng, ["tiny"])
+        eng.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                assert (await c.get("/health")).status_code == 200
+                check_error(await c.post("/v1/completions", json=COMPLETION), 503, contains="kaboom")
+                check_error(await c.get("/health"), 503, contains="kaboom")
+                check_error(await c.post("/v1/chat/completions", json={**CHAT, "stream": True}), 503)
+        finally:
+            eng.shutdown()
+
+    asyncio.run(run())
