@@ -89,3 +89,4 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
+from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
@@ -62,6 +63,10 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group)
+        self.depth_stats: DepthStats | None = None
+        if config.depth_stats and mcfg.is_attn_res:
+            self.depth_stats = DepthStats()
+            self.runner.record_all = True
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -206,8 +211,12 @@ class LLMEngine:
             return [self._fail(req, f"model step failed: {type(e).__name__}") for req, _ in step.scheduled]
         for req, n in step.scheduled:
             req.num_computed_tokens += n
+        sampled_pos = {r.request_id: r.num_tokens - 1 for r in step.sample}
         for req, pos, entry in depth_records:
-            req.depth_entries[pos] = entry
+            if req.params.depth_attention or req.params.prompt_depth_attention:
+                req.depth_entries[pos] = entry
+            if self.depth_stats is not None and sampled_pos.get(req.request_id) == pos:
+                self.depth_stats.add(entry)
         sampled = self.sampler(logits, step.sample) if step.sample else None
         outputs = []
         now = time.monotonic()
@@ -307,7 +316,8 @@ class LLMEngine:
             depth_rows_in_use=self.depth_rows_in_use(),
             prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
             num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=self.kv.stats.queries,
-            prefix_cache_hits=self.kv.stats.hits)
+            prefix_cache_hits=self.kv.stats.hits,
+            depth=self.depth_stats.snapshot() if self.depth_stats is not None else None)
 
 
 @dataclass(frozen=True)
@@ -325,6 +335,7 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    depth: DepthStatsSnapshot | None = None  # depth-weight aggregates, when depth_stats is on
 
 
 class LLM:

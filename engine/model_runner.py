@@ -54,6 +54,7 @@ class ModelRunner:
         self.kv = kv
         self.depth = depth
         self.group = group  # tensor-parallel workers that run the same batch
+        self.record_all = False  # record every sampled row's depth weights (depth metrics on)
         self.kv_caches = allocate_kv(model, kv.num_blocks * kv.block_size)
 
     @staticmethod
@@ -121,9 +122,9 @@ class ModelRunner:
         p = req.params
         if p.prompt_depth_attention:
             for k in range(n):
-                if start + k < req.num_prompt_tokens or (samples and k == n - 1 and p.depth_attention):
+                if start + k < req.num_prompt_tokens or (samples and k == n - 1 and (p.depth_attention or self.record_all)):
                     self._depth_rows.append((req, start + k, row0 + k))
-        elif p.depth_attention and samples:
+        elif (p.depth_attention or self.record_all) and samples:
             self._depth_rows.append((req, start + n - 1, row0 + n - 1))
 
     def _collect_depth(self, weights: list[torch.Tensor]) -> list[DepthRecord]:

@@ -157,6 +157,20 @@ class _Job:
                            total_tokens=total_prompt + completion)
 
 
+def _depth(out: RequestOutput, echo: bool, generated: list | None) -> list | None:
+    """Depth weights of a choice: one entry per forward pass, in token order.
+
+    Without echo: one per generated token (the pass that produced it). With echo: one per prompt
+    token (the pass over it; the last one produced the first generated token), then one per later
+    generated token.
+    """
+    if generated is None:
+        return None
+    if echo and out.prompt_depth_attention is not None:
+        return out.prompt_depth_attention + generated[1:]
+    return generated
+
+
 class OpenAIServer:
     """Routes and their shared state; one per app (no module-global state)."""
 
@@ -349,7 +363,8 @@ class OpenAIServer:
             lp = self.completion_logprobs(comp.logprobs or [], c) if req.logprobs is not None else None
             choices.append(P.CompletionChoice(index=c.index, text=(c.prompt_text if req.echo else "") + comp.text,
                                               logprobs=lp, finish_reason=comp.finish_reason,
-                                              stop_reason=comp.stop_reason))
+                                              stop_reason=comp.stop_reason,
+                                              depth_attention=_depth(c.final, req.echo, comp.depth_attention)))
         return _json(P.CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
                                           usage=job.usage()))
 
@@ -373,13 +388,18 @@ class OpenAIServer:
                 lp = None
                 if req.logprobs is not None and comp.new_token_ids and comp.logprobs:
                     lp = self.completion_logprobs(comp.logprobs[-len(comp.new_token_ids):], c)
+                depth = None
+                if req.depth_attention and comp.new_token_ids:
+                    first = len(comp.token_ids) == len(comp.new_token_ids)  # echo: prompt passes come first
+                    depth = _depth(out, req.echo and first, comp.new_depth_attention)
                 if out.finished:
                     c.final = out
-                elif not comp.new_text and lp is None:
+                elif not comp.new_text and lp is None and depth is None:
                     continue
                 yield chunk(P.CompletionChoice(index=c.index, text=comp.new_text, logprobs=lp,
                                                finish_reason=comp.finish_reason if out.finished else None,
-                                               stop_reason=comp.stop_reason if out.finished else None))
+                                               stop_reason=comp.stop_reason if out.finished else None,
+                                               depth_attention=depth))
             else:
                 if req.include_usage:
                     yield _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
@@ -410,7 +430,8 @@ class OpenAIServer:
             comp = c.final.outputs[0]
             lp = self.chat_logprobs(comp.logprobs or [], req.top_logprobs or 0) if req.logprobs else None
             choices.append(P.ChatChoice(index=c.index, message=P.ChatMessageOut(content=comp.text), logprobs=lp,
-                                        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+                                        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                                        depth_attention=comp.depth_attention))
         return _json(P.ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
                                               usage=job.usage()))
 
@@ -433,9 +454,10 @@ class OpenAIServer:
                 lp = None
                 if req.logprobs and comp.new_token_ids and comp.logprobs:
                     lp = self.chat_logprobs(comp.logprobs[-len(comp.new_token_ids):], req.top_logprobs or 0)
-                if comp.new_text or lp is not None:
+                depth = comp.new_depth_attention if req.depth_attention and comp.new_token_ids else None
+                if comp.new_text or lp is not None or depth:
                     yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(content=comp.new_text),
-                                                   logprobs=lp))
+                                                   logprobs=lp, depth_attention=depth))
                 if out.finished:
                     c.final = out
                     yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(),

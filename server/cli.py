@@ -22,7 +22,11 @@ from collections.abc import Sequence
 EXIT_USAGE = 2
 # Commands whose whole argument list (--help included) goes to another module's main(argv) -> int,
 # imported only when used so `serve` does not pay for them.
-FORWARDED = {"train": ("models.train", "train the built-in models (options: depthserve train --help)")}
+FORWARDED = {
+    "train": ("models.train", "train the built-in models (options: depthserve train --help)"),
+    "inspect": ("engine.depth_inspect", "heatmaps of an AttnRes model's depth weights on prompts"),
+    "bench": ("loadtest.bench", "benchmarks: latency (AttnRes vs standard), throughput (vs transformers)"),
+}
 
 
 class UserError(Exception):
@@ -65,6 +69,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  
                    help="requests waiting for the engine before new ones get 429 (0: unbounded)")
     s.add_argument("--max-body-size", default="8MiB", help="largest request body accepted (413 beyond)")
     s.add_argument("--metrics-require-auth", action="store_true", help="also protect /metrics with the API key")
+    s.add_argument("--depth-metrics", action="store_true",
+                   help="export per-site AttnRes depth-weight means and entropies (costs a little per step)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to let in-flight requests finish on SIGTERM before cancelling them")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -130,6 +136,7 @@ def serve(ns: argparse.Namespace) -> int:
     try:
         cfg = EngineConfig(
             model=ns.model, dtype=parse_dtype(ns.dtype), seed=ns.seed, num_threads=ns.num_threads,
+            depth_stats=ns.depth_metrics,
             cache=CacheConfig(kv_cache_memory=parse_bytes(ns.kv_cache_memory),
                               depth_cache_memory=parse_bytes(ns.depth_cache_memory), block_size=ns.block_size),
             scheduler=SchedulerConfig(max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,

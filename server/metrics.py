@@ -67,6 +67,23 @@ class _EngineStatsCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       get("prefix_cache_queries"))
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", get("prefix_cache_hits"))
+        depth = s.depth if s is not None else None
+        if depth is not None:  # only with --depth-metrics: one series per (site, source)
+            w = GaugeMetricFamily(PREFIX + "depth_attention_weight",
+                                  "Mean AttnRes depth weight of a site on a source, over sampled tokens.",
+                                  labels=["model_name", "site", "source"])
+            for i, site in enumerate(depth.mean_weight):
+                for j, v in enumerate(site):
+                    w.add_metric([self._model, str(i), str(j)], v)
+            yield w
+            e = GaugeMetricFamily(PREFIX + "depth_attention_entropy",
+                                  "Mean entropy (nats) of a site's AttnRes depth weights, over sampled tokens.",
+                                  labels=["model_name", "site"])
+            for i, v in enumerate(depth.mean_entropy):
+                e.add_metric([self._model, str(i)], v)
+            yield e
+            yield counter("depth_attention_tokens", "Sampled tokens whose depth weights are aggregated.",
+                          float(depth.tokens))
 
 
 class ServerMetrics:

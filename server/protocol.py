@@ -67,6 +67,8 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # depthserve extension: per token, the AttnRes depth weights of every mixing site (AttnRes models only)
+    depth_attention: bool = False
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a set field this server cannot honour."""
@@ -89,7 +91,8 @@ class _SamplingRequest(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens)
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, depth_attention=self.depth_attention,
+            prompt_depth_attention=self.depth_attention and bool(getattr(self, "echo", False)))
 
     @property
     def include_usage(self) -> bool:
@@ -132,12 +135,16 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+DepthAttention = list[list[list[float]]]  # per token: per mixing site: weights over its sources
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM: the stop string or token that ended it
+    depth_attention: DepthAttention | None = None
 
 
 class CompletionResponse(_Response):
@@ -237,6 +244,7 @@ class ChatChoice(_Response):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    depth_attention: DepthAttention | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -265,6 +273,7 @@ class ChatStreamChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    depth_attention: DepthAttention | None = None
 
 
 class ChatCompletionStreamResponse(_Response):

@@ -32,10 +32,10 @@ def _sites(cfg) -> list[int]:
     """Expected number of sources at each site, from the layer and block structure alone."""
     if cfg.attn_res_mode == "full":
         return [*range(1, 2 * cfg.num_hidden_layers + 1), 2 * cfg.num_hidden_layers + 1]
-    out, n, partial = [], 0, True  # n completed blocks; partial: a partial sum exists
+    out, n = [], 0  # n: completed blocks
     for i in range(cfg.num_hidden_layers):
-        if i % cfg.attn_res_block_size == 0:
-            out.append(max(n + 1, 1) if i else 1)
+        if i % cfg.attn_res_block_size == 0:  # sources: the n blocks and the partial that now closes
+            out.append(n + 1 if i else 1)
             n += 1
         else:
             out.append(n + 1)

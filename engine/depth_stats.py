@@ -1,0 +1,41 @@
+"""Running aggregates of AttnRes depth weights over all served tokens (opt-in, for metrics).
+
+Per mixing site: the mean weight on each of its sources and the mean entropy of its weights.
+Series stay few (one per site and source), so Prometheus labels remain small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DepthStatsSnapshot:
+    tokens: int
+    mean_weight: list[list[float]]  # [site][source]
+    mean_entropy: list[float]  # [site]
+
+
+class DepthStats:
+    def __init__(self) -> None:
+        self.tokens = 0
+        self._sum: list[list[float]] = []
+        self._entropy: list[float] = []
+
+    def add(self, entry: list[list[float]]) -> None:
+        """One token's weights: per site, the weights over its sources."""
+        if not self._sum:
+            self._sum = [[0.0] * len(site) for site in entry]
+            self._entropy = [0.0] * len(entry)
+        for s, site in enumerate(entry):
+            acc = self._sum[s]
+            for j, w in enumerate(site):
+                acc[j] += w
+            self._entropy[s] -= sum(w * math.log(w) for w in site if w > 0)
+        self.tokens += 1
+
+    def snapshot(self) -> DepthStatsSnapshot:
+        n = max(self.tokens, 1)
+        return DepthStatsSnapshot(self.tokens, [[v / n for v in site] for site in self._sum],
+                                  [e / n for e in self._entropy])
