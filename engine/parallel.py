@@ -34,7 +34,8 @@ from models.context import ForwardBatch
 from models.loader import load_config, load_model
 
 logger = logging.getLogger("depthserve.parallel")
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # compute collectives: a hung peer fails the step
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers waiting for the next batch may wait indefinitely
 
 
 class WorkerDiedError(RuntimeError):
@@ -74,16 +75,22 @@ class WorkerSpec:
     num_threads: int | None
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, port: int) -> dist.ProcessGroup:
+    """Join the default group (compute collectives) and return a control group for batch broadcasts.
+
+    The control group has no practical timeout, so an idle server keeps its workers; a dead peer
+    still fails it at once (its sockets close).
+    """
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     """One TP rank > 0: load its shard, then run every broadcast batch until told to stop."""
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    _init(rank, world, port)
+    control = _init(rank, world, port)
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
     model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg)
@@ -94,7 +101,7 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     try:
         while True:
             box: list = [None]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=control)
             batch: ForwardBatch | None = box[0]
             if batch is None:
                 break
@@ -131,10 +138,11 @@ class TPGroup:
     def _rendezvous(self, world: int, port: int) -> None:
         """Join the process group, failing at once (not after the timeout) if a worker dies first."""
         errors: list[BaseException] = []
+        self.control: dist.ProcessGroup | None = None
 
         def join() -> None:
             try:
-                _init(0, world, port)
+                self.control = _init(0, world, port)
             except BaseException as e:  # reported below
                 errors.append(e)
 
@@ -171,7 +179,7 @@ class TPGroup:
     def broadcast(self, batch: ForwardBatch) -> None:
         self.check()
         payload = dataclasses.replace(batch, kv_caches=[], depth=None)
-        dist.broadcast_object_list([payload], src=0)
+        dist.broadcast_object_list([payload], src=0, group=self.control)
 
     def shutdown(self) -> None:
         """Stop workers (politely if they are healthy), then make sure none is left behind."""
@@ -181,7 +189,7 @@ class TPGroup:
         if dist.is_initialized():
             if self.dead is None:
                 try:
-                    dist.broadcast_object_list([None], src=0)
+                    dist.broadcast_object_list([None], src=0, group=self.control)
                 except Exception:  # a peer is gone: fall through to terminate
                     logger.warning("could not tell TP workers to stop; terminating them")
             with contextlib.suppress(Exception):
