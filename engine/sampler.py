@@ -98,11 +98,16 @@ class Sampler:
         return probs
 
     def _race(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        q = torch.empty_like(probs)
+        # q ~ Exp(1) as -log(U): torch.rand is several times faster than exponential_ on CPU.
+        u = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
-        if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
-        for i, r in enumerate(reqs):
-            if r.generator is not None:
-                q[i].exponential_(generator=r.generator)
+        if len(unseeded) == len(reqs):
+            u.uniform_(generator=self.generator)
+        else:
+            if unseeded:
+                u[unseeded] = torch.rand(len(unseeded), probs.shape[1], generator=self.generator)
+            for i, r in enumerate(reqs):
+                if r.generator is not None:
+                    u[i].uniform_(generator=r.generator)
+        q = u.clamp_(min=1e-20).log_().neg_()
         return (probs / q).argmax(-1)

@@ -1,0 +1,158 @@
+"""Offline throughput: depthserve vs Hugging Face transformers `generate()` on the same weights.
+
+N prompts with random input/output lengths (ignore_eos), run through `LLM.generate` with continuous
+batching, then through `model.generate()` in static batches at several batch sizes (its best is
+reported). Also measures, in the same run, the memory-bandwidth roofline of batch-1 decode
+(weight bytes per step / measured copy bandwidth) and where a batch-32 decode step's time goes.
+
+    python -m loadtest.bench_throughput --num-prompts 64 --out bench_out/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.config import parse_dtype
+from loadtest.bench_latency import make_engine, write_random
+from models.config import ModelConfig
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the decode roofline's denominator."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def weight_bytes(eng: LLMEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in eng.model.parameters())
+
+
+def decode_profile(eng: LLMEngine, batch: int, steps: int = 12) -> dict[str, float]:
+    """Median ms per decode step, split into schedule+prepare, forward, sample+update."""
+    for _ in range(batch):
+        ids = torch.randint(3, eng.model_config.vocab_size, (64,)).tolist()
+        eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0.8))
+    eng.step()
+    runner = eng.runner
+    parts: dict[str, list[float]] = {"total": [], "forward": []}
+    forward = runner.model.forward
+
+    def timed(batch_):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = forward(batch_)
+        parts["forward"].append(time.perf_counter() - t)
+        return out
+
+    runner.model.forward = timed  # type: ignore[method-assign]
+    try:
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            eng.step()
+            parts["total"].append(time.perf_counter() - t)
+    finally:
+        del runner.model.forward
+    total = statistics.median(parts["total"][1:-1])
+    fwd = statistics.median(parts["forward"][1:-1])
+    return {"step_ms": total * 1e3, "forward_ms": fwd * 1e3, "overhead_ms": (total - fwd) * 1e3,
+            "overhead_pct": (total - fwd) / total * 100}
+
+
+def run_depthserve(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], max_len: int) -> float:
+    llm = LLM(str(folder), dtype=dtype, max_model_len=max_len, max_num_seqs=32, max_num_batched_tokens=2048)
+    params = [SamplingParams(temperature=0.8, max_tokens=o, ignore_eos=True, seed=i) for i, o in enumerate(outs)]
+    llm.generate({"prompt_token_ids": prompts[0]}, params[0])  # warm-up
+    t = time.perf_counter()
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    dt = time.perf_counter() - t
+    assert sum(len(r.outputs[0].token_ids) for r in res) == sum(outs)
+    return sum(outs) / dt
+
+
+def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], batch: int) -> float:
+    """Static batches, left-padded; every sequence of a batch decodes to the batch's longest output."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=parse_dtype(dtype)).eval()
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i:i + batch], outs[i:i + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_k=0,
+                           max_new_tokens=max(os_), min_new_tokens=max(os_), pad_token_id=0)
+    return sum(outs) / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=1408)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    ap.add_argument("--hf-batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--out", default="bench_out/throughput.json")
+    a = ap.parse_args(argv)
+    rng = random.Random(0)
+    max_len = a.input_len[1] + a.output_len[1] + 8
+    cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max_len,
+                      tie_word_embeddings=True)
+    prompts = [[rng.randrange(3, a.vocab) for _ in range(rng.randint(*a.input_len))] for _ in range(a.num_prompts)]
+    outs = [rng.randint(*a.output_len) for _ in range(a.num_prompts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_random(Path(tmp) / "std", cfg)
+        ds = run_depthserve(folder, a.dtype, prompts, outs, max_len)
+        hf = {b: run_hf(folder, a.dtype, prompts, outs, b) for b in a.hf_batch}
+        eng = make_engine(folder, parse_dtype(a.dtype), max_len)
+        bw = copy_bandwidth()
+        wbytes = weight_bytes(eng)
+        b1 = decode_profile(eng, 1)
+        b32 = decode_profile(eng, 32)
+    roofline_ms = wbytes / bw * 1e3
+    best_b = max(hf, key=hf.get)
+    result = {
+        "config": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads, "ffn": a.ffn,
+                   "vocab": a.vocab, "dtype": a.dtype, "num_prompts": a.num_prompts, "input_len": a.input_len,
+                   "output_len": a.output_len, "threads": torch.get_num_threads()},
+        "depthserve_tok_s": ds, "hf_tok_s": hf, "hf_best_batch": best_b, "speedup_vs_hf_best": ds / hf[best_b],
+        "copy_bandwidth_gb_s": bw / 1e9, "weight_mb": wbytes / 1e6, "roofline_step_ms": roofline_ms,
+        "decode_b1": b1, "decode_b32": b32, "b1_fraction_of_roofline": roofline_ms / b1["step_ms"],
+    }
+    print(f"depthserve: {ds:.1f} tok/s | transformers generate best (batch {best_b}): {hf[best_b]:.1f} tok/s "
+          f"| speed-up {ds / hf[best_b]:.2f}x  (all HF batches: "
+          + ", ".join(f"{b}: {v:.1f}" for b, v in hf.items()) + ")")
+    print(f"batch-1 decode {b1['step_ms']:.2f} ms/step vs roofline {roofline_ms:.2f} ms "
+          f"({wbytes / 1e6:.0f} MB weights at {bw / 1e9:.1f} GB/s): {roofline_ms / b1['step_ms'] * 100:.0f}% of roofline")
+    print(f"batch-32 decode {b32['step_ms']:.2f} ms/step, of which scheduler+runner+sampler "
+          f"{b32['overhead_ms']:.2f} ms ({b32['overhead_pct']:.1f}%)")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
