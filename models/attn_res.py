@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.context import DepthBuffers
@@ -45,10 +46,13 @@ class DepthPoolSpec:
 
 
 def depth_pool_spec(cfg: ModelConfig, dtype: torch.dtype) -> DepthPoolSpec | None:
+    """Depth states are kept in fp32 whatever the serving dtype: the partial sums accumulate without
+    bf16 rounding, and the scores need no per-sublayer casts (which cost more than the bytes saved)."""
+    del dtype
     if cfg.attn_res_mode == "none":
         return None
     q = 2 * cfg.attn_res_block_size if cfg.attn_res_mode == "block" else 0
-    return DepthPoolSpec(cfg.num_depth_sources, cfg.hidden_size, q, dtype)
+    return DepthPoolSpec(cfg.num_depth_sources, cfg.hidden_size, q, torch.float32)
 
 
 def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,6 +76,13 @@ def phase1(states: torch.Tensor, rinv: torch.Tensor, queries: torch.Tensor,
     p = torch.exp(scores - lse.unsqueeze(-1))  # softmax over the blocks, [T, Q, n]
     xo = torch.bmm(p, s, out=xo)  # [T, Q, d]
     return lse, xo
+
+
+def phase2_fused(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, query: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """phase2 for an fp32 partial, in the fewest kernels: the partial's key via the fused rms_norm."""
+    w = torch.sigmoid_((F.rms_norm(partial, (partial.shape[-1],), eps=eps) @ query).sub_(lse1))  # [T]
+    return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
 
 
 def phase2(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, rinv_partial: torch.Tensor,

@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        """Normalise in fp32, cast to the weight's (serving) dtype, scale: Hugging Face's order."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.weight.dtype) * self.weight
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from models.attn_res import BlockSchedule, inv_rms, mix_sources, phase1, phase2
+from models.attn_res import BlockSchedule, inv_rms, mix_sources, phase1, phase2_fused
 from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
 from models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
@@ -109,8 +109,8 @@ class LlamaForServing(nn.Module):
                        cos_sin: tuple) -> torch.Tensor:
         sched = self.schedule
         assert sched is not None and depth.lse is not None and depth.xo is not None
-        eps, dt = self.cfg.rms_norm_eps, self.dtype
-        states, rinv = depth.states, depth.rinv  # [T, N+1, d], [T, N+1]
+        eps = self.cfg.rms_norm_eps
+        states, rinv = depth.states, depth.rinv  # [T, N+1, d] fp32, [T, N+1]
         lse, xo = depth.lse, depth.xo  # [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
         record = batch.depth_rows
@@ -126,18 +126,18 @@ class LlamaForServing(nn.Module):
                 if record is not None:
                     self._record(batch, states[record, :n], rinv[record, :n], self.queries[i, 0])
             else:
-                x = phase2(lse[:, qa], xo[:, qa], states[:, n], inv_rms(states[:, n], eps), self.queries[i, 0])[0]
+                x = phase2_fused(lse[:, qa], xo[:, qa], states[:, n], self.queries[i, 0], eps)
                 if record is not None:
                     self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 0])
-            a = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
+            a = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)  # the norm casts to dt
             if opens:
                 states[:, n] = a
             else:
                 states[:, n] += a
-            x = phase2(lse[:, qm], xo[:, qm], states[:, n], inv_rms(states[:, n], eps), self.queries[i, 1])[0]
+            x = phase2_fused(lse[:, qm], xo[:, qm], states[:, n], self.queries[i, 1], eps)
             if record is not None:
                 self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 1])
-            states[:, n] += layer.mlp(layer.post_attention_layernorm(x.to(dt)))
+            states[:, n] += layer.mlp(layer.post_attention_layernorm(x))
         if record is not None:
             self._record_with_partial(batch, states, rinv, n, record, self.out_query)
         rows = batch.logits_indices
@@ -159,8 +159,8 @@ class LlamaForServing(nn.Module):
 
     def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
                       cos_sin: tuple) -> torch.Tensor:
-        eps, dt = self.cfg.rms_norm_eps, self.dtype
-        states, rinv = depth.states, depth.rinv  # [T, 2L+1, d], [T, 2L+1]
+        eps = self.cfg.rms_norm_eps
+        states, rinv = depth.states, depth.rinv  # [T, 2L+1, d] fp32, [T, 2L+1]
         states[:, 0] = emb
         rinv[:, 0] = inv_rms(emb, eps)
         record = batch.depth_rows
@@ -169,12 +169,12 @@ class LlamaForServing(nn.Module):
             x, alpha = mix_sources(states[:, :k], rinv[:, :k], self.queries[i, 0])
             if record is not None:
                 batch.depth_weights.append(alpha[record])
-            states[:, k] = layer.self_attn(layer.input_layernorm(x.to(dt)), batch, i, cos_sin)
+            states[:, k] = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)
             rinv[:, k] = inv_rms(states[:, k], eps)
             x, alpha = mix_sources(states[:, :k + 1], rinv[:, :k + 1], self.queries[i, 1])
             if record is not None:
                 batch.depth_weights.append(alpha[record])
-            states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x.to(dt)))
+            states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x))
             rinv[:, k + 1] = inv_rms(states[:, k + 1], eps)
         if record is not None:
             self._record(batch, states[record], rinv[record], self.out_query)
