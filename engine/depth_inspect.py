@@ -45,11 +45,12 @@ def draw(matrix: list[list[float]], title: str, path: Path) -> None:
     grid = np.full((len(matrix), width), np.nan)
     for i, row in enumerate(matrix):
         grid[i, : len(row)] = row
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * width, 1.0 + 0.28 * len(matrix)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * width), 1.2 + 0.28 * len(matrix)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(matrix)), site_labels(len(matrix)), fontsize=7)
     ax.set_xticks(range(width), ["emb", *[f"src{j}" for j in range(1, width)]], fontsize=7, rotation=45)
-    ax.set_xlabel("source (completed blocks from the embedding on, then the partial sum)")
+    ax.set_xlabel("source: completed blocks from the embedding on; a site's last source is its partial sum",
+                  fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="depth weight")
     fig.tight_layout()
