@@ -1,0 +1,61 @@
+# depthserve: the OpenAI-compatible server and its built-in models, run as a non-root user.
+#
+#   docker build -t depthserve .
+#   docker run --rm -p 127.0.0.1:8000:8000 depthserve
+#
+# Build arguments:
+#   PYTHON_IMAGE     base of both stages (default python:3.11-slim)
+#   TORCH_INDEX_URL  a pip index that torch==2.13.0 is installed from before the package. PyTorch's CPU wheel
+#                    index gives the slim CPU-only image (the engine computes on CPU); one of its CUDA indexes
+#                    gives a CUDA build. Empty: pip's default index (on x86-64 Linux a CUDA-enabled build,
+#                    which runs on CPU too but makes the image several GB larger).
+#   TORCH_VERSION    the torch pin (keep it equal to pyproject.toml's)
+#
+# Arguments after the image name replace CMD, e.g. `docker run ... depthserve serve --host 0.0.0.0 --api-key K`
+# (--host 0.0.0.0 is needed inside the container; publish the port on 127.0.0.1 unless you mean otherwise).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build: a virtual environment with torch and the package (wheels only, no compiler needed) ----------
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=""
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN python -m venv /opt/venv
+# torch first, in a layer of its own: it is most of the image and changes least.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
+    fi
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY engine ./engine
+COPY kvcache ./kvcache
+COPY models ./models
+COPY server ./server
+COPY loadtest ./loadtest
+# A regular (non-editable) install: the built-in models under models/builtin/ ship as package data.
+RUN pip install --no-cache-dir . \
+    && python -c "from models.loader import builtin_models; assert builtin_models(), 'no built-in model'"
+
+# ---- runtime: the venv on a clean base, no sources, no build tools --------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN groupadd --system --gid 10001 depthserve \
+    && useradd --system --uid 10001 --gid depthserve --create-home --home-dir /home/depthserve \
+       --shell /usr/sbin/nologin depthserve
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /home/depthserve
+EXPOSE 8000
+# /health is 200 while the engine loop runs and 503 once it cannot serve; urlopen raises on either failure.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["depthserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
