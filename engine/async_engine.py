@@ -36,6 +36,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has died or shut down: no request can be served (HTTP 503)."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """A request group passed its deadline; its unfinished requests have been aborted (HTTP 504)."""
+
+
 class RequestObserver(Protocol):
     """Hooks for request-level metrics, called on the event loop where outputs are delivered."""
 
@@ -60,12 +64,15 @@ class RequestGroup:
 
     Iterate with `async for`; it ends when every member has finished. Engine death or shutdown is
     raised from the iterator as EngineDeadError. `abort()` (idempotent) aborts unfinished members:
-    call it in a `finally` so that a client disconnect frees the KV cache.
+    call it in a `finally` so that a client disconnect frees the KV cache. With a `deadline`
+    (time.monotonic()), the iterator aborts the group and raises RequestTimeoutError once it passes,
+    so a stuck or over-long request cannot hold its KV blocks and its queue slot forever.
     """
 
-    def __init__(self, engine: AsyncLLMEngine, request_ids: Sequence[str]) -> None:
+    def __init__(self, engine: AsyncLLMEngine, request_ids: Sequence[str], deadline: float | None = None) -> None:
         self._engine = engine
         self.request_ids = list(request_ids)
+        self.deadline = deadline
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._unfinished = set(self.request_ids)
 
@@ -79,13 +86,28 @@ class RequestGroup:
     async def __anext__(self) -> RequestOutput:
         if not self._unfinished and self._queue.empty():
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self.deadline is None:
+            item = await self._queue.get()
+        else:
+            item = await self._get_before_deadline(self.deadline)
         if isinstance(item, BaseException):
             self._unfinished.clear()
             raise item
         if item.finished:
             self._unfinished.discard(item.request_id)
         return item
+
+    async def _get_before_deadline(self, deadline: float) -> RequestOutput | BaseException:
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError's alias only from 3.11
+                return await asyncio.wait_for(self._queue.get(), remaining)
+        if not self._unfinished:  # everything already finished: let the caller drain the queue
+            return self._queue.get_nowait()
+        self.abort()
+        raise RequestTimeoutError("the request did not finish in time and was aborted")
 
     def abort(self) -> None:
         for rid in list(self._unfinished):
@@ -193,8 +215,11 @@ class AsyncLLMEngine:
         """Validate and tokenize (raises ValueError/TypeError); touches no engine state."""
         return self.engine.make_request(prompt, params, request_id)
 
-    def submit(self, requests: Sequence[Request]) -> RequestGroup:
-        """Queue validated requests as one group. Raises EngineDeadError or QueueFullError."""
+    def submit(self, requests: Sequence[Request], deadline: float | None = None) -> RequestGroup:
+        """Queue validated requests as one group. Raises EngineDeadError or QueueFullError.
+
+        `deadline` (time.monotonic()): past it, iterating the group aborts it with RequestTimeoutError.
+        """
         self._check_alive()
         with self._cond:
             pending = sum(1 for kind, _ in self._commands if kind == "add")
@@ -205,7 +230,7 @@ class AsyncLLMEngine:
             ids = [r.request_id for r in requests]
             if len(set(ids)) != len(ids) or any(rid in self._tracks for rid in ids):
                 raise ValueError("request ids must be unique among requests in flight")
-            group = RequestGroup(self, ids)
+            group = RequestGroup(self, ids, deadline)
             for r in requests:
                 self._tracks[r.request_id] = _Track(group)
                 self._commands.append(("add", r))

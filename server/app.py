@@ -1,15 +1,18 @@
 """FastAPI app: OpenAI routes, SSE streaming, errors in OpenAI's shape, auth, /metrics, /health.
 
-Bodies are read by hand (size-capped, then validated with the protocol models) so that every client
-mistake becomes a 400/401/404/413 in `{"error": {...}}` form and never a 422 or a 500. Every request
-handed to the engine is aborted in a `finally` if it has not finished: a client that disconnects
-(streaming or not) frees its KV blocks within a step.
+Bodies are read by hand (JSON content type only, size- and time-capped, then validated with the protocol
+models) so that every client mistake becomes a 4xx in `{"error": {...}}` form and never a 422 or a 500.
+Every request handed to the engine is aborted in a `finally` if it has not finished: a client that
+disconnects (streaming or not), or a request past `request_timeout`, frees its KV blocks within a step.
+Error bodies never carry a traceback or a server file path (`_scrub`); CORS is off unless origins are
+configured. The OpenAPI schema (with the request bodies) is served at /openapi.json, behind the API key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -18,16 +21,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestGroup
+from engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    QueueFullError,
+    RequestGroup,
+    RequestTimeoutError,
+)
 from engine.outputs import Logprob, RequestOutput
 from engine.request import Request as EngineRequest
 from engine.sampling_params import SamplingParams
@@ -40,6 +53,18 @@ M = TypeVar("M", bound=BaseModel)
 
 MAX_CHOICES = 256  # prompts x n in one request: more would flood the queue from a single call
 RETRY_AFTER_S = 1
+BODY_TIMEOUT_S = 60.0  # a body must arrive within this (or request_timeout): slow uploads cannot pin handlers
+JSON_TYPES = ("application/json",)
+
+# An absolute file path (POSIX or Windows) inside an exception's text: the server's layout is not the
+# client's business. URLs survive (their slashes follow ':' or '/').
+_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?[/\\](?:[\w.~-]+[/\\])+[\w.~-]*")
+
+
+def _scrub(message: str, limit: int = 500) -> str:
+    """A message quoting an exception, safe to show a client: paths replaced, length capped."""
+    message = _PATH.sub("<path>", message)
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 class APIError(Exception):
@@ -65,7 +90,17 @@ def _queue_full(e: QueueFullError) -> APIError:
 
 
 def _dead(e: EngineDeadError) -> APIError:
-    return APIError(503, str(e), "service_unavailable_error", code="engine_unavailable")
+    return APIError(503, _scrub(str(e)), "service_unavailable_error", code="engine_unavailable")
+
+
+def _engine_error(message: str) -> APIError:
+    """A request failed inside a model step (the engine goes on serving others): 500, no details."""
+    return APIError(500, _scrub(message), "internal_error", code="engine_error")
+
+
+def _timed_out(timeout: float | None) -> APIError:
+    return APIError(504, f"the request did not finish within the server's request timeout of {timeout:g} s "
+                         "and was aborted", "timeout_error", code="request_timeout")
 
 
 def _json(model: BaseModel, status: int = 200, **dump: Any) -> Response:
@@ -175,13 +210,16 @@ class OpenAIServer:
     """Routes and their shared state; one per app (no module-global state)."""
 
     def __init__(self, engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, request_timeout: float | None = None) -> None:
         if not served_model_names:
             raise ValueError("at least one served model name is needed")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
         self.engine = engine
         self.names = list(served_model_names)
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
 
     # ---- request plumbing --------------------------------------------------------------------------
@@ -193,32 +231,58 @@ class OpenAIServer:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key")
 
-    async def read_body(self, request: Request) -> bytes:
+    def deadline(self) -> float | None:
+        """When a request arriving now must be done by (time.monotonic()), if there is a timeout."""
+        return None if self.request_timeout is None else time.monotonic() + self.request_timeout
+
+    async def read_body(self, request: Request, deadline: float | None = None) -> bytes:
+        """The body, if its declared type is JSON (browsers cannot send that cross-site without a CORS
+        preflight, so a page cannot make a visitor's browser spend this server's compute) and it fits the
+        size limit and arrives in time."""
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media = ctype.partition(";")[0].strip().lower()
+            if media not in JSON_TYPES and not media.endswith("+json"):
+                raise APIError(415, f"unsupported Content-Type {_scrub(media, 80)!r}: send JSON with "
+                                    "'Content-Type: application/json'", code="unsupported_media_type")
         limit = self.max_body_bytes
         too_big = APIError(413, f"request body is larger than the limit of {limit} bytes",
                            code="request_too_large")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
 
-    async def parse(self, request: Request, model: type[M]) -> M:
-        body = await self.read_body(request)
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        wait = BODY_TIMEOUT_S if deadline is None else min(BODY_TIMEOUT_S, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(read(), max(wait, 0.0))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {wait:.0f} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:  # gone before sending its body: an ordinary event, not a server error
+            raise APIError(499, "client closed the request", code="client_closed_request") from None
+
+    async def parse(self, request: Request, model: type[M], deadline: float | None = None) -> M:
+        body = await self.read_body(request, deadline)
         try:
             return model.model_validate_json(body or b"{}")
         except ValidationError as e:
             raise _validation_error(e.errors()) from None
 
     def check_model(self, name: str | None) -> str:
+        """The served name a request asked for: only ever matched against served names, never a path."""
         if name is None or name in self.names:
             return name or self.names[0]
-        raise APIError(404, f"The model `{name}` does not exist. Served: {', '.join(self.names)}",
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise APIError(404, f"The model `{shown}` does not exist. Served: {', '.join(self.names)}",
                        "not_found_error", param="model", code="model_not_found")
 
     def make(self, prompt: str | list[int], params: SamplingParams, rid: str, fields: Sequence[str],
@@ -228,9 +292,9 @@ class OpenAIServer:
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param=_param_of(str(e), fields, prompt_field)) from None
 
-    def submit(self, reqs: list[EngineRequest]) -> RequestGroup:
+    def submit(self, reqs: list[EngineRequest], deadline: float | None = None) -> RequestGroup:
         try:
-            return self.engine.submit(reqs)
+            return self.engine.submit(reqs, deadline)
         except QueueFullError as e:
             raise _queue_full(e) from None
         except EngineDeadError as e:
@@ -311,7 +375,8 @@ class OpenAIServer:
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - template errors are caused by the messages sent
-            raise APIError(400, f"cannot apply the chat template to these messages: {e}", param="messages") from None
+            raise APIError(400, f"cannot apply the chat template to these messages: {_scrub(str(e))}",
+                           param="messages") from None
         if tok.add_bos and tok.bos_token and text.startswith(tok.bos_token):
             text = text[len(tok.bos_token):]  # encode() adds the BOS id itself
         return text
@@ -342,14 +407,15 @@ class OpenAIServer:
 
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        req = await self.parse(request, P.CompletionRequest)
+        deadline = self.deadline()
+        req = await self.parse(request, P.CompletionRequest, deadline)
         model = self.check_model(req.model)
         prompts = _prompts(req.prompt)
         params = self.sampling(req, req.max_tokens, req.logprobs, "prompt")
         fields = list(P.CompletionRequest.model_fields)
         rid = f"cmpl-{uuid.uuid4().hex}"
         reqs, choices = self.fan_out(prompts, params, rid, fields, "prompt")
-        job = _Job(rid, model, self.submit(reqs), choices, params)
+        job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
             return _EngineStream(self.stream_completion(job, req), job.group)
         return await _unless_disconnected(request, job.group, self.finish_completion(job, req))
@@ -383,7 +449,7 @@ class OpenAIServer:
                 c = job.choices[out.request_id]
                 comp = out.outputs[0]
                 if out.error:
-                    yield _sse_error(APIError(500, out.error, "internal_error", code="engine_error"))
+                    yield _sse_error(_engine_error(out.error))
                     break
                 lp = None
                 if req.logprobs is not None and comp.new_token_ids and comp.logprobs:
@@ -406,18 +472,24 @@ class OpenAIServer:
                                                           choices=[], usage=job.usage()))
         except EngineDeadError as e:
             yield _sse_error(_dead(e))
+        except RequestTimeoutError:
+            yield _sse_error(_timed_out(self.request_timeout))
+        except Exception:  # a bug must end the stream with an error event, not a cut connection
+            logger.exception("streaming response failed")
+            yield _sse_error(APIError(500, "internal server error", "internal_error"))
         yield _SSE_DONE
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        req = await self.parse(request, P.ChatCompletionRequest)
+        deadline = self.deadline()
+        req = await self.parse(request, P.ChatCompletionRequest, deadline)
         model = self.check_model(req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, req.effective_max_tokens, top, "messages")
         text = self.render_chat(req.messages, req.add_generation_prompt)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs, choices = self.fan_out([text], params, rid, list(P.ChatCompletionRequest.model_fields), "messages")
-        job = _Job(rid, model, self.submit(reqs), choices, params)
+        job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
             return _EngineStream(self.stream_chat(job, req), job.group)
         return await _unless_disconnected(request, job.group, self.finish_chat(job, req))
@@ -449,7 +521,7 @@ class OpenAIServer:
                 c = job.choices[out.request_id]
                 comp = out.outputs[0]
                 if out.error:
-                    yield _sse_error(APIError(500, out.error, "internal_error", code="engine_error"))
+                    yield _sse_error(_engine_error(out.error))
                     break
                 lp = None
                 if req.logprobs and comp.new_token_ids and comp.logprobs:
@@ -468,16 +540,21 @@ class OpenAIServer:
                                                               choices=[], usage=job.usage()))
         except EngineDeadError as e:
             yield _sse_error(_dead(e))
+        except RequestTimeoutError:
+            yield _sse_error(_timed_out(self.request_timeout))
+        except Exception:  # a bug must end the stream with an error event, not a cut connection
+            logger.exception("streaming response failed")
+            yield _sse_error(APIError(500, "internal server error", "internal_error"))
         yield _SSE_DONE
 
     # ---- small routes ------------------------------------------------------------------------------
     async def models(self) -> Response:
-        root = str(self.engine.engine.config.model)
+        root = Path(str(self.engine.engine.config.model)).name  # the folder's name, not where it lives
         cards = [P.ModelCard(id=n, root=root, max_model_len=self.engine.max_model_len) for n in self.names]
         return _json(P.ModelList(data=cards))
 
     async def tokenize(self, request: Request) -> Response:
-        req = await self.parse(request, P.TokenizeRequest)
+        req = await self.parse(request, P.TokenizeRequest, self.deadline())
         self.check_model(req.model)
         tok = self.engine.tokenizer
         if tok is None:
@@ -490,7 +567,7 @@ class OpenAIServer:
         return _json(P.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids))
 
     async def detokenize(self, request: Request) -> Response:
-        req = await self.parse(request, P.DetokenizeRequest)
+        req = await self.parse(request, P.DetokenizeRequest, self.deadline())
         self.check_model(req.model)
         tok = self.engine.tokenizer
         if tok is None:
@@ -503,20 +580,25 @@ class OpenAIServer:
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    empty = APIError(400, "prompt is empty: give a non-empty string, a list of them, token ids or lists of "
+                          "token ids", param="prompt")
     if isinstance(prompt, str):
+        if not prompt:
+            raise empty
         return [prompt]
     if not prompt:
-        raise APIError(400, "prompt is empty: give a string, a list of strings, token ids or lists of token ids",
-                       param="prompt")
+        raise empty
     if isinstance(prompt[0], int):
         return [prompt]  # type: ignore[list-item]
+    if any(p == "" for p in prompt):
+        raise empty
     return list(prompt)  # type: ignore[arg-type]
 
 
 async def _collect(job: _Job) -> None:
     async for out in job.group:
         if out.error:
-            raise APIError(500, out.error, "internal_error", code="engine_error")
+            raise _engine_error(out.error)
         if out.finished:
             job.choices[out.request_id].final = out
 
@@ -561,10 +643,62 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
     return APIError(400, f"{param}: {msg}{extra}" if param else f"{msg}{extra}", param=param)
 
 
+_ERROR = {"model": P.ErrorResponse}
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "Invalid request"},
+    404: {**_ERROR, "description": "Unknown model"},
+    408: {**_ERROR, "description": "The body did not arrive in time"},
+    413: {**_ERROR, "description": "Body too large"},
+    415: {**_ERROR, "description": "Body is not JSON"},
+    500: {**_ERROR, "description": "Internal error"},
+}
+_GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_BODY_ERRORS,
+    429: {**_ERROR, "description": "Queue full: retry after the Retry-After header's seconds"},
+    500: {**_ERROR, "description": "A model step failed for this request"},
+    503: {**_ERROR, "description": "The engine has stopped"},
+    504: {**_ERROR, "description": "Not finished within the server's request timeout"},
+}
+# Routes whose JSON body is read by hand, and its schema (FastAPI cannot see it from the signature).
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": P.CompletionRequest, "/v1/chat/completions": P.ChatCompletionRequest,
+    "/tokenize": P.TokenizeRequest, "/detokenize": P.DetokenizeRequest,
+}
+
+
+def _openapi(app: FastAPI, protected: bool) -> dict[str, Any]:
+    """The OpenAPI document with the hand-read request bodies (and the bearer scheme when protected)."""
+    doc = get_openapi(title="depthserve", version="0.1.0", routes=app.routes,
+                      description="OpenAI-compatible API of a depthserve server.")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in _BODIES.items():
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
+                                                                                   f"{model.__name__}"}}}}
+    if protected:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, ops in doc["paths"].items():
+            if path.startswith("/v1/") or path in _BODIES:
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}]
+                    op.setdefault("responses", {})["401"] = {
+                        "description": "Missing or wrong API key",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    return doc
+
+
 def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
-              max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False) -> FastAPI:
-    """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine."""
-    server = OpenAIServer(engine, served_model_names, api_key, max_body_bytes)
+              max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
+              request_timeout: float | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
+
+    `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
+    stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
+    """
+    server = OpenAIServer(engine, served_model_names, api_key, max_body_bytes, request_timeout)
     metrics = ServerMetrics(lambda: engine.stats, server.names[0])
     engine.observer = metrics
 
@@ -579,6 +713,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             logger.info("engine stopped")
 
     app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
     app.state.server = server
     app.state.metrics = metrics
     app.state.engine = engine
@@ -605,16 +742,35 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     async def _dead_error(request: Request, exc: EngineDeadError) -> Response:
         return _dead(exc).response()
 
+    @app.exception_handler(RequestTimeoutError)
+    async def _timeout_error(request: Request, exc: RequestTimeoutError) -> Response:
+        return _timed_out(server.request_timeout).response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return APIError(500, "internal server error", "internal_error").response()
 
     route: Callable[..., Any]
-    for path, route in (("/v1/completions", server.completions), ("/v1/chat/completions", server.chat),
-                        ("/tokenize", server.tokenize), ("/detokenize", server.detokenize)):
-        app.add_api_route(path, route, methods=["POST"], dependencies=auth)
-    app.add_api_route("/v1/models", server.models, methods=["GET"], dependencies=auth)
+    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    for path, route, ok, errors in (
+            ("/v1/completions", server.completions, P.CompletionResponse, _GENERATE_ERRORS),
+            ("/v1/chat/completions", server.chat, P.ChatCompletionResponse, _GENERATE_ERRORS),
+            ("/tokenize", server.tokenize, P.TokenizeResponse, _BODY_ERRORS),
+            ("/detokenize", server.detokenize, P.DetokenizeResponse, _BODY_ERRORS)):
+        streams = errors is _GENERATE_ERRORS
+        app.add_api_route(path, route, methods=["POST"], dependencies=auth, responses={
+            200: {"model": ok, "description": "OK" + (" (text/event-stream when stream is true)" if streams else ""),
+                  **({"content": sse} if streams else {})}, **errors})
+    app.add_api_route("/v1/models", server.models, methods=["GET"], dependencies=auth,
+                      responses={200: {"model": P.ModelList, "description": "Served models"}})
+
+    async def openapi_json() -> Response:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app, server.api_key is not None)
+        return Response(json.dumps(app.openapi_schema), media_type="application/json")
+
+    app.add_api_route("/openapi.json", openapi_json, methods=["GET"], dependencies=auth, include_in_schema=False)
 
     @app.get("/health")
     async def health() -> Response:
@@ -622,7 +778,7 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             return Response(b'{"status":"ok"}', media_type="application/json")
         err = engine.dead_error
         reason = f"the engine has stopped: {type(err).__name__}: {err}" if err else "the engine is not running"
-        return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
+        return APIError(503, _scrub(reason), "service_unavailable_error", code="engine_unavailable").response()
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [])
     async def prometheus() -> Response:

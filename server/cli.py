@@ -69,6 +69,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  
                    help="requests waiting for the engine before new ones get 429 (0: unbounded)")
     s.add_argument("--max-body-size", default="8MiB", help="largest request body accepted (413 beyond)")
     s.add_argument("--metrics-require-auth", action="store_true", help="also protect /metrics with the API key")
+    s.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a request (504, or an error event when streaming) not finished this long after "
+                        "it arrived, freeing its KV blocks (default: no limit)")
+    s.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="browser origins allowed by CORS, e.g. https://app.example.com, or '*' (default: none, "
+                        "CORS off)")
     s.add_argument("--depth-metrics", action="store_true",
                    help="export per-site AttnRes depth-weight means and entropies (costs a little per step)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -147,6 +153,8 @@ def serve(ns: argparse.Namespace) -> int:
             raise ValueError(f"--max-queued-requests must be >= 0, got {ns.max_queued_requests}")
         if ns.num_threads is not None and ns.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {ns.num_threads}")
+        if ns.request_timeout is not None and not ns.request_timeout > 0:
+            raise ValueError(f"--request-timeout must be > 0 seconds, got {ns.request_timeout}")
     except ValueError as e:
         raise UserError(str(e)) from None
     sock = _listen_socket(ns.host, ns.port)
@@ -159,8 +167,10 @@ def serve(ns: argparse.Namespace) -> int:
         names = ns.served_model_name or [ns.model]
         app = build_app(AsyncLLMEngine(engine, max_queued_requests=ns.max_queued_requests), names,
                         api_key=ns.api_key or None, max_body_bytes=max_body,
-                        metrics_require_auth=ns.metrics_require_auth)
-        config = uvicorn.Config(app, log_level=ns.log_level, timeout_graceful_shutdown=ns.shutdown_timeout)
+                        metrics_require_auth=ns.metrics_require_auth, request_timeout=ns.request_timeout,
+                        allowed_origins=ns.allowed_origins)
+        config = uvicorn.Config(app, log_level=ns.log_level, timeout_graceful_shutdown=ns.shutdown_timeout,
+                                server_header=False)
         server = uvicorn.Server(config)
         logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", ns.model, ", ".join(names),
                                              ns.host, ns.port)

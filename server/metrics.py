@@ -61,6 +61,8 @@ class _EngineStatsCollector(Collector):
         yield gauge("depth_cache_usage_perc", "Fraction of the AttnRes depth pool used by the last step (0-1).",
                     get("depth_cache_usage"))
         yield gauge("depth_cache_bytes", "Bytes preallocated for the AttnRes depth pool.", get("depth_cache_bytes"))
+        yield gauge("depth_cache_rows_in_use", "Depth pool rows reserved outside a step (a leak unless 0).",
+                    get("depth_rows_in_use"))
         yield counter("prompt_tokens", "Prefill tokens processed.", get("prompt_tokens"))
         yield counter("generation_tokens", "Tokens generated.", get("generation_tokens"))
         yield counter("num_preemptions", "Requests preempted for lack of KV cache.", get("num_preemptions"))

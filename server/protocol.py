@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from engine.sampling_params import SamplingParams
 
+# Stop strings and ids are checked against every new token on the engine thread: a request must not be
+# able to slow every other request's step down with thousands of them.
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -74,6 +79,11 @@ class _SamplingRequest(_Request):
         """(field, message) for a set field this server cannot honour."""
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            return "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
+        if self.stop_token_ids and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            return "stop_token_ids", (f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, "
+                                      f"got {len(self.stop_token_ids)}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         if self.stream_options is not None and not self.stream:

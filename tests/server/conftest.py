@@ -44,13 +44,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A `python -m server.cli serve` subprocess; logs go to a file (a full pipe would block it)."""
+    """A `python -m server.cli serve` subprocess; logs go to a file (a full pipe would block it).
 
-    def __init__(self, model: Path, *args: str, log_dir: Path) -> None:
+    `module`: another launcher with server.cli's command line (tests.server.fault_server injects faults).
+    """
+
+    def __init__(self, model: Path, *args: str, log_dir: Path, module: str = "server.cli") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, "-m", module, "serve", "--model", str(model), "--port", str(self.port),
                "--num-threads", "1", "--log-level", "warning", "--kv-cache-memory", "8MiB",
                "--depth-cache-memory", "8MiB", *args]
         env = {**os.environ, "PYTHONPATH": str(REPO), "DEPTHSERVE_API_KEY": ""}
