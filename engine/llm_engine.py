@@ -196,11 +196,10 @@ class LLMEngine:
         step = ModelRunner.order(sched.scheduled)
         self.last_step_tokens = sched.num_tokens
         now = time.monotonic()
-        for req, n in step.scheduled:
-            if req.metrics.first_scheduled_time is None:
+        for req, _ in step.scheduled:
+            if req.metrics.first_scheduled_time is None:  # count each prompt once (as vLLM), cached or not
                 req.metrics.first_scheduled_time = now
-            if req.num_computed_tokens < req.num_prompt_tokens:
-                self.num_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed_tokens)
+                self.num_prompt_tokens += req.num_prompt_tokens
         try:
             logits, depth_records = self.runner.execute(step)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
