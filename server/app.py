@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -752,7 +752,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
         return APIError(500, "internal server error", "internal_error").response()
 
     route: Callable[..., Any]
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # one server-sent event: `data` is a JSON chunk, an error object, or [DONE]
+    sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                            "properties": {"data": {"type": "string"}}}}}
     for path, route, ok, errors in (
             ("/v1/completions", server.completions, P.CompletionResponse, _GENERATE_ERRORS),
             ("/v1/chat/completions", server.chat, P.ChatCompletionResponse, _GENERATE_ERRORS),
@@ -772,7 +774,10 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
 
     app.add_api_route("/openapi.json", openapi_json, methods=["GET"], dependencies=auth, include_in_schema=False)
 
-    @app.get("/health")
+    @app.get("/health", responses={
+        200: {"description": "The engine is serving", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}}}},
+        503: {**_ERROR, "description": "The engine has stopped"}})
     async def health() -> Response:
         if engine.is_healthy:
             return Response(b'{"status":"ok"}', media_type="application/json")
@@ -780,7 +785,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
         reason = f"the engine has stopped: {type(err).__name__}: {err}" if err else "the engine is not running"
         return APIError(503, _scrub(reason), "service_unavailable_error", code="engine_unavailable").response()
 
-    @app.get("/metrics", dependencies=auth if metrics_require_auth else [])
+    @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,
+             responses={
+        200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)

@@ -143,3 +143,53 @@ def test_dead_engine_is_503(tiny_model: Path, one_thread: None) -> None:
             eng.shutdown()
 
     asyncio.run(run())
+
+
+# ---- hostile and odd inputs: each a 4xx with a message naming the problem, and the server fine after ----
+
+def _raw(body: bytes, content_type: str = "application/json") -> tuple[bytes, str]:
+    return body, content_type
+
+
+BAD_INPUTS = [
+    # (id, body or (raw bytes, content type), status, param, text in the message)
+    ("nan-temperature", _raw(b'{"prompt": "To be", "max_tokens": 2, "temperature": NaN}'), 400, "temperature",
+     "finite"),
+    ("inf-temperature", _raw(b'{"prompt": "To be", "max_tokens": 2, "temperature": Infinity}'), 400, "temperature",
+     "finite"),
+    ("overflow-temperature", _raw(b'{"prompt": "To be", "max_tokens": 2, "temperature": 1e999}'), 400,
+     "temperature", "finite"),
+    ("negative-n", {"n": -1}, 400, "n", "n must be"),
+    ("huge-max-tokens", {"max_tokens": 10**30}, 400, "prompt", "context length"),
+    ("empty-string-prompt", {"prompt": ""}, 400, "prompt", "empty"),
+    ("empty-string-in-batch", {"prompt": ["To be", ""]}, 400, "prompt", "empty"),
+    ("negative-token-id", {"prompt": [5, -1]}, 400, "prompt", "outside the vocabulary"),
+    ("huge-token-id", {"prompt": [5, 2**70]}, 400, "prompt", "outside the vocabulary"),
+    ("invalid-utf8-in-string", _raw(b'{"prompt": "To \xff\xfe be", "max_tokens": 2}'), 400, None, "JSON"),
+    ("lone-surrogate", _raw(b'{"prompt": "\\ud800", "max_tokens": 2}'), 400, None, "JSON"),
+    ("deeply-nested", _raw(b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400, None, ""),
+    ("unknown-nested-field", {"stream": True, "stream_options": {"include_usage": True, "extra": 1}},
+     400, "stream_options.extra", "unrecognized"),
+    ("top-k-wrong-type", {"top_k": "5"}, 400, "top_k", "integer"),
+    ("too-many-stop-strings", {"stop": ["x"] * 65}, 400, "stop", "at most 64"),
+    ("too-many-stop-token-ids", {"stop_token_ids": list(range(1025))}, 400, "stop_token_ids", "at most 1024"),
+    ("text-plain-body", _raw(json.dumps(COMPLETION).encode(), "text/plain"), 415, None, "application/json"),
+    ("form-body", _raw(b"prompt=hi", "application/x-www-form-urlencoded"), 415, None, "application/json"),
+    ("model-as-path", {"model": "/etc/passwd"}, 404, "model", "does not exist"),
+    ("model-as-relative-path", {"model": "../../models/builtin/shakespeare-attnres"}, 404, "model", "does not exist"),
+    ("ten-megabytes", _raw(b'{"prompt": "' + b"a" * (10 << 20) + b'"}'), 413, None, "limit"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param", "contains"), [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_then_normal_request(http: httpx.Client, body: dict | tuple[bytes, str], status: int,
+                                       param: str | None, contains: str) -> None:
+    if isinstance(body, tuple):
+        r = http.post("/v1/completions", content=body[0], headers={"Content-Type": body[1]})
+    else:
+        r = http.post("/v1/completions", json={**COMPLETION, **body})
+    err = check_error(r, status, param, contains)
+    assert "site-packages" not in r.text and "File \"" not in err["message"]
+    ok = http.post("/v1/completions", json={**COMPLETION, "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
