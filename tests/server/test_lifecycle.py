@@ -135,6 +135,7 @@ def test_sigterm_drains_and_exits_zero(tiny_model: Path, tmp_path: Path) -> None
     (["--kv-cache-memory", "lots"], "cannot read 'lots' as a size"),
     (["--tensor-parallel-size", "3"], "tensor_parallel_size=3"),
     (["--max-model-len", "100000"], "max_position_embeddings"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0"),
 ])
 def test_cli_user_errors_exit_2_in_one_line(tiny_model: Path, capsys: pytest.CaptureFixture[str],
                                             args: list[str], message: str) -> None:
