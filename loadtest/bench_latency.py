@@ -66,6 +66,52 @@ def time_decode(eng: LLMEngine, batch: int, steps: int, ctx: int = 64) -> float:
     return statistics.median(times[1:-1] or times)
 
 
+def model_shape(layers: int = 12, hidden: int = 512, heads: int = 8, kv_heads: int = 4, ffn: int = 1408,
+                vocab: int = 8192, max_len: int = 2112) -> dict:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
+                tie_word_embeddings=True)
+
+
+def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: list[int], repeats: int = 3) -> dict:
+    """AttnRes (N=`blocks` blocks, 0: Full AttnRes) vs the standard model of `shape`, interleaved A B A B."""
+    torch_dtype = parse_dtype(dtype)
+    layers = shape["num_hidden_layers"]
+    bs = max(1, -(-layers // blocks)) if blocks else 0
+    cfg_ar = ModelConfig(**shape, attn_res_mode="block" if blocks else "full", attn_res_block_size=bs)
+    cfg_std = ModelConfig(**shape)
+    max_len = shape["max_position_embeddings"]
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {"standard": make_engine(write_random(Path(tmp) / "std", cfg_std), torch_dtype, max_len),
+                   "attnres": make_engine(write_random(Path(tmp) / "ar", cfg_ar), torch_dtype, max_len)}
+        rows = []
+        cases = [("prefill", n) for n in prefill] + [("decode", b) for b in batch]
+        for kind, n in cases:
+            samples: dict[str, list[float]] = {"standard": [], "attnres": []}
+            for rep in range(repeats + 1):
+                for name, eng in engines.items():  # interleaved A B A B; the first round warms up
+                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, 16)
+                    if rep:
+                        samples[name].append(t)
+            std, ar = statistics.median(samples["standard"]), statistics.median(samples["attnres"])
+            rows.append({"kind": kind, "n": n, "case": f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}",
+                         "standard_ms": std * 1e3, "attnres_ms": ar * 1e3, "overhead_pct": (ar / std - 1) * 100})
+        depth = engines["attnres"].depth
+        depth_bytes = depth.spec.bytes_per_token if depth is not None else 0
+    return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks, "num_depth_blocks": cfg_ar.num_depth_blocks,
+                       "dtype": dtype, "threads": torch.get_num_threads()},
+            "depth_cache_bytes_per_token": depth_bytes, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    label = f"N={c['num_depth_blocks']}" if c["blocks"] else "Full"
+    lines = [f"| case | standard ms | AttnRes ({label}) ms | overhead |", "|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['standard_ms']:.2f} | {r['attnres_ms']:.2f} | {r['overhead_pct']:+.1f}% |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12)
@@ -81,35 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_out/latency.json")
     a = ap.parse_args(argv)
-    dtype = parse_dtype(a.dtype)
-    max_len = max(a.prefill) + 64
-    common = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max_len,
-                  tie_word_embeddings=True)
-    bs = max(1, -(-a.layers // a.blocks)) if a.blocks else 0
-    cfg_ar = ModelConfig(**common, attn_res_mode="block" if a.blocks else "full", attn_res_block_size=bs)
-    cfg_std = ModelConfig(**common)
-    with tempfile.TemporaryDirectory() as tmp:
-        engines = {"standard": make_engine(write_random(Path(tmp) / "std", cfg_std), dtype, max_len),
-                   "attnres": make_engine(write_random(Path(tmp) / "ar", cfg_ar), dtype, max_len)}
-        rows = []
-        cases = [("prefill", n) for n in a.prefill] + [("decode", b) for b in a.batch]
-        for kind, n in cases:
-            samples: dict[str, list[float]] = {"standard": [], "attnres": []}
-            for _ in range(a.repeats):
-                for name, eng in engines.items():  # interleaved A B A B
-                    samples[name].append(time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, 16))
-            std, ar = statistics.median(samples["standard"]), statistics.median(samples["attnres"])
-            rows.append({"case": f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}", "standard_ms": std * 1e3,
-                         "attnres_ms": ar * 1e3, "overhead_pct": (ar / std - 1) * 100})
-        depth_bytes = engines["attnres"].depth.spec.bytes_per_token if engines["attnres"].depth else 0
-    result = {"config": {**common, "attn_res_block_size": bs, "blocks": a.blocks, "dtype": a.dtype,
-                         "threads": torch.get_num_threads()},
-              "depth_cache_bytes_per_token": depth_bytes, "rows": rows}
-    print(f"| case | standard ms | AttnRes (N={a.blocks or 'full'}) ms | overhead |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['standard_ms']:.2f} | {r['attnres_ms']:.2f} | {r['overhead_pct']:+.1f}% |")
-    print(f"depth cache bytes per in-flight token: {depth_bytes}")
+    shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(a.prefill) + 64)
+    result = compare(shape, a.blocks, a.dtype, a.prefill, a.batch, a.repeats)
+    print(markdown(result))
+    print(f"depth cache bytes per in-flight token: {result['depth_cache_bytes_per_token']}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
