@@ -44,6 +44,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ w[out, in]^T. One row (batch-1 decode) goes through mv: on CPU, bf16 GEMV streams
+    weights from memory about 1.5x faster than the GEMM path F.linear takes for a single row."""
+    if x.shape[0] == 1:
+        return torch.mv(w, x[0]).unsqueeze(0)
+    return F.linear(x, w)
+
+
 def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [lo, hi) of an evenly split dimension owned by `rank`."""
     if size % world:
@@ -106,7 +114,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer: int, cos_sin: tuple) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj)
+        qkv = linear(x, self.qkv_proj)
         nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = qkv[:, :nq].view(t, self.heads, self.head_dim)
         k = qkv[:, nq:nq + nk].view(t, self.kv_heads, self.head_dim)
@@ -115,7 +123,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = batch.kv_caches[layer]
         o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
-        out = F.linear(o.reshape(t, -1), self.o_proj)
+        out = linear(o.reshape(t, -1), self.o_proj)
         return self.comm.all_reduce(out) if self.comm else out
 
 
@@ -133,8 +141,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(hidden, self.ffn, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = F.linear(x, self.gate_up_proj)
-        out = F.linear(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:], self.down_proj)
+        gu = linear(x, self.gate_up_proj)
+        out = linear(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:], self.down_proj)
         return self.comm.all_reduce(out) if self.comm else out
 
 
@@ -161,7 +169,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [S, d] -> fp32 logits [S, vocab]."""
-        out = F.linear(h, self.weight).float()
+        out = linear(h, self.weight).float()
         if self.comm is not None:
             out = self.comm.all_gather_last_dim(out)
         return out[:, :self.vocab]
