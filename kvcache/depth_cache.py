@@ -48,7 +48,7 @@ class DepthCache:
         self.rows_in_use = num_tokens
         p = self._pool
         return DepthBuffers(
-            states=p.states[:num_tokens], rinv=p.rinv[:num_tokens],
+            states=p.states[:num_tokens], keys=p.keys[:num_tokens],
             lse=None if p.lse is None else p.lse[:num_tokens],
             xo=None if p.xo is None else p.xo[:num_tokens])
 

@@ -52,11 +52,12 @@ def time_prefill(eng: LLMEngine, n_tokens: int) -> float:
     return time.perf_counter() - t
 
 
-def time_decode(eng: LLMEngine, batch: int, steps: int, ctx: int = 64) -> float:
+def time_decode(eng: LLMEngine, batch: int, steps: int, ctx: int = 64, depth_attention: bool = False) -> float:
     """Median time of one decode step with `batch` sequences of ~ctx tokens."""
     for _ in range(batch):
         ids = torch.randint(3, eng.model_config.vocab_size, (ctx,)).tolist()
-        eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+        eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=steps + 2, ignore_eos=True,
+                                                                  depth_attention=depth_attention))
     eng.step()  # prefill all
     times = []
     while eng.has_unfinished_requests():
@@ -112,14 +113,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model-shape flags shared by the offline benchmarks (defaults: a 12-layer d=512 model)."""
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1408)
     ap.add_argument("--vocab", type=int, default=8192)
+
+
+def depth_attention_cost(shape: dict, blocks: int, dtype: str, batch: int, repeats: int = 3) -> dict:
+    """Decode step time of an AttnRes model with no request asking for depth weights vs all asking."""
+    cfg = ModelConfig(**shape, attn_res_mode="block", attn_res_block_size=max(1, -(-shape["num_hidden_layers"] // blocks)))
+    with tempfile.TemporaryDirectory() as tmp:
+        eng = make_engine(write_random(Path(tmp) / "ar", cfg), parse_dtype(dtype), shape["max_position_embeddings"])
+        samples: dict[bool, list[float]] = {False: [], True: []}
+        for rep in range(repeats + 1):
+            for asking in (False, True):
+                t = time_decode(eng, batch, 16, depth_attention=asking)
+                if rep:
+                    samples[asking].append(t)
+    off, on = statistics.median(samples[False]) * 1e3, statistics.median(samples[True]) * 1e3
+    return {"batch": batch, "no_request_asking_ms": off, "all_asking_ms": on, "cost_when_asked_pct": (on / off - 1) * 100}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(ap)
     ap.add_argument("--blocks", type=int, default=8, help="N: number of AttnRes blocks (0: Full AttnRes)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048])

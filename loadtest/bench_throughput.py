@@ -22,7 +22,7 @@ import torch
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import parse_dtype
-from loadtest.bench_latency import make_engine, write_random
+from loadtest.bench_latency import add_shape_args, make_engine, model_shape, write_random
 from models.config import ModelConfig
 
 
@@ -108,12 +108,7 @@ def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=1408)
-    ap.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(ap)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
@@ -123,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     rng = random.Random(0)
     max_len = a.input_len[1] + a.output_len[1] + 8
-    cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max_len,
-                      tie_word_embeddings=True)
+    cfg = ModelConfig(**model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max_len))
     prompts = [[rng.randrange(3, a.vocab) for _ in range(rng.randint(*a.input_len))] for _ in range(a.num_prompts)]
     outs = [rng.randint(*a.output_len) for _ in range(a.num_prompts)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,8 @@
 """Depth mixing for AttnRes: the two-phase Block schedule, Full AttnRes, and the depth-pool layout.
 
-Keys: RMSNorm(v) = v * rinv(v) * g, and w · (g ⊙ v̂) = (w ⊙ g) · v̂, so a source's key reduces to the
-scalar rinv(v) = 1/rms(v) once the gain g is folded into the query at load. The depth pool keeps
-each completed source and its rinv, computed once when the source is completed.
+Keys: w · (g ⊙ v̂) = (w ⊙ g) · v̂, so with the gain g folded into the query at load a source's key
+is its plain RMS-normalised value v̂ = v / rms(v). The depth pool keeps each completed source and its
+key, computed once (one fused rms_norm) when the source is completed.
 
 The plain reference `naive_mix` lives in models.reference; tests hold these functions to it.
 """
@@ -31,15 +31,15 @@ class DepthPoolSpec:
     @property
     def bytes_per_token(self) -> int:
         state = self.num_sources * self.hidden * torch.empty((), dtype=self.state_dtype).element_size()
-        rinv = self.num_sources * 4
+        keys = self.num_sources * self.hidden * 4
         phase1 = self.num_phase1_queries * (1 + self.hidden) * 4
-        return state + rinv + phase1
+        return state + keys + phase1
 
     def allocate(self, rows: int) -> DepthBuffers:
         q = self.num_phase1_queries
         return DepthBuffers(
             states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype),
-            rinv=torch.zeros(rows, self.num_sources, dtype=torch.float32),
+            keys=torch.zeros(rows, self.num_sources, self.hidden, dtype=torch.float32),
             lse=torch.zeros(rows, q, dtype=torch.float32) if q else None,
             xo=torch.zeros(rows, q, self.hidden, dtype=torch.float32) if q else None,
         )
@@ -55,22 +55,22 @@ def depth_pool_spec(cfg: ModelConfig, dtype: torch.dtype) -> DepthPoolSpec | Non
     return DepthPoolSpec(cfg.num_depth_sources, cfg.hidden_size, q, torch.float32)
 
 
-def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1/rms over the last dim, fp32: [..., d] -> [...]."""
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+def key_of(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A source's key: RMS-normalised without gain (folded into the queries), fp32: [..., d] -> [..., d]."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def phase1(states: torch.Tensor, rinv: torch.Tensor, queries: torch.Tensor,
+def phase1(states: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor,
            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every query of a block against all completed blocks in one batched matmul.
 
-    states: [T, n, d] completed blocks; rinv: [T, n]; queries: [Q, d] fp32 (gains folded).
+    states: [T, n, d] completed blocks; keys: [T, n, d] their keys; queries: [Q, d] fp32 (gains folded).
     Returns per query the log-sum-exp of its scores lse [T, Q] and its normalised mix of the blocks
     xo [T, Q, d] (fp32), written into `out` (depth-pool views) when given. These are the paper's
     (m, l, o) statistics in normalised form: lse = m + log l, xo = o / l.
     """
     s = states.float()
-    scores = torch.matmul(s, queries.t()).transpose(1, 2) * rinv.unsqueeze(1)  # [T, Q, n]
+    scores = torch.matmul(keys, queries.t()).transpose(1, 2)  # [T, Q, n]
     lse, xo = out if out is not None else (None, None)
     lse = torch.logsumexp(scores, -1, out=lse)  # [T, Q]
     p = torch.exp(scores - lse.unsqueeze(-1))  # softmax over the blocks, [T, Q, n]
@@ -81,29 +81,29 @@ def phase1(states: torch.Tensor, rinv: torch.Tensor, queries: torch.Tensor,
 def phase2_fused(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, query: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """phase2 for an fp32 partial, in the fewest kernels: the partial's key via the fused rms_norm."""
-    w = torch.sigmoid_((F.rms_norm(partial, (partial.shape[-1],), eps=eps) @ query).sub_(lse1))  # [T]
+    w = torch.sigmoid_((key_of(partial, eps) @ query).sub_(lse1))  # [T]
     return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
 
 
-def phase2(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, rinv_partial: torch.Tensor,
+def phase2(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, key_partial: torch.Tensor,
            query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge Phase-1 statistics with the current partial sum (online softmax over two groups).
 
-    lse1: [T]; xo1: [T, d]; partial: [T, d]; rinv_partial: [T]; query: [d] fp32.
+    lse1: [T]; xo1: [T, d]; partial: [T, d]; key_partial: [T, d]; query: [d] fp32.
     With s2 the partial's score, softmax over {blocks, partial} gives the partial the weight
     e^s2 / (e^lse1 + e^s2) = sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so
     x = lerp(xo1, partial, w): the same result as M = max(m1, m2) rescaling, in five kernels.
     Returns x [T, d] fp32 and the partial's weight w [T].
     """
     p = partial.float()
-    w = torch.sigmoid((p @ query) * rinv_partial - lse1)  # [T]
+    w = torch.sigmoid(key_partial @ query - lse1)  # [T]
     return torch.lerp(xo1, p, w.unsqueeze(-1)), w
 
 
-def mix_sources(states: torch.Tensor, rinv: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot mix over n sources with precomputed rinv: states [T, n, d] -> (x [T, d] fp32, alpha [T, n])."""
+def mix_sources(states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot mix over n sources with precomputed keys: states, keys [T, n, d] -> (x [T, d] fp32, alpha [T, n])."""
     s = states.float()
-    scores = torch.matmul(s, query) * rinv  # [T, n]
+    scores = torch.matmul(keys, query)  # [T, n]
     alpha = torch.softmax(scores, dim=-1)
     return torch.bmm(alpha.unsqueeze(1), s).squeeze(1), alpha
 

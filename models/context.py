@@ -50,7 +50,7 @@ class DepthBuffers:
     """Views of the depth pool for the T rows of this step (shapes from models.attn_res.depth_pool_spec)."""
 
     states: torch.Tensor  # [T, n_src, d] completed blocks (embedding first) and the current partial
-    rinv: torch.Tensor  # [T, n_src] fp32: 1/rms of each completed source (its key, gain folded away)
+    keys: torch.Tensor  # [T, n_src, d] fp32: each completed source RMS-normalised (its key, gain folded away)
     lse: torch.Tensor | None = None  # [T, Q] fp32 Phase-1 log-sum-exp per query of the open block
     xo: torch.Tensor | None = None  # [T, Q, d] fp32 Phase-1 softmax-weighted mix of the completed blocks
 

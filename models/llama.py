@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from models.attn_res import BlockSchedule, inv_rms, mix_sources, phase1, phase2_fused
+from models.attn_res import BlockSchedule, key_of, mix_sources, phase1, phase2_fused
 from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
 from models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
@@ -110,7 +110,7 @@ class LlamaForServing(nn.Module):
         sched = self.schedule
         assert sched is not None and depth.lse is not None and depth.xo is not None
         eps = self.cfg.rms_norm_eps
-        states, rinv = depth.states, depth.rinv  # [T, N+1, d] fp32, [T, N+1]
+        states, keys = depth.states, depth.keys  # [T, N+1, d] fp32 each
         lse, xo = depth.lse, depth.xo  # [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
         record = batch.depth_rows
@@ -119,16 +119,16 @@ class LlamaForServing(nn.Module):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
             if opens:  # close the partial as block n, then Phase 1 for every query of the new block
-                rinv[:, n] = inv_rms(states[:, n], eps)
+                keys[:, n] = key_of(states[:, n], eps)
                 n += 1
-                phase1(states[:, :n], rinv[:, :n], self.block_queries[sched.block_of(i)], out=(lse, xo))
+                phase1(states[:, :n], keys[:, :n], self.block_queries[sched.block_of(i)], out=(lse, xo))
                 x = xo[:, qa]
                 if record is not None:
-                    self._record(batch, states[record, :n], rinv[record, :n], self.queries[i, 0])
+                    self._record(batch, states[record, :n], keys[record, :n], self.queries[i, 0])
             else:
                 x = phase2_fused(lse[:, qa], xo[:, qa], states[:, n], self.queries[i, 0], eps)
                 if record is not None:
-                    self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 0])
+                    self._record_with_partial(batch, states, keys, n, record, self.queries[i, 0])
             a = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)  # the norm casts to dt
             if opens:
                 states[:, n] = a
@@ -136,50 +136,50 @@ class LlamaForServing(nn.Module):
                 states[:, n] += a
             x = phase2_fused(lse[:, qm], xo[:, qm], states[:, n], self.queries[i, 1], eps)
             if record is not None:
-                self._record_with_partial(batch, states, rinv, n, record, self.queries[i, 1])
+                self._record_with_partial(batch, states, keys, n, record, self.queries[i, 1])
             states[:, n] += layer.mlp(layer.post_attention_layernorm(x))
         if record is not None:
-            self._record_with_partial(batch, states, rinv, n, record, self.out_query)
+            self._record_with_partial(batch, states, keys, n, record, self.out_query)
         rows = batch.logits_indices
         srcs = states[rows, :n + 1]  # [S, n+1, d]
-        r = torch.cat([rinv[rows, :n], inv_rms(srcs[:, n], eps).unsqueeze(-1)], dim=-1)
-        return mix_sources(srcs, r, self.out_query)[0]
+        k = torch.cat([keys[rows, :n], key_of(srcs[:, n:], eps)], dim=1)  # the final partial's key, too
+        return mix_sources(srcs, k, self.out_query)[0]
 
     # ---- depth-attention introspection (only when batch.depth_rows is set) -------------------------
-    def _record(self, batch: ForwardBatch, states: torch.Tensor, rinv: torch.Tensor, query: torch.Tensor) -> None:
+    def _record(self, batch: ForwardBatch, states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> None:
         """Weights of the recorded rows over completed sources: the same scores and softmax as the mix."""
-        batch.depth_weights.append(mix_sources(states, rinv, query)[1])
+        batch.depth_weights.append(mix_sources(states, keys, query)[1])
 
-    def _record_with_partial(self, batch: ForwardBatch, states: torch.Tensor, rinv: torch.Tensor, n: int,
+    def _record_with_partial(self, batch: ForwardBatch, states: torch.Tensor, keys: torch.Tensor, n: int,
                              rows: torch.Tensor, query: torch.Tensor) -> None:
         """Completed blocks plus the current partial sum (whose key is taken now, as Phase 2 does)."""
         srcs = states[rows, :n + 1]  # [R, n+1, d]
-        r = torch.cat([rinv[rows, :n], inv_rms(srcs[:, n], self.cfg.rms_norm_eps).unsqueeze(-1)], dim=-1)
-        self._record(batch, srcs, r, query)
+        k = torch.cat([keys[rows, :n], key_of(srcs[:, n:], self.cfg.rms_norm_eps)], dim=1)
+        self._record(batch, srcs, k, query)
 
     def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
                       cos_sin: tuple) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
-        states, rinv = depth.states, depth.rinv  # [T, 2L+1, d] fp32, [T, 2L+1]
+        states, keys = depth.states, depth.keys  # [T, 2L+1, d] fp32 each
         states[:, 0] = emb
-        rinv[:, 0] = inv_rms(emb, eps)
+        keys[:, 0] = key_of(emb, eps)
         record = batch.depth_rows
         for i, layer in enumerate(self.layers):
             k = 2 * i + 1  # sources completed before this layer's attention
-            x, alpha = mix_sources(states[:, :k], rinv[:, :k], self.queries[i, 0])
+            x, alpha = mix_sources(states[:, :k], keys[:, :k], self.queries[i, 0])
             if record is not None:
                 batch.depth_weights.append(alpha[record])
             states[:, k] = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)
-            rinv[:, k] = inv_rms(states[:, k], eps)
-            x, alpha = mix_sources(states[:, :k + 1], rinv[:, :k + 1], self.queries[i, 1])
+            keys[:, k] = key_of(states[:, k], eps)
+            x, alpha = mix_sources(states[:, :k + 1], keys[:, :k + 1], self.queries[i, 1])
             if record is not None:
                 batch.depth_weights.append(alpha[record])
             states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x))
-            rinv[:, k + 1] = inv_rms(states[:, k + 1], eps)
+            keys[:, k + 1] = key_of(states[:, k + 1], eps)
         if record is not None:
-            self._record(batch, states[record], rinv[record], self.out_query)
+            self._record(batch, states[record], keys[record], self.out_query)
         rows = batch.logits_indices
-        return mix_sources(states[rows], rinv[rows], self.out_query)[0]
+        return mix_sources(states[rows], keys[rows], self.out_query)[0]
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:

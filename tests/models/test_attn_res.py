@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attn_res import inv_rms, mix_sources, phase1, phase2
+from models.attn_res import key_of, mix_sources, phase1, phase2, phase2_fused
 from models.reference import naive_mix
 
 EPS = 1e-6
@@ -25,19 +25,20 @@ def test_two_phase_equals_naive_mix(n: int) -> None:
     t, d = 7, 48
     blocks, partial, w, gain = _random(t, n, d, seed=n)
     queries = torch.stack([w, -w, w * 2])  # several queries of one block, scored at once
-    rinv = inv_rms(blocks, EPS)
-    lse, xo = phase1(blocks, rinv, queries * gain)
+    lse, xo = phase1(blocks, key_of(blocks, EPS), queries * gain)
     for j in range(queries.shape[0]):
-        x, w_partial = phase2(lse[:, j], xo[:, j], partial, inv_rms(partial, EPS), queries[j] * gain)
+        x, w_partial = phase2(lse[:, j], xo[:, j], partial, key_of(partial, EPS), queries[j] * gain)
         ref, alpha = naive_mix(queries[j], gain, torch.cat([blocks, partial.unsqueeze(1)], dim=1), EPS)
         torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(w_partial, alpha[:, -1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(phase2_fused(lse[:, j], xo[:, j], partial, queries[j] * gain, EPS), ref,
+                                   rtol=1e-5, atol=1e-5)  # the serving path's kernel sequence
 
 
 def test_phase1_alone_is_the_block_start_mix() -> None:
     """The attention sublayer that opens a block mixes only completed blocks: Phase 1 normalised."""
     blocks, _, w, gain = _random(5, 4, 32, seed=3)
-    _, xo = phase1(blocks, inv_rms(blocks, EPS), (w * gain).unsqueeze(0))
+    _, xo = phase1(blocks, key_of(blocks, EPS), (w * gain).unsqueeze(0))
     ref, _ = naive_mix(w, gain, blocks, EPS)
     torch.testing.assert_close(xo[:, 0], ref, rtol=1e-5, atol=1e-5)
 
@@ -46,14 +47,14 @@ def test_phase1_writes_into_pool_views() -> None:
     blocks, _, w, gain = _random(4, 3, 16, seed=4)
     q = torch.stack([w, w * 0.5]) * gain
     out = (torch.empty(4, 2), torch.empty(4, 2, 16))
-    lse, xo = phase1(blocks, inv_rms(blocks, EPS), q, out=out)
+    lse, xo = phase1(blocks, key_of(blocks, EPS), q, out=out)
     assert lse.data_ptr() == out[0].data_ptr() and xo.data_ptr() == out[1].data_ptr()
-    torch.testing.assert_close((lse, xo), phase1(blocks, inv_rms(blocks, EPS), q))
+    torch.testing.assert_close((lse, xo), phase1(blocks, key_of(blocks, EPS), q))
 
 
 def test_folded_mix_equals_naive_mix_and_sums_to_one() -> None:
     blocks, _, w, gain = _random(6, 5, 24, seed=5)
-    x, alpha = mix_sources(blocks, inv_rms(blocks, EPS), w * gain)
+    x, alpha = mix_sources(blocks, key_of(blocks, EPS), w * gain)
     ref, ref_alpha = naive_mix(w, gain, blocks, EPS)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha, ref_alpha, rtol=1e-5, atol=1e-6)
