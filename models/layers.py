@@ -81,15 +81,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                            scale=scale, enable_gqa=gqa)  # [B, H, 1, hd]
         out[:nd] = o.squeeze(2)
     for p in meta.prefills:
-        qq = q[p.start:p.end].transpose(0, 1)  # [H, q, hd]
+        # 4-D [1, H, T, hd] inputs: CPU SDPA takes its flash kernel only with a batch dim (3-D inputs
+        # fall back to the math path, ~25x slower at 2048 tokens).
+        qq = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
         if p.gather_slots is None:
-            kk, vv = k[p.start:p.end].transpose(0, 1), v[p.start:p.end].transpose(0, 1)
+            kk = k[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            vv = v[p.start:p.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            kk = k_cache.index_select(0, p.gather_slots).transpose(0, 1)  # [KV, C, hd]
-            vv = v_cache.index_select(0, p.gather_slots).transpose(0, 1)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask[0], scale=scale, enable_gqa=gqa)
-        out[p.start:p.end] = o.transpose(0, 1)
+            kk = k_cache.index_select(0, p.gather_slots).transpose(0, 1).unsqueeze(0)  # [1, KV, C, hd]
+            vv = v_cache.index_select(0, p.gather_slots).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+        out[p.start:p.end] = o[0].transpose(0, 1)
     return out
 
 

@@ -417,7 +417,7 @@ class OpenAIServer:
         reqs, choices = self.fan_out(prompts, params, rid, fields, "prompt")
         job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
-            return _EngineStream(self.stream_completion(job, req), job.group)
+            return _EngineStream(self.sse(self.stream_completion(job, req)), job.group)
         return await _unless_disconnected(request, job.group, self.finish_completion(job, req))
 
     async def finish_completion(self, job: _Job, req: P.CompletionRequest) -> Response:
@@ -434,42 +434,11 @@ class OpenAIServer:
         return _json(P.CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
                                           usage=job.usage()))
 
-    async def stream_completion(self, job: _Job, req: P.CompletionRequest) -> AsyncIterator[str]:
-        exclude = None if req.include_usage else {"usage"}
-
-        def chunk(choice: P.CompletionChoice) -> str:
-            return _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
-                                                   choices=[choice]), exclude=exclude)
-
+    async def sse(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """End every stream the same way: a failure becomes an SSE error event, then `data: [DONE]`."""
         try:
-            if req.echo:
-                for c in sorted(job.choices.values(), key=lambda c: c.index):
-                    yield chunk(P.CompletionChoice(index=c.index, text=c.prompt_text))
-            async for out in job.group:
-                c = job.choices[out.request_id]
-                comp = out.outputs[0]
-                if out.error:
-                    yield _sse_error(_engine_error(out.error))
-                    break
-                lp = None
-                if req.logprobs is not None and comp.new_token_ids and comp.logprobs:
-                    lp = self.completion_logprobs(comp.logprobs[-len(comp.new_token_ids):], c)
-                depth = None
-                if req.depth_attention and comp.new_token_ids:
-                    first = len(comp.token_ids) == len(comp.new_token_ids)  # echo: prompt passes come first
-                    depth = _depth(out, req.echo and first, comp.new_depth_attention)
-                if out.finished:
-                    c.final = out
-                elif not comp.new_text and lp is None and depth is None:
-                    continue
-                yield chunk(P.CompletionChoice(index=c.index, text=comp.new_text, logprobs=lp,
-                                               finish_reason=comp.finish_reason if out.finished else None,
-                                               stop_reason=comp.stop_reason if out.finished else None,
-                                               depth_attention=depth))
-            else:
-                if req.include_usage:
-                    yield _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
-                                                          choices=[], usage=job.usage()))
+            async for event in events:
+                yield event
         except EngineDeadError as e:
             yield _sse_error(_dead(e))
         except RequestTimeoutError:
@@ -478,6 +447,42 @@ class OpenAIServer:
             logger.exception("streaming response failed")
             yield _sse_error(APIError(500, "internal server error", "internal_error"))
         yield _SSE_DONE
+
+    async def stream_completion(self, job: _Job, req: P.CompletionRequest) -> AsyncIterator[str]:
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(choice: P.CompletionChoice) -> str:
+            return _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                   choices=[choice]), exclude=exclude)
+
+        if req.echo:
+            for c in sorted(job.choices.values(), key=lambda c: c.index):
+                yield chunk(P.CompletionChoice(index=c.index, text=c.prompt_text))
+        async for out in job.group:
+            c = job.choices[out.request_id]
+            comp = out.outputs[0]
+            if out.error:
+                yield _sse_error(_engine_error(out.error))
+                break
+            lp = None
+            if req.logprobs is not None and comp.new_token_ids and comp.logprobs:
+                lp = self.completion_logprobs(comp.logprobs[-len(comp.new_token_ids):], c)
+            depth = None
+            if req.depth_attention and comp.new_token_ids:
+                first = len(comp.token_ids) == len(comp.new_token_ids)  # echo: prompt passes come first
+                depth = _depth(out, req.echo and first, comp.new_depth_attention)
+            if out.finished:
+                c.final = out
+            elif not comp.new_text and lp is None and depth is None:
+                continue
+            yield chunk(P.CompletionChoice(index=c.index, text=comp.new_text, logprobs=lp,
+                                           finish_reason=comp.finish_reason if out.finished else None,
+                                           stop_reason=comp.stop_reason if out.finished else None,
+                                           depth_attention=depth))
+        else:
+            if req.include_usage:
+                yield _sse(P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                      choices=[], usage=job.usage()))
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -491,7 +496,7 @@ class OpenAIServer:
         reqs, choices = self.fan_out([text], params, rid, list(P.ChatCompletionRequest.model_fields), "messages")
         job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
-            return _EngineStream(self.stream_chat(job, req), job.group)
+            return _EngineStream(self.sse(self.stream_chat(job, req)), job.group)
         return await _unless_disconnected(request, job.group, self.finish_chat(job, req))
 
     async def finish_chat(self, job: _Job, req: P.ChatCompletionRequest) -> Response:
@@ -514,38 +519,29 @@ class OpenAIServer:
             return _sse(P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model,
                                                        choices=[choice]), exclude=exclude)
 
-        try:
-            for c in sorted(job.choices.values(), key=lambda c: c.index):  # the role comes first
-                yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(role="assistant", content="")))
-            async for out in job.group:
-                c = job.choices[out.request_id]
-                comp = out.outputs[0]
-                if out.error:
-                    yield _sse_error(_engine_error(out.error))
-                    break
-                lp = None
-                if req.logprobs and comp.new_token_ids and comp.logprobs:
-                    lp = self.chat_logprobs(comp.logprobs[-len(comp.new_token_ids):], req.top_logprobs or 0)
-                depth = comp.new_depth_attention if req.depth_attention and comp.new_token_ids else None
-                if comp.new_text or lp is not None or depth:
-                    yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(content=comp.new_text),
-                                                   logprobs=lp, depth_attention=depth))
-                if out.finished:
-                    c.final = out
-                    yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(),
-                                                   finish_reason=comp.finish_reason))
-            else:
-                if req.include_usage:
-                    yield _sse(P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model,
-                                                              choices=[], usage=job.usage()))
-        except EngineDeadError as e:
-            yield _sse_error(_dead(e))
-        except RequestTimeoutError:
-            yield _sse_error(_timed_out(self.request_timeout))
-        except Exception:  # a bug must end the stream with an error event, not a cut connection
-            logger.exception("streaming response failed")
-            yield _sse_error(APIError(500, "internal server error", "internal_error"))
-        yield _SSE_DONE
+        for c in sorted(job.choices.values(), key=lambda c: c.index):  # the role comes first
+            yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(role="assistant", content="")))
+        async for out in job.group:
+            c = job.choices[out.request_id]
+            comp = out.outputs[0]
+            if out.error:
+                yield _sse_error(_engine_error(out.error))
+                break
+            lp = None
+            if req.logprobs and comp.new_token_ids and comp.logprobs:
+                lp = self.chat_logprobs(comp.logprobs[-len(comp.new_token_ids):], req.top_logprobs or 0)
+            depth = comp.new_depth_attention if req.depth_attention and comp.new_token_ids else None
+            if comp.new_text or lp is not None or depth:
+                yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(content=comp.new_text),
+                                               logprobs=lp, depth_attention=depth))
+            if out.finished:
+                c.final = out
+                yield chunk(P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(),
+                                               finish_reason=comp.finish_reason))
+        else:
+            if req.include_usage:
+                yield _sse(P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model,
+                                                          choices=[], usage=job.usage()))
 
     # ---- small routes ------------------------------------------------------------------------------
     async def models(self) -> Response:
