@@ -113,6 +113,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str | Path, obj: object) -> None:
+    """Write a benchmark's figures (creating the folder), so every tool leaves the same kind of file."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2) + "\n")
+
+
 def add_shape_args(ap: argparse.ArgumentParser) -> None:
     """The model-shape flags shared by the offline benchmarks (defaults: a 12-layer d=512 model)."""
     ap.add_argument("--layers", type=int, default=12)
@@ -152,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(shape, a.blocks, a.dtype, a.prefill, a.batch, a.repeats)
     print(markdown(result))
     print(f"depth cache bytes per in-flight token: {result['depth_cache_bytes_per_token']}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out, result)
     return 0
 
 

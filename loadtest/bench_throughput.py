@@ -11,7 +11,6 @@ reported). Also measures, in the same run, the memory-bandwidth roofline of batc
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import torch
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import parse_dtype
-from loadtest.bench_latency import add_shape_args, make_engine, model_shape, write_random
+from loadtest.bench_latency import add_shape_args, make_engine, model_shape, write_json, write_random
 from models.config import ModelConfig
 
 
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({wbytes / 1e6:.0f} MB weights at {bw / 1e9:.1f} GB/s): {roofline_ms / b1['step_ms'] * 100:.0f}% of roofline")
     print(f"batch-32 decode {b32['step_ms']:.2f} ms/step, of which outside the model (scheduler, batch, sampler) "
           f"{b32['overhead_ms']:.2f} ms ({b32['overhead_pct']:.1f}%)")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out, result)
     return 0
 
 
