@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_out/latency.json")
     a = ap.parse_args(argv)
-    shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(a.prefill) + 64)
+    shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(*a.prefill, 128) + 64)
     result = compare(shape, a.blocks, a.dtype, a.prefill, a.batch, a.repeats)
     print(markdown(result))
     print(f"depth cache bytes per in-flight token: {result['depth_cache_bytes_per_token']}")

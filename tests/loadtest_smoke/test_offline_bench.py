@@ -1,0 +1,29 @@
+"""The offline benchmarks run end to end on tiny shapes and write their JSON (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest import bench_latency, bench_throughput
+
+TINY = ["--layers", "2", "--hidden", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "256"]
+
+
+def test_bench_latency_writes_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "lat.json"
+    assert bench_latency.main([*TINY, "--blocks", "2", "--prefill", "16", "--batch", "2", "--repeats", "1",
+                               "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["case"] for r in res["rows"]] == ["prefill tokens=16", "decode batch=2"]
+    assert all(r["standard_ms"] > 0 and r["attnres_ms"] > 0 for r in res["rows"])
+    assert res["depth_cache_bytes_per_token"] > 0
+
+
+def test_bench_throughput_compares_with_transformers(tmp_path: Path) -> None:
+    out = tmp_path / "tp.json"
+    assert bench_throughput.main([*TINY, "--num-prompts", "4", "--input-len", "4", "8", "--output-len", "4", "6",
+                                  "--hf-batch", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["depthserve_tok_s"] > 0 and set(res["hf_tok_s"]) == {"2"}
+    assert res["b1_fraction_of_roofline"] > 0 and res["decode_b32"]["step_ms"] > 0
