@@ -27,18 +27,23 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits: [S, V] fp32, one row per request in `reqs`."""
         raw = logits
-        logits = logits.clone()
-        self._apply_penalties(logits, reqs)
-        self._apply_min_tokens(logits, reqs)
-        temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32)
-        greedy = temps == 0
-        tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
-            rows = (~greedy).nonzero().squeeze(1)
+        if any(r.params.has_penalties or r.num_output_tokens < r.params.min_tokens for r in reqs):
+            logits = logits.clone()  # keep the raw distribution for logprobs
+            self._apply_penalties(logits, reqs)
+            self._apply_min_tokens(logits, reqs)
+        temp_list = [r.params.temperature for r in reqs]
+        if all(t == 0 for t in temp_list):
+            ids = logits.argmax(-1).tolist()
+        elif all(t > 0 for t in temp_list):  # the common all-random batch: no row gathers
+            temps = torch.tensor(temp_list, dtype=torch.float32).unsqueeze(1)
+            ids = self._race(self._probs(logits / temps, reqs), reqs).tolist()
+        else:
+            temps = torch.tensor(temp_list, dtype=torch.float32)
+            tokens = logits.argmax(-1)
+            rows = (temps > 0).nonzero().squeeze(1)
             sub = [reqs[i] for i in rows.tolist()]
-            probs = self._probs(logits[rows] / temps[rows].unsqueeze(1), sub)
-            tokens[rows] = self._race(probs, sub)
-        ids = tokens.tolist()
+            tokens[rows] = self._race(self._probs(logits[rows] / temps[rows].unsqueeze(1), sub), sub)
+            ids = tokens.tolist()
         lps: list[Logprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:

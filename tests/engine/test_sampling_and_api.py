@@ -174,3 +174,13 @@ def test_sampler_penalties_and_min_tokens() -> None:
     # min_tokens bans EOS (id 2) until enough tokens are out
     assert s(logits, [_mk([0], temperature=0, min_tokens=1, max_tokens=5)]).token_ids == [3]
     assert s(logits, [_mk([0], temperature=0)]).token_ids == [2]
+
+
+def test_greedy_and_random_rows_in_one_batch(llm: LLM, tiny) -> None:
+    prompts = [[1, 33, 34, 35], [1, 36, 37]]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    noisy = SamplingParams(temperature=1.5, max_tokens=6, ignore_eos=True, seed=3)
+    alone = llm.generate({"prompt_token_ids": prompts[1]}, noisy)[0].outputs[0].token_ids
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [greedy, noisy])
+    assert outs[0].outputs[0].token_ids == reference_greedy(tiny[1], prompts[0], 6)
+    assert outs[1].outputs[0].token_ids == alone
