@@ -37,8 +37,8 @@ class KVCacheManager:
         return self.pool.usage()
 
     def num_request_blocks(self) -> int:
-        """Blocks referenced by live requests (0 when idle)."""
-        return sum(1 for b in self.pool.blocks if b.ref_count > 0)
+        """Blocks referenced by live requests (0 when idle): every block with no reference is in the free list."""
+        return self.pool.num_blocks - self.pool.num_free
 
     def block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self._blocks.get(req_id, [])]

@@ -50,6 +50,7 @@ def test_manager_allocates_shares_and_frees() -> None:
     assert n == 8 and [b.block_id for b in hit] == [0, 1]
     assert kv.allocate_slots("b", other, n, len(other) - n, hit)
     assert kv.block_ids("b")[:2] == [0, 1] and kv.num_request_blocks() == 4
+    assert kv.num_request_blocks() == sum(b.ref_count > 0 for b in kv.pool.blocks)
     kv.free("a")
     kv.free("b")
     assert kv.num_request_blocks() == 0 and kv.usage() == 0.0
