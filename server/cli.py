@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 FORWARDED = {
     "train": ("models.train", "train the built-in models (options: depthserve train --help)"),
     "inspect": ("engine.depth_inspect", "heatmaps of an AttnRes model's depth weights on prompts"),
-    "bench": ("loadtest.bench", "benchmarks: latency (AttnRes vs standard), throughput (vs transformers)"),
+    "bench": ("loadtest.bench", "benchmarks: latency (AttnRes vs standard), throughput (vs transformers), serving"),
 }
 
 
