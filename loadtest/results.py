@@ -194,8 +194,10 @@ Profiles (`torch.profiler` and cProfile over 20 decode steps, 12 layers, d=512, 
   would close most of it.
 - **Throughput vs transformers.** depthserve's continuous batching keeps ~32 sequences decoding and
   never pads; transformers' static batches decode every sequence to the batch's longest output and
-  recompute nothing but pad. The gap to 3x is the same per-kernel overhead as above during decode,
-  and prefill chunks that run per sequence through attention.
+  recompute nothing but pad. The gap to 3x: decode attention gathers each sequence's K/V blocks into
+  a padded tensor every layer (an `index_select` copy that grows with context, ~0.3-0.6 ms per layer at
+  batch 32), the per-kernel overhead above, and prompt chunks attended one sequence at a time. A paged
+  attention kernel that reads blocks in place would remove the copy.
 - **Scheduler and sampler.** Outside the model a batch-32 step spends its time building the packed
   batch (Python lists of slots per sequence), sampling (vectorised top-k/top-p, one uniform draw per
   seeded request) and stop checks; caching block tables across steps and building slot mappings
