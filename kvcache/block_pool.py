@@ -33,10 +33,6 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_cached(self) -> int:
-        return len(self._cached)
-
     def usage(self) -> float:
         """Fraction of blocks held by requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free / self.num_blocks
@@ -85,8 +81,3 @@ class BlockPool:
             blk.ref_count -= 1
             if blk.ref_count == 0:
                 self._free[blk.block_id] = blk
-
-    def reset_prefix_cache(self) -> None:
-        for blk in self._cached.values():
-            blk.block_hash = None
-        self._cached.clear()

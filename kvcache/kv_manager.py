@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcache.block_pool import BlockPool, KVBlock
-from kvcache.prefix import ROOT_HASH, BlockHash, hash_block
+from kvcache.prefix import ROOT_HASH, BlockHash, hash_full_blocks
 
 
 @dataclass
@@ -49,10 +49,8 @@ class KVCacheManager:
     # ---- prefix caching ------------------------------------------------------------------------
     def _extend_hashes(self, req_id: str, token_ids: Sequence[int], upto_tokens: int) -> list[BlockHash]:
         hashes = self._hashes.setdefault(req_id, [])
-        bs = self.block_size
-        for b in range(len(hashes), upto_tokens // bs):
-            parent = hashes[-1] if hashes else ROOT_HASH
-            hashes.append(hash_block(parent, token_ids[b * bs:(b + 1) * bs]))
+        hashes += hash_full_blocks(token_ids, self.block_size, start_block=len(hashes),
+                                   parent=hashes[-1] if hashes else ROOT_HASH, num_tokens=upto_tokens)
         return hashes
 
     def get_computed_blocks(self, req_id: str, token_ids: Sequence[int]) -> tuple[list[KVBlock], int]:

@@ -20,10 +20,13 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
 
 
 def hash_full_blocks(token_ids: Sequence[int], block_size: int, start_block: int = 0,
-                     parent: BlockHash = ROOT_HASH) -> list[BlockHash]:
-    """Hashes of the full blocks of `token_ids` from `start_block` on (a partial tail is not hashed)."""
+                     parent: BlockHash = ROOT_HASH, num_tokens: int | None = None) -> list[BlockHash]:
+    """Hashes of the full blocks among the first `num_tokens` (default: all) of `token_ids`, from
+    `start_block` on, chained from `parent`, the hash of the block before `start_block`. A partial
+    tail is not hashed."""
+    end = len(token_ids) if num_tokens is None else num_tokens
     out = []
-    for b in range(start_block, len(token_ids) // block_size):
+    for b in range(start_block, end // block_size):
         parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size])
         out.append(parent)
     return out
