@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.parallel import WorkerDiedError
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -286,7 +287,7 @@ class AsyncLLMEngine:
                     self._num_waiting += sum(1 for kind, _ in commands if kind == "add")
                 outputs = self._apply(commands)
                 if eng.has_unfinished_requests():
-                    outputs.extend(eng.step())
+                    outputs.extend(self._step())
                 stats = eng.stats()
                 busy = eng.has_unfinished_requests()
                 with self._cond:
@@ -311,6 +312,17 @@ class AsyncLLMEngine:
             self._post(self._set_stats, eng.stats())
         self._stop_engine()
 
+    def _step(self) -> list[RequestOutput]:
+        """One engine step. An error no single request could be blamed for fails the requests in flight,
+        not the loop: the server keeps serving. Only a dead tensor-parallel group stops it."""
+        try:
+            return self.engine.step()
+        except WorkerDiedError:
+            raise
+        except Exception:
+            logger.exception("engine step failed; failing the requests in flight")
+            return self.engine.fail_all("the engine could not run this request")
+
     def _stop_engine(self) -> None:
         """Release what the engine holds outside this process (tensor-parallel workers)."""
         stop = getattr(self.engine, "shutdown", None)
@@ -329,6 +341,9 @@ class AsyncLLMEngine:
                     self.engine.add_built_request(arg)
                 except ValueError as e:  # e.g. a duplicate id: fail this request only
                     outputs.append(_failed_output(arg, str(e)))
+                except Exception:
+                    logger.exception("adding request %s failed", arg.request_id)
+                    outputs.append(_failed_output(arg, "the request could not be queued"))
             else:
                 assert isinstance(arg, str)
                 out = self.engine.abort_request(arg)

@@ -14,11 +14,11 @@ import torch
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.model_runner import ModelRunner, kv_bytes_per_block
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, seed_for_sample
 from engine.scheduler import Scheduler
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
@@ -40,6 +40,8 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
+        if self.tokenizer is not None:
+            _ = self.tokenizer.max_token_chars  # computed once here, not by the first request
         mcfg = self.model_config
         self.max_model_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:
@@ -123,6 +125,12 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt_token_ids")
             text = prompt
+            # Every token covers at most max_token_chars characters (x2 for normalisers that drop
+            # characters): a longer text cannot fit, so refuse it before spending a core on encoding it.
+            limit = 2 * self.max_model_len * self.tokenizer.max_token_chars
+            if len(prompt) > limit:
+                raise ValueError(f"prompt has {len(prompt)} characters, more than can fit the context length of "
+                                 f"{self.max_model_len} tokens (at most {limit} characters): shorten the prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -142,6 +150,10 @@ class LLMEngine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids contains {bad}, outside the vocabulary [0, {vocab})")
+        for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = next((t for t in toks if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} names token {bad}, outside the vocabulary [0, {vocab})")
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
@@ -174,7 +186,11 @@ class LLMEngine:
             return None
         self.scheduler.finish(req)
         req.finish_reason = "abort"
-        return self._output(req, [], "")
+        return self._output(req, [])
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request in the engine with an error output (after an error no request owns)."""
+        return [self._fail(req, message) for req in list(self.requests.values())]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -186,6 +202,8 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. Nothing a single request carries can raise out of here: a request whose
+        row cannot be built, sampled or updated fails alone; a failed forward fails its step's requests."""
         if self.fatal_error is not None:
             raise WorkerDiedError(self.fatal_error)
         sched = self.scheduler.schedule()
@@ -201,89 +219,118 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += req.num_prompt_tokens
         try:
-            logits, depth_records = self.runner.execute(step)
+            ran = self.runner.execute(step)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
             if self.tp_group is not None:  # ranks are out of step after a failed collective: fatal
                 self.fatal_error = self.tp_group.dead or f"tensor-parallel step failed: {e}"
                 raise WorkerDiedError(self.fatal_error) from e
             logger.exception("model step failed")
-            return [self._fail(req, f"model step failed: {type(e).__name__}") for req, _ in step.scheduled]
+            return [self._fail(req, "model step failed") for req, _ in step.scheduled]
+        outputs = [self._fail(f.request, "the request could not be prepared", f.error) for f in ran.failed]
+        step = ran.step
         for req, n in step.scheduled:
             req.num_computed_tokens += n
+            self.kv.cache_computed(req.request_id, req.token_ids, req.num_computed_tokens)
         sampled_pos = {r.request_id: r.num_tokens - 1 for r in step.sample}
-        for req, pos, entry in depth_records:
+        for req, pos, entry in ran.depth_records:
             if req.params.depth_attention or req.params.prompt_depth_attention:
                 req.depth_entries[pos] = entry
             if self.depth_stats is not None and sampled_pos.get(req.request_id) == pos:
                 self.depth_stats.add(entry)
-        sampled = self.sampler(logits, step.sample) if step.sample else None
-        outputs = []
+        if not step.sample:
+            return outputs
+        assert ran.logits is not None
         now = time.monotonic()
-        for i, req in enumerate(step.sample):
-            assert sampled is not None
-            tok = sampled.token_ids[i]
-            req.token_ids.append(tok)
-            self.num_generation_tokens += 1
-            if req.logprobs is not None and sampled.logprobs[i] is not None:
-                req.logprobs.append(sampled.logprobs[i])
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            new_text = self._check_stop(req, tok)
-            if req.finish_reason is not None:
-                self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
-                req.metrics.finished_time = now
-            outputs.append(self._output(req, [tok], new_text))
+        for req, result in zip(step.sample, self._sample(ran.logits, step.sample), strict=True):
+            if isinstance(result, BaseException):
+                outputs.append(self._fail(req, "sampling failed", result))
+                continue
+            try:
+                outputs.append(self._append_token(req, *result, now))
+            except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request only
+                outputs.append(self._fail(req, "processing the output failed", e))
         return outputs
 
-    def _check_stop(self, req: Request, tok: int) -> str:
-        """Detokenize the new token, apply stop conditions, return the text to emit."""
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Logprob | None] | BaseException]:
+        """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
+        try:
+            out = self.sampler(logits, reqs)
+            return list(zip(out.token_ids, out.logprobs, strict=True))
+        except Exception:  # noqa: BLE001
+            logger.exception("batched sampling failed; sampling row by row")
+        results: list[tuple[int, Logprob | None] | BaseException] = []
+        for i, req in enumerate(reqs):
+            try:
+                one = self.sampler(logits[i:i + 1], [req])
+                results.append((one.token_ids[0], one.logprobs[0]))
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        return results
+
+    def _append_token(self, req: Request, tok: int, logprob: Logprob | None, now: float) -> RequestOutput:
+        req.token_ids.append(tok)
+        self.num_generation_tokens += 1
+        if req.logprobs is not None and logprob is not None:
+            req.logprobs.append(logprob)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        self._check_stop(req, tok)
+        if req.finish_reason is not None:
+            self.scheduler.finish(req)
+            self.requests.pop(req.request_id, None)
+            req.metrics.finished_time = now
+        return self._output(req, [tok])
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        """Detokenize the new token and apply stop conditions (vLLM's order: min_tokens, EOS, stop token
+        ids, stop strings, length). Stop strings are matched in text released by the detokenizer, the
+        end-of-request flush included, so held-back text cannot slip past a stop."""
         p = req.params
+        active = req.num_output_tokens >= p.min_tokens  # below min_tokens nothing stops a request
         new_text = ""
-        if req.detokenizer is not None and not (tok in req.eos_token_ids or tok in p.stop_token_ids):
+        if active and tok in req.eos_token_ids:
+            req.finish_reason = "stop"
+        elif active and tok in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", tok
+        elif req.detokenizer is not None:
             new_text = req.detokenizer.add([tok])
-            if p.stop and new_text:
-                prev_len = len(req.output_text)
-                text = req.output_text + new_text
-                window = max(0, prev_len - max(len(s) for s in p.stop) + 1)
-                hit = min(((text.find(s, window), s) for s in p.stop if text.find(s, window) >= 0),
-                          default=None)
-                if hit is not None:
-                    at, s = hit
-                    end = at + len(s) if p.include_stop_str_in_output else at
-                    req.output_text = text[:end]
-                    req.finish_reason, req.stop_reason = "stop", s
-                    return text[prev_len:end] if end > prev_len else ""
-            req.output_text += new_text
-        if req.num_output_tokens >= p.min_tokens:
-            if tok in p.stop_token_ids:
-                req.finish_reason, req.stop_reason = "stop", tok
-            elif tok in req.eos_token_ids:
-                req.finish_reason = "stop"
         if req.finish_reason is None and (
                 (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens)
                 or req.num_tokens >= req.max_model_len):
             req.finish_reason = "length"
         if req.finish_reason is not None and req.detokenizer is not None:
-            tail = req.detokenizer.flush()
-            req.output_text += tail
-            new_text += tail
-        return new_text
+            new_text += req.detokenizer.flush()
+        if not new_text:
+            return
+        prev_len = len(req.output_text)
+        req.output_text += new_text
+        if not (p.stop and active):
+            return
+        text = req.output_text
+        # earliest stop string that ends inside the new text (it may start in older text)
+        hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, prev_len - len(s) + 1))) >= 0]
+        if hits:
+            at, s = min(hits)
+            req.output_text = text[:at + len(s) if p.include_stop_str_in_output else at]
+            req.finish_reason, req.stop_reason = "stop", s
 
-    def _fail(self, req: Request, message: str) -> RequestOutput:
+    def _fail(self, req: Request, message: str, error: BaseException | None = None) -> RequestOutput:
+        """End one request with an error output (the client sees `message`; the log gets the details)."""
+        if error is not None:
+            logger.error("request %s failed: %s", req.request_id, message, exc_info=error)
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
         req.finish_reason = "error"
-        out = self._output(req, [], "")
+        out = self._output(req, [])
         out.error = message
         return out
 
-    def _output(self, req: Request, new_ids: list[int], new_text: str) -> RequestOutput:
+    def _output(self, req: Request, new_ids: list[int]) -> RequestOutput:
         comp = CompletionOutput(
             index=0, text=req.output_text, token_ids=req.output_token_ids, finish_reason=req.finish_reason,
             stop_reason=req.stop_reason, logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            new_text=new_text, new_token_ids=new_ids)
+            new_text=self._release_text(req), new_token_ids=new_ids)
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
                             finished=req.finish_reason is not None, metrics=req.metrics)
         p = req.params
@@ -295,6 +342,19 @@ class LLMEngine:
             out.prompt_depth_attention = [req.depth_entries[q] for q in range(req.num_prompt_tokens)
                                           if q in req.depth_entries]
         return out
+
+    @staticmethod
+    def _release_text(req: Request) -> str:
+        """Text not yet streamed. While a request runs, the last len(longest stop) - 1 characters are
+        held back (vLLM's stop buffer): they may be the start of a stop string that later tokens
+        complete, and streamed text must never be taken back."""
+        hold = 0
+        if req.finish_reason is None and req.params.stop and not req.params.include_stop_str_in_output:
+            hold = max(len(s) for s in req.params.stop) - 1
+        end = max(req.num_sent_chars, len(req.output_text) - hold)
+        delta = req.output_text[req.num_sent_chars:end]
+        req.num_sent_chars = end
+        return delta
 
     # ---- introspection for tests and metrics ------------------------------------------------------
     def kv_blocks_held_by_requests(self) -> int:
@@ -384,7 +444,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             row = []
             for j in range(p.n):
-                sub = p if p.n == 1 else replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+                sub = p if p.n == 1 else replace(p, n=1, seed=seed_for_sample(p.seed, j))
                 row.append(eng.add_request(prompt, sub, request_id=f"gen-{id(self)}-{i}-{j}"))
             ids.append(row)
         final: dict[str, RequestOutput] = {}

@@ -41,6 +41,7 @@ class Request:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.output_text = ""
+        self.num_sent_chars = 0  # characters of output_text already handed out as new_text
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0

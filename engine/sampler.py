@@ -20,6 +20,11 @@ class SamplerOutput:
     logprobs: list[Logprob | None]
 
 
+# Penalised logits are clipped to this: divided by the smallest sampled temperature (GREEDY_TEMPERATURE) they
+# stay finite, so softmax never sees inf - inf (a repetition_penalty of 1e-300 would otherwise make NaNs).
+MAX_LOGIT = 1e30
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
@@ -31,18 +36,19 @@ class Sampler:
             logits = logits.clone()  # keep the raw distribution for logprobs
             self._apply_penalties(logits, reqs)
             self._apply_min_tokens(logits, reqs)
-        temp_list = [r.params.temperature for r in reqs]
-        if all(t == 0 for t in temp_list):
+            logits.clamp_(max=MAX_LOGIT)
+        greedy = [r.params.greedy for r in reqs]
+        if all(greedy):
             ids = logits.argmax(-1).tolist()
-        elif all(t > 0 for t in temp_list):  # the common all-random batch: no row gathers
-            temps = torch.tensor(temp_list, dtype=torch.float32).unsqueeze(1)
+        elif not any(greedy):  # the common all-random batch: no row gathers
+            temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32).unsqueeze(1)
             ids = self._race(self._probs(logits / temps, reqs), reqs).tolist()
         else:
-            temps = torch.tensor(temp_list, dtype=torch.float32)
             tokens = logits.argmax(-1)
-            rows = (temps > 0).nonzero().squeeze(1)
-            sub = [reqs[i] for i in rows.tolist()]
-            tokens[rows] = self._race(self._probs(logits[rows] / temps[rows].unsqueeze(1), sub), sub)
+            rows = [i for i, g in enumerate(greedy) if not g]
+            sub = [reqs[i] for i in rows]
+            temps = torch.tensor([r.params.temperature for r in sub], dtype=torch.float32).unsqueeze(1)
+            tokens[rows] = self._race(self._probs(logits[rows] / temps, sub), sub)
             ids = tokens.tolist()
         lps: list[Logprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
@@ -64,6 +70,9 @@ class Sampler:
             if not p.has_penalties:
                 continue
             row = logits[i]
+            if p.logit_bias:  # keys were checked against the vocabulary at admission
+                toks = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                row[toks] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
             if p.repetition_penalty != 1.0:  # over prompt and output, as in Hugging Face / vLLM
                 seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)
                 seen = seen[seen < row.shape[0]]
@@ -87,7 +96,7 @@ class Sampler:
     def _probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """top-k, top-p and min-p filtering, vectorised over rows with per-row parameters."""
         vocab = logits.shape[1]
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in reqs])
+        top_k = torch.tensor([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in reqs])
         top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32)
         min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32)
         if bool((top_k < vocab).any()) or bool((top_p < 1).any()):

@@ -5,6 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Below this temperature, logits / T overflows or its softmax is a one-hot anyway: sample greedily (vLLM's
+# _SAMPLING_EPS), so that T = 1e-300 gives the argmax rather than NaNs.
+GREEDY_TEMPERATURE = 1e-5
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_LOGIT_BIAS_TOKENS = 1024
+
+
+def seed_for_sample(seed: int | None, j: int) -> int | None:
+    """The seed of sample j of n: seed + j, wrapped into the generator's range (no overflow at the edge)."""
+    if seed is None:
+        return None
+    span = SEED_MAX - SEED_MIN + 1
+    return (seed + j - SEED_MIN) % span + SEED_MIN
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives per token (0: only the sampled one)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     skip_special_tokens: bool = True
     depth_attention: bool = False  # return, per generated token, the AttnRes depth weights of every site
     prompt_depth_attention: bool = False  # also per prompt token (echo); disables prefix-cache hits for it
@@ -59,8 +75,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
         if not 0 <= num("min_p") <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if self.max_tokens is not None:
             integer("max_tokens", 1)
         integer("min_tokens", 0)
@@ -81,11 +98,25 @@ class SamplingParams:
             integer("logprobs", 0)
             if self.logprobs > 20:
                 raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+        for tok, bias in self.logit_bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tok}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
+        """Anything that edits the logits before sampling (penalties, logit_bias)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))

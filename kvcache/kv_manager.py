@@ -84,15 +84,25 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         held = held + computed_blocks + (self.pool.allocate(need_new) if need_new > 0 else [])
         self._blocks[req_id] = held
-        if self.enable_prefix_caching:
-            # Publish blocks that are full once this step has run (KV is written before any reader
-            # attends in the same layer, so same-step sharing is safe).
-            hashes = self._extend_hashes(req_id, token_ids, total)
-            start = self._num_published.get(req_id, 0)
-            for b in range(start, total // self.block_size):
-                self.pool.cache(held[b], hashes[b])
-            self._num_published[req_id] = max(start, total // self.block_size)
         return True
+
+    def cache_computed(self, req_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Publish the request's blocks that are full of computed KV under their prefix hashes.
+
+        Called only after the step that wrote them succeeded: a block published before its KV exists
+        would hand a later request with the same prefix garbage (a failed step never publishes).
+        """
+        if not self.enable_prefix_caching:
+            return
+        held = self._blocks[req_id]
+        full = num_computed_tokens // self.block_size
+        start = self._num_published.get(req_id, 0)
+        if full <= start:
+            return
+        hashes = self._extend_hashes(req_id, token_ids, full * self.block_size)
+        for b in range(start, full):
+            self.pool.cache(held[b], hashes[b])
+        self._num_published[req_id] = full
 
     def free(self, req_id: str) -> None:
         """Release a finished, aborted or preempted request's blocks (tail first, so it is evicted first)."""

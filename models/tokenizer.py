@@ -5,10 +5,12 @@ Also the chat template (tokenizer_config.json `chat_template`, Jinja) and increm
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Used when a checkpoint ships no chat template: plain "role: content" lines.
@@ -102,50 +104,68 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the checkpoint's template (or DEFAULT_CHAT_TEMPLATE)."""
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        """Render messages with the checkpoint's template (or DEFAULT_CHAT_TEMPLATE), compiled once."""
+        return self._compiled_template().render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=self.bos_token, eos_token=self.eos_token)
 
-        def raise_exception(msg: str) -> None:
-            raise ValueError(msg)
+    def _compiled_template(self) -> Template:
+        template = getattr(self, "_template", None)
+        if template is None:  # a benign race between threads: both compile the same template
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
+            def raise_exception(msg: str) -> None:
+                raise ValueError(msg)
+
+            env.globals["raise_exception"] = raise_exception
+            template = self._template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+        return template
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters the longest vocabulary entry can decode to (an upper bound, read off the pieces)."""
+        return max((len(self.id_to_token(i)) for i in range(self.vocab_size)), default=1) or 1
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding everything.
 
     Decodes a short window (a few tokens of context + the new ones) so that word-initial spaces and
-    multi-byte characters come out right; holds text back while it ends in an incomplete character.
+    multi-byte characters come out right; holds text back while it ends in an incomplete character,
+    but for at most MAX_HELD_TOKENS tokens: a UTF-8 character is at most 4 bytes, so a longer run that
+    still ends in U+FFFD is really invalid bytes, released as U+FFFD. The window stays bounded.
     """
+
+    CONTEXT_TOKENS = 6
+    MAX_HELD_TOKENS = 4
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.ids = list(prompt_ids[-6:])
+        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
 
     def add(self, new_ids: list[int]) -> str:
         """Append token ids; return the newly completed text."""
         self.ids.extend(new_ids)
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        held = len(self.ids) - self.read_offset
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and held < self.MAX_HELD_TOKENS):
             return ""
-        delta = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += delta
-        return delta
+        return self._advance(full[len(prefix):])
 
     def flush(self) -> str:
         """At the end of a request: whatever was held back, incomplete characters included."""
         prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        delta = full[len(prefix):] if len(full) > len(prefix) else ""
-        self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += delta
+        return self._advance(full[len(prefix):] if len(full) > len(prefix) else "")
+
+    def _advance(self, delta: str) -> str:
+        """Everything up to here is emitted: the next decode starts from the last tokens only."""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.prefix_offset > self.CONTEXT_TOKENS:  # drop ids no later decode can need
+            drop = self.prefix_offset
+            self.ids = self.ids[drop:]
+            self.prefix_offset, self.read_offset = 0, self.read_offset - drop
         return delta

@@ -43,7 +43,7 @@ from engine.async_engine import (
 )
 from engine.outputs import Logprob, RequestOutput
 from engine.request import Request as EngineRequest
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, seed_for_sample
 from server import protocol as P
 from server.metrics import ServerMetrics
 
@@ -320,13 +320,18 @@ class OpenAIServer:
         reqs, choices = [], {}
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
-                sub = params if params.n == 1 else replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + j)
+                sub = params if params.n == 1 else replace(params, n=1, seed=seed_for_sample(params.seed, j))
                 r = self.make(prompt, sub, f"{rid}-{i}-{j}", fields, prompt_field)
                 text = prompt if isinstance(prompt, str) else self.decode(r.prompt_token_ids)
                 choices[r.request_id] = _Choice(i * params.n + j, i, text, len(r.prompt_token_ids))
                 reqs.append(r)
         return reqs, choices
+
+    def chat_requests(self, req: P.ChatCompletionRequest, params: SamplingParams,
+                      rid: str) -> tuple[list[EngineRequest], dict[str, _Choice]]:
+        """Render the chat template and tokenize (runs on a worker thread, off the event loop)."""
+        text = self.render_chat(req.messages, req.add_generation_prompt)
+        return self.fan_out([text], params, rid, list(P.ChatCompletionRequest.model_fields), "messages")
 
     def decode(self, ids: list[int]) -> str:
         tok = self.engine.tokenizer
@@ -414,7 +419,7 @@ class OpenAIServer:
         params = self.sampling(req, req.max_tokens, req.logprobs, "prompt")
         fields = list(P.CompletionRequest.model_fields)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        reqs, choices = self.fan_out(prompts, params, rid, fields, "prompt")
+        reqs, choices = await asyncio.to_thread(self.fan_out, prompts, params, rid, fields, "prompt")
         job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
             return _EngineStream(self.sse(self.stream_completion(job, req)), job.group)
@@ -491,9 +496,8 @@ class OpenAIServer:
         model = self.check_model(req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling(req, req.effective_max_tokens, top, "messages")
-        text = self.render_chat(req.messages, req.add_generation_prompt)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs, choices = self.fan_out([text], params, rid, list(P.ChatCompletionRequest.model_fields), "messages")
+        reqs, choices = await asyncio.to_thread(self.chat_requests, req, params, rid)
         job = _Job(rid, model, self.submit(reqs, deadline), choices, params)
         if req.stream:
             return _EngineStream(self.sse(self.stream_chat(job, req)), job.group)
@@ -557,9 +561,13 @@ class OpenAIServer:
             raise APIError(400, "this model has no tokenizer")
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = req.prompt if req.prompt is not None else self.render_chat(req.messages or [],
-                                                                            req.add_generation_prompt)
-        ids = tok.encode(text, add_special_tokens=req.add_special_tokens or req.messages is not None)
+
+        def encode() -> list[int]:  # on a worker thread: a long text must not stall the event loop
+            text = req.prompt if req.prompt is not None else self.render_chat(req.messages or [],
+                                                                                req.add_generation_prompt)
+            return tok.encode(text, add_special_tokens=req.add_special_tokens or req.messages is not None)
+
+        ids = await asyncio.to_thread(encode)
         return _json(P.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids))
 
     async def detokenize(self, request: Request) -> Response:
@@ -572,7 +580,7 @@ class OpenAIServer:
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return _json(P.DetokenizeResponse(prompt=tok.decode(req.tokens)))
+        return _json(P.DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, req.tokens)))
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

@@ -2,7 +2,7 @@
 
 Requests are strict (no "1" -> 1 or true -> 1 coercion) and reject unknown fields, as OpenAI does,
 so a typo like `max_token` is a 400 rather than a silently ignored setting. Fields OpenAI defines that
-this server cannot honour (tools, logit_bias, suffix, ...) are accepted by the schema and refused with a
+this server cannot honour (tools, suffix, ...) are accepted by the schema and refused with a
 clear message by `unsupported()`, naming the field.
 """
 
@@ -77,8 +77,8 @@ class _SamplingRequest(_Request):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a set field this server cannot honour."""
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
+        if self.logit_bias and not all(k.isascii() and k.isdigit() and len(k) <= 12 for k in self.logit_bias):
+            return "logit_bias", "logit_bias keys must be token ids written as strings of digits, e.g. {\"50256\": -100}"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             return "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
         if self.stop_token_ids and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -102,6 +102,7 @@ class _SamplingRequest(_Request):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, depth_attention=self.depth_attention,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             prompt_depth_attention=self.depth_attention and bool(getattr(self, "echo", False)))
 
     @property

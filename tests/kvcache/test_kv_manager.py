@@ -44,6 +44,7 @@ def test_manager_allocates_shares_and_frees() -> None:
     assert kv.allocate_slots("a", prompt, 0, 10)
     assert kv.block_ids("a") == [0, 1, 2]
     assert kv.slot_mapping("a", 3, 6) == [3, 4, 5]
+    kv.cache_computed("a", prompt, 10)  # the step that wrote them succeeded
     # Another request with the same first 8 tokens hits two full blocks and shares them.
     other = prompt[:8] + [77, 78, 79]
     hit, n = kv.get_computed_blocks("b", other)
@@ -60,9 +61,22 @@ def test_whole_prompt_hit_leaves_one_token() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=4)
     p = list(range(8))
     assert kv.allocate_slots("a", p, 0, 8)
+    kv.cache_computed("a", p, 8)
     kv.free("a")
     hit, n = kv.get_computed_blocks("b", p)
     assert n == 4  # not 8: the last token must be computed to produce logits
+
+
+def test_blocks_are_published_only_once_computed() -> None:
+    """Allocation publishes nothing: a step that fails after scheduling must leave no findable block."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    p = list(range(12))
+    assert kv.allocate_slots("a", p, 0, 12)
+    assert kv.get_computed_blocks("x", p) == ([], 0)
+    kv.cache_computed("a", p, 6)  # a chunk of 6 tokens ran: one block is full
+    assert kv.get_computed_blocks("y", p)[1] == 4
+    kv.free("a")  # e.g. failed in its next step: what was computed stays shared, nothing more
+    assert kv.get_computed_blocks("z", p)[1] == 4
 
 
 def test_allocation_failure_changes_nothing() -> None:
