@@ -5,7 +5,10 @@ process before handing over to `server.cli.main`. A request opts in by the first
 
     STEP_FAULT  the model forward of any step that holds this request raises (inside ModelRunner.execute,
                 so its cleanup runs as for a real fault): the engine must fail that step's requests only
-    FATAL       the scheduler raises while this request waits: the engine loop itself dies
+    FATAL       the scheduler raises WorkerDiedError while this request waits (as when a tensor-parallel
+                worker dies): the engine loop itself stops
+    STUCK       the scheduler raises an ordinary error while this request waits: the requests in flight
+                fail, the loop goes on serving
     SLOW        every forward of a step that holds this request sleeps SLOW_SECONDS (request timeouts)
 
 The injected message names a file path, so tests can check that no error body leaks one.
@@ -21,6 +24,7 @@ from typing import Any
 STEP_FAULT = [7, 7, 7]
 FATAL = [8, 8, 8]
 SLOW = [9, 9, 9]
+STUCK = [6, 6, 6]
 SLOW_SECONDS = 0.25
 FAKE_PATH = "/srv/secret/weights/model.safetensors"
 
@@ -32,6 +36,7 @@ def _marked(req: Any, marker: list[int]) -> bool:
 def install() -> None:
     """Patch ModelRunner.execute, LlamaForServing.forward and Scheduler.schedule (this process only)."""
     from engine.model_runner import ModelRunner
+    from engine.parallel import WorkerDiedError
     from engine.scheduler import Scheduler
     from models.llama import LlamaForServing
 
@@ -53,7 +58,9 @@ def install() -> None:
 
     def faulty_schedule(self: Scheduler) -> Any:
         if any(_marked(r, FATAL) for r in self.waiting):
-            raise RuntimeError(f"injected fatal fault in {FAKE_PATH}")
+            raise WorkerDiedError(f"injected fatal fault in {FAKE_PATH}")
+        if any(_marked(r, STUCK) for r in self.waiting):
+            raise RuntimeError(f"injected scheduler fault in {FAKE_PATH}")
         return schedule(self)
 
     ModelRunner.execute = faulty_execute  # type: ignore[method-assign]

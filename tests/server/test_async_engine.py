@@ -11,6 +11,7 @@ import pytest
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
+from engine.parallel import WorkerDiedError
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,8 +154,8 @@ def test_dead_loop_fails_streams_and_reports_unhealthy(tiny_model: Path) -> None
     async def run() -> None:
         llm = make_engine(tiny_model)
 
-        def broken_step() -> list:
-            raise RuntimeError("boom")
+        def broken_step() -> list:  # what stops the loop: a dead tensor-parallel worker
+            raise WorkerDiedError("boom")
 
         llm.step = broken_step  # type: ignore[method-assign]
         eng = AsyncLLMEngine(llm)
@@ -167,6 +168,34 @@ def test_dead_loop_fails_streams_and_reports_unhealthy(tiny_model: Path) -> None
         with pytest.raises(EngineDeadError):
             eng.generate("To be", SamplingParams(max_tokens=4), "y")
         eng.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny_model: Path) -> None:
+    async def run() -> None:
+        llm = make_engine(tiny_model)
+        step = llm.step
+        calls = []
+
+        def fails_once() -> list:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return step()
+
+        llm.step = fails_once  # type: ignore[method-assign]
+        eng = AsyncLLMEngine(llm)
+        eng.start()
+        try:
+            outs = [o async for o in eng.generate("To be", SamplingParams(max_tokens=4), "x")]
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error" and outs[-1].error
+            assert "boom" not in outs[-1].error  # details are for the log
+            assert eng.is_healthy
+            outs = [o async for o in eng.generate("To be", SamplingParams(max_tokens=4, ignore_eos=True), "y")]
+            assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 4
+        finally:
+            eng.shutdown()
 
     asyncio.run(run())
 

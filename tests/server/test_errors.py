@@ -128,14 +128,15 @@ def test_tokenize_errors(http: httpx.Client) -> None:
 def test_dead_engine_is_503(tiny_model: Path, one_thread: None) -> None:
     """In-process app around an engine whose loop dies: the request, /health and later requests get 503."""
     from engine.async_engine import AsyncLLMEngine
+    from engine.parallel import WorkerDiedError
     from server.app import build_app
     from tests.server.test_async_engine import make_engine
 
     async def run() -> None:
         llm = make_engine(tiny_model)
 
-        def broken_step() -> list:
-            raise RuntimeError("kaboom")
+        def broken_step() -> list:  # what stops the loop: a dead tensor-parallel worker
+            raise WorkerDiedError("kaboom")
 
         llm.step = broken_step  # type: ignore[method-assign]
         eng = AsyncLLMEngine(llm)

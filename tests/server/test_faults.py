@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import MODEL_NAME, ServerProcess, metric, scrape, wait_for_metric
-from tests.server.fault_server import FAKE_PATH, FATAL, SLOW, STEP_FAULT
+from tests.server.fault_server import FAKE_PATH, FATAL, SLOW, STEP_FAULT, STUCK
 
 P = "depthserve:"
 TIMEOUT_S = 2.0
@@ -98,6 +98,18 @@ def test_step_fault_fails_that_step_only(faulty: ServerProcess) -> None:
         assert c.get("/health").status_code == 200
         ok = c.post("/v1/completions", json=NORMAL)  # the engine goes on serving
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_an_error_outside_any_request_fails_the_requests_in_flight_not_the_loop(faulty: ServerProcess) -> None:
+    """The scheduler raising (no request's row to blame) used to kill the engine loop for good."""
+    with httpx.Client(base_url=faulty.url, timeout=30) as c:
+        err = clean_error(c.post("/v1/completions", json={**NORMAL, "prompt": STUCK + [20]}), 500)
+        assert err["code"] == "engine_error"
+        assert c.get("/health").status_code == 200
+        ok = c.post("/v1/completions", json=NORMAL)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        assert_idle(faulty.url)
+    assert "injected scheduler fault" in faulty.log()
 
 
 def test_request_timeout_aborts_and_frees(faulty: ServerProcess) -> None:
