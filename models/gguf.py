@@ -201,7 +201,7 @@ def gguf_config(path: str | Path) -> ModelConfig:
     if rope_dim != head_dim:
         raise ValueError(f"{where}: partial rotary ({rope_dim} of {head_dim} dims) is not supported")
     scaling = gguf_metadata(r, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none") and float(get_float("rope.scaling.factor", 1.0)) != 1.0:
+    if scaling not in (None, "none") and get_float("rope.scaling.factor", 1.0) != 1.0:
         raise ValueError(f"{where}: rope scaling {scaling!r} is not supported yet")
     if any(t.name == "rope_freqs.weight" for t in r.tensors):
         raise ValueError(f"{where}: per-frequency rope scaling (rope_freqs, Llama 3.1 style) is not supported yet")
