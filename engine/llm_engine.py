@@ -53,11 +53,13 @@ class LLMEngine:
         if tp > 1:
             self._check_tp(tp)
             spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
-                              self.max_step_tokens, config.num_threads)
+                              self.max_step_tokens, config.num_threads, self.max_model_len)
             self.tp_group = TPGroup(tp, spec)
         try:
+            # The rotary table covers the positions served, not max_position_embeddings (which a
+            # checkpoint may set to billions).
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
-                                    cfg=mcfg)
+                                    cfg=mcfg, max_model_len=self.max_model_len)
             if self.tp_group is not None:
                 self.tp_group.ready()
         except BaseException:

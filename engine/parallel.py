@@ -73,6 +73,7 @@ class WorkerSpec:
     block_size: int
     depth_tokens: int
     num_threads: int | None
+    max_model_len: int | None = None  # sizes the rotary table
 
 
 def _init(rank: int, world: int, port: int) -> dist.ProcessGroup:
@@ -93,7 +94,7 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     control = _init(rank, world, port)
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
-    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg)
+    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len)
     kv = allocate_kv(model, spec.num_kv_blocks * spec.block_size)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
     depth = DepthCache(pool_spec, spec.depth_tokens) if pool_spec is not None else None

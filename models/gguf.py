@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.config import ModelConfig
+from models.config import MAX_COUNT, MAX_SIZE, ModelConfig, check_int, check_positive_float
 from models.context import Communicator
-from models.llama import LlamaForServing
+from models.llama import LlamaForServing, check_tensor_shapes
 from models.tokenizer import Tokenizer
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
@@ -84,8 +84,9 @@ def open_gguf(path: str | Path) -> Any:
     st = p.stat()
     try:
         return _open(str(p), st.st_mtime_ns, st.st_size)
-    except (ValueError, struct.error) as e:
-        raise ValueError(f"{p} is not a readable GGUF file: {e}") from None
+    except (ValueError, struct.error, IndexError, KeyError, OverflowError) as e:  # what GGUFReader raises on
+        # a truncated or corrupt file: short reads index past the end, bad counts overflow, names repeat
+        raise ValueError(f"{p.name} is not a readable GGUF file (truncated or corrupt): {e}") from None
 
 
 def _field_value(field: Any) -> Any:
@@ -106,7 +107,12 @@ def _field_value(field: Any) -> Any:
 
 def gguf_metadata(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
-    return default if field is None else _field_value(field)
+    if field is None:
+        return default
+    try:
+        return _field_value(field)
+    except (IndexError, ValueError) as e:  # an empty value, or bytes that are not UTF-8
+        raise ValueError(f"GGUF metadata {key} cannot be decoded: {e}") from None
 
 
 def _uniform(value: Any, key: str) -> Any:
@@ -119,49 +125,125 @@ def _uniform(value: Any, key: str) -> Any:
 
 
 # ---- config -------------------------------------------------------------------------------------
+# ModelConfig fields -> the GGUF metadata they come from ({arch} filled in), to name them in errors.
+_GGUF_FIELDS = {
+    "hidden_size": "{arch}.embedding_length", "intermediate_size": "{arch}.feed_forward_length",
+    "num_hidden_layers": "{arch}.block_count", "num_attention_heads": "{arch}.attention.head_count",
+    "num_key_value_heads": "{arch}.attention.head_count_kv", "head_dim": "{arch}.attention.key_length",
+    "max_position_embeddings": "{arch}.context_length", "vocab_size": "vocab size (token_embd.weight rows)",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon", "rope_theta": "{arch}.rope.freq_base",
+}
+# Tensor types whose weights we can read: floats and what gguf.quants dequantizes (not I8..I64, F64).
+_FLOAT_TYPES = ("F32", "F16")
+
+
+def _readable_type(tensor_type: Any) -> bool:
+    from gguf import quants
+
+    traits = getattr(quants, "_type_traits", None)
+    return tensor_type.name in _FLOAT_TYPES or traits is None or tensor_type in traits
+
+
+def gguf_tensor_shapes(r: Any, where: str) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> torch-order shape from the tensor infos, without reading data; ValueError
+    for a tensor we cannot map or read."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in r.tensors:
+        try:
+            name = hf_name(t.name)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not _readable_type(t.tensor_type):
+            raise ValueError(f"{where}: tensor {t.name} has type {t.tensor_type.name}, which depthserve cannot load")
+        shapes[name] = tuple(int(n) for n in reversed(t.shape.tolist()))
+    return shapes
+
+
 def gguf_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from GGUF metadata. Raises ValueError for architectures or features we lack."""
+    """ModelConfig from GGUF metadata, checked against the tensor infos before anything is allocated.
+
+    Raises one-line ValueError naming the metadata key or tensor for architectures or features we lack
+    and for metadata that is missing, of the wrong type, absurd, or inconsistent with the tensors.
+    """
+    where = Path(path).name
     r = open_gguf(path)
     arch = gguf_metadata(r, "general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; depthserve loads "
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported; depthserve loads "
                          f"{', '.join(SUPPORTED_GGUF_ARCHS)}")
 
     def get(key: str, default: Any = None) -> Any:
         v = gguf_metadata(r, f"{arch}.{key}", default)
         if v is None:
-            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
-        return _uniform(v, f"{arch}.{key}")
+            raise ValueError(f"{where}: GGUF metadata lacks {arch}.{key}")
+        try:
+            return _uniform(v, f"{arch}.{key}")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    def get_int(key: str, default: Any = None, hi: int = MAX_SIZE) -> int:
+        return check_int(where, f"{arch}.{key}", get(key, default), hi=hi)
+
+    def get_float(key: str, default: float) -> float:
+        return check_positive_float(where, f"{arch}.{key}", get(key, default))
+
+    hidden = get_int("embedding_length")
+    heads = get_int("attention.head_count", hi=MAX_COUNT)
+    kv_heads = get_int("attention.head_count_kv", heads, hi=MAX_COUNT)
+    if heads % kv_heads:
+        raise ValueError(f"{where}: {arch}.attention.head_count ({heads}) must be a multiple of "
+                         f"{arch}.attention.head_count_kv ({kv_heads})")
+    if gguf_metadata(r, f"{arch}.attention.key_length") is None and hidden % heads:
+        raise ValueError(f"{where}: {arch}.embedding_length ({hidden}) must be divisible by "
+                         f"{arch}.attention.head_count ({heads}) when {arch}.attention.key_length is not given")
+    head_dim = get_int("attention.key_length", hidden // heads, hi=MAX_COUNT)
+    rope_dim = get_int("rope.dimension_count", head_dim, hi=MAX_COUNT)
     if rope_dim != head_dim:
-        raise ValueError(f"{path}: partial rotary ({rope_dim} of {head_dim} dims) is not supported")
+        raise ValueError(f"{where}: partial rotary ({rope_dim} of {head_dim} dims) is not supported")
     scaling = gguf_metadata(r, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none") and float(get("rope.scaling.factor", 1.0)) != 1.0:
-        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported yet")
-    names = {t.name: t for t in r.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(f"{path}: per-frequency rope scaling (rope_freqs, Llama 3.1 style) is not supported yet")
-    if "token_embd.weight" not in names:
-        raise ValueError(f"{path}: GGUF has no token_embd.weight")
-    vocab = int(names["token_embd.weight"].shape[1])  # ne = [hidden, vocab]
+    if scaling not in (None, "none") and get_float("rope.scaling.factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: rope scaling {scaling!r} is not supported yet")
+    if any(t.name == "rope_freqs.weight" for t in r.tensors):
+        raise ValueError(f"{where}: per-frequency rope scaling (rope_freqs, Llama 3.1 style) is not supported yet")
+    shapes = gguf_tensor_shapes(r, where)
+    embd = shapes.get("model.embed_tokens.weight")
+    if embd is None:
+        raise ValueError(f"{where}: GGUF has no token_embd.weight")
+    if len(embd) != 2:
+        raise ValueError(f"{where}: token_embd.weight has shape {list(embd)}, expected [vocab, {hidden}]")
+    vocab = check_int(where, "vocab size (token_embd.weight rows)", embd[0])
     bos = gguf_metadata(r, "tokenizer.ggml.bos_token_id")
-    eos_ids = [int(t) for k in ("eos_token_id", "eot_token_id")
+    eos_ids = [t for k in ("eos_token_id", "eot_token_id")
                if (t := gguf_metadata(r, f"tokenizer.ggml.{k}")) is not None]
     eos_ids = list(dict.fromkeys(eos_ids))
-    return ModelConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=None if bos is None else int(bos),
+    kw = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=get_int("feed_forward_length"),
+        num_hidden_layers=get_int("block_count", hi=MAX_COUNT), num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim,
+        rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=get_float("rope.freq_base", 10000.0),
+        max_position_embeddings=get_int("context_length", 2048),
+        tie_word_embeddings="lm_head.weight" not in shapes,
+        bos_token_id=bos,
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
     )
+    try:
+        cfg = ModelConfig(**kw)  # type: ignore[arg-type]
+    except ValueError as e:  # its messages name config.json fields: name the GGUF keys instead
+        msg = str(e).removeprefix("config.json: ")
+        for field, key in _GGUF_FIELDS.items():
+            msg = msg.replace(field, key.format(arch=arch))
+        msg = msg.replace("bos_token_id", "tokenizer.ggml.bos_token_id")
+        msg = msg.replace("eos_token_id", "tokenizer.ggml.eos_token_id")
+        raise ValueError(f"{where}: {msg}") from None
+    check_gguf_tensors(cfg, shapes, where, arch)
+    return cfg
+
+
+def check_gguf_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str, arch: str) -> None:
+    """ValueError (naming the GGUF key or tensor) unless the file's tensor infos match `cfg`."""
+    check_tensor_shapes(cfg, shapes, where, field_label=lambda f: _GGUF_FIELDS.get(f, f).format(arch=arch),
+                        tensor_label=gguf_name)
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -173,6 +255,16 @@ def hf_name(gguf_name: str) -> str:
     if m and m.group(2) in LAYER_TENSOR_NAMES:
         return f"model.layers.{m.group(1)}.{LAYER_TENSOR_NAMES[m.group(2)]}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in a Llama decoder")
+
+
+def gguf_name(name: str) -> str:
+    """Hugging Face Llama name -> llama.cpp tensor name (for errors that name a GGUF file's tensors)."""
+    inv = {v: k for k, v in GLOBAL_TENSOR_NAMES.items()}
+    if name in inv:
+        return inv[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    layer = {v: k for k, v in LAYER_TENSOR_NAMES.items()}
+    return f"blk.{m.group(1)}.{layer[m.group(2)]}" if m and m.group(2) in layer else name
 
 
 def unpermute_rotary(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -224,12 +316,17 @@ def iter_gguf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str,
         yield name, GGUFTensor(t, rotary)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, comm: Communicator | None = None,
-              cfg: ModelConfig | None = None) -> tuple[ModelConfig, LlamaForServing]:
-    """Build the model of a GGUF file with weights dequantized to `dtype` (this rank's shards only)."""
-    cfg = cfg or gguf_config(path)
+def load_gguf(path: str | Path, dtype: torch.dtype, comm: Communicator | None = None, cfg: ModelConfig | None = None,
+              max_model_len: int | None = None) -> tuple[ModelConfig, LlamaForServing]:
+    """Build the model of a GGUF file with weights dequantized to `dtype` (this rank's shards only);
+    `max_model_len` sizes the rotary table (default: the file's context_length)."""
+    if cfg is None:
+        cfg = gguf_config(path)
+    else:
+        r, where = open_gguf(path), Path(path).name
+        check_gguf_tensors(cfg, gguf_tensor_shapes(r, where), where, gguf_metadata(r, "general.architecture"))
     with torch.device("cpu"):
-        model = LlamaForServing(cfg, dtype=dtype, comm=comm)
+        model = LlamaForServing(cfg, dtype=dtype, comm=comm, max_positions=max_model_len)
     model.load_weights(iter_gguf_tensors(path, cfg))
     return cfg, model.eval()
 

@@ -7,8 +7,9 @@ Full AttnRes with incremental keys. Only the rows whose logits are wanted go thr
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import torch
@@ -53,16 +54,91 @@ class DecoderLayer(nn.Module):
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _RES_SITES = {"self_attention_res": 0, "mlp_res": 1}
 
+# Each tensor dim as the config fields whose product it is, so a mismatch names the field to blame.
+Dims = tuple[tuple[str, ...], ...]
+_H: tuple[str, ...] = ("hidden_size",)
+_LAYER_DIMS: dict[str, Dims] = {
+    "input_layernorm.weight": (_H,),
+    "post_attention_layernorm.weight": (_H,),
+    "self_attn.q_proj.weight": (("num_attention_heads", "head_dim"), _H),
+    "self_attn.k_proj.weight": (("num_key_value_heads", "head_dim"), _H),
+    "self_attn.v_proj.weight": (("num_key_value_heads", "head_dim"), _H),
+    "self_attn.o_proj.weight": (_H, ("num_attention_heads", "head_dim")),
+    "mlp.gate_proj.weight": (("intermediate_size",), _H),
+    "mlp.up_proj.weight": (("intermediate_size",), _H),
+    "mlp.down_proj.weight": (_H, ("intermediate_size",)),
+}
+_ATTNRES_LAYER_DIMS: dict[str, Dims] = {
+    "self_attention_res_norm.weight": (_H,), "self_attention_res_proj.weight": ((), _H),
+    "mlp_res_norm.weight": (_H,), "mlp_res_proj.weight": ((), _H),
+}
+
+
+def tensor_dims(cfg: ModelConfig) -> dict[str, Dims]:
+    """Every checkpoint tensor `cfg` describes (Hugging Face + K3 AttnRes names) -> its dims as config fields."""
+    vocab: Dims = (("vocab_size",), _H)
+    out: dict[str, Dims] = {"model.embed_tokens.weight": vocab, "model.norm.weight": (_H,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = vocab
+    per_layer = dict(_LAYER_DIMS)
+    if cfg.is_attn_res:
+        per_layer.update(_ATTNRES_LAYER_DIMS)
+        out["model.output_attn_res_norm.weight"] = (_H,)
+        out["model.output_attn_res_proj.weight"] = ((), _H)
+    for i in range(cfg.num_hidden_layers):
+        out.update({f"model.layers.{i}.{suffix}": dims for suffix, dims in per_layer.items()})
+    return out
+
+
+def dims_shape(cfg: ModelConfig, dims: Dims) -> tuple[int, ...]:
+    return tuple(math.prod(int(getattr(cfg, f)) for f in fields) for fields in dims)
+
+
+def is_ignored_tensor(cfg: ModelConfig, name: str) -> bool:
+    """Tensors some checkpoints carry that the serving model rebuilds or shares."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str,
+                        field_label: Callable[[str], str] = str,
+                        tensor_label: Callable[[str], str] = repr) -> None:
+    """Raise one-line ValueError unless `shapes` (checkpoint name -> shape, read from file headers) are
+    exactly the tensors `cfg` describes. Runs before any parameter is allocated, so a config that lies
+    about a size fails here instead of asking for gigabytes; `field_label`/`tensor_label` name config
+    fields and tensors as the file does (GGUF keys and tensor names)."""
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER_RE.fullmatch(n))}
+    if layers and max(layers) + 1 != cfg.num_hidden_layers:
+        raise ValueError(f"{where}: {field_label('num_hidden_layers')}={cfg.num_hidden_layers} does not match "
+                         f"the checkpoint, whose tensors name layers up to {max(layers)}")
+    dims = tensor_dims(cfg)
+    for name in shapes:
+        if name not in dims and not is_ignored_tensor(cfg, name):
+            raise ValueError(f"{where}: checkpoint has unexpected tensor {tensor_label(name)} for {cfg.architecture}")
+    missing = [n for n in dims if n not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: checkpoint is missing tensor {tensor_label(missing[0])}{more}")
+    for name, d in dims.items():
+        got, want = tuple(shapes[name]), dims_shape(cfg, d)
+        if got == want:
+            continue
+        fields = [f for i, fs in enumerate(d) if i >= len(got) or got[i] != want[i] for f in fs]
+        blame = ", ".join(f"{field_label(f)}={getattr(cfg, f)}" for f in dict.fromkeys(fields))
+        raise ValueError(f"{where}: tensor {tensor_label(name)} has shape {list(got)}, expected {list(want)}"
+                         + (f" from {blame}" if blame else ""))
+
 
 class LlamaForServing(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 comm: Communicator | None = None) -> None:
+                 comm: Communicator | None = None, max_positions: int | None = None) -> None:
+        """`max_positions`: rows of the rotary table, the longest sequence served (default: the model's
+        max_position_embeddings, which a checkpoint may set far beyond what the engine serves)."""
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
         self.comm = comm
         d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, dtype, comm)
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope, dtype, comm) for _ in range(n_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -191,7 +267,7 @@ class LlamaForServing(nn.Module):
         seen: set[str] = set()
         for name, src in tensors:
             if name not in expected:
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                if is_ignored_tensor(self.cfg, name):
                     continue
                 raise ValueError(f"checkpoint has unexpected tensor {name!r} for {self.cfg.architecture}")
             self._load_one(name, src)
@@ -204,38 +280,12 @@ class LlamaForServing(nn.Module):
             self.fold_queries()
 
     def expected_tensor_names(self) -> list[str]:
-        cfg = self.cfg
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
-        per_layer = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-        if cfg.is_attn_res:
-            per_layer += ["self_attention_res_norm", "self_attention_res_proj", "mlp_res_norm", "mlp_res_proj"]
-            names += ["model.output_attn_res_norm.weight", "model.output_attn_res_proj.weight"]
-        for i in range(cfg.num_hidden_layers):
-            names += [f"model.layers.{i}.{p}.weight" for p in per_layer]
-        return names
+        return list(tensor_dims(self.cfg))
 
     def _expected_shape(self, name: str) -> tuple[int, ...]:
-        cfg = self.cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        shapes = {
-            "self_attn.q_proj.weight": (cfg.num_attention_heads * hd, d),
-            "self_attn.k_proj.weight": (cfg.num_key_value_heads * hd, d),
-            "self_attn.v_proj.weight": (cfg.num_key_value_heads * hd, d),
-            "self_attn.o_proj.weight": (d, cfg.num_attention_heads * hd),
-            "mlp.gate_proj.weight": (cfg.intermediate_size, d),
-            "mlp.up_proj.weight": (cfg.intermediate_size, d),
-            "mlp.down_proj.weight": (d, cfg.intermediate_size),
-        }
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return (cfg.vocab_size, d)
-        m = _LAYER_RE.fullmatch(name)
-        suffix = m.group(2) if m else name
-        if suffix in shapes:
-            return shapes[suffix]
-        return (1, d) if suffix.endswith("_proj.weight") else (d,)
+        if not hasattr(self, "_dims"):
+            self._dims = tensor_dims(self.cfg)  # built once: loading asks for every tensor
+        return dims_shape(self.cfg, self._dims[name])
 
     def _load_one(self, name: str, src: TensorSource) -> None:
         want = self._expected_shape(name)

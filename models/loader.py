@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from models.config import ModelConfig
 from models.context import Communicator
-from models.llama import LlamaForServing
+from models.llama import LlamaForServing, check_tensor_shapes
 from models.tokenizer import Tokenizer
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -85,6 +87,11 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_config(folder: Path) -> ModelConfig:
+    """The checkpoint's config, checked against its tensors' shapes (read from file headers, no data).
+
+    Every way a file can be broken or hostile ends in a one-line ValueError naming the field or tensor
+    (or FileNotFoundError), never an allocation sized by unchecked metadata.
+    """
     if is_gguf(folder):
         from models.gguf import gguf_config
 
@@ -92,10 +99,67 @@ def load_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no config.json")
+    cfg = ModelConfig.from_json_file(path)
+    check_safetensors(folder, cfg)
+    return cfg
+
+
+# safetensors dtype -> bytes per element; only floating weights are served (an integer tensor would be
+# silently converted).
+SAFETENSORS_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a safetensors file's header, without reading tensor data.
+
+    ValueError naming the tensor when the header lies: a shape whose bytes its data_offsets do not
+    span, data past the end of the file, a non-float dtype.
+    """
+    where = path.name
+    size = path.stat().st_size
     try:
-        return ModelConfig.from_json_file(path)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"{where}: header length {n} runs past the end of the file (truncated?)")
+            header = json.loads(f.read(n))
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{where}: not a readable safetensors file (truncated or corrupt): {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, lo, hi)):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype not in SAFETENSORS_FLOAT_DTYPES:
+            raise ValueError(f"{where}: tensor {name!r} has dtype {dtype}; depthserve loads "
+                             f"{', '.join(SAFETENSORS_FLOAT_DTYPES)} weights")
+        want = math.prod(shape) * SAFETENSORS_FLOAT_DTYPES[dtype]
+        if hi - lo != want or hi > data_bytes:
+            raise ValueError(f"{where}: tensor {name!r} header says shape {shape} {dtype} ({want} bytes) but its "
+                             f"data_offsets [{lo}, {hi}] span {hi - lo} bytes of {data_bytes} (truncated or corrupt)")
+        out[name] = (tuple(shape), dtype)
+    return out
+
+
+def check_safetensors(folder: Path, cfg: ModelConfig) -> None:
+    """ValueError unless the folder's safetensors headers hold exactly the tensors `cfg` describes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in safetensors_files(folder):
+        for name, (shape, _) in read_safetensors_header(f).items():
+            if name in shapes:
+                raise ValueError(f"{f.name}: tensor {name!r} appears in more than one shard")
+            shapes[name] = shape
+    check_tensor_shapes(cfg, shapes, "config.json")
 
 
 class _SafetensorsSlice:
@@ -114,7 +178,15 @@ class _SafetensorsSlice:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as e:
+            raise ValueError(f"{index.name}: not a JSON object with a weight_map: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index.name}: weight_map must map tensor names to shard file names")
+        for f in weight_map.values():
+            if Path(f).name != f or f in (".", ".."):  # no paths out of the model folder
+                raise ValueError(f"{index.name}: shard {f!r} is not a file name in the model folder")
         files = sorted({folder / f for f in weight_map.values()})
     elif (folder / "model.safetensors").exists():
         files = [folder / "model.safetensors"]
@@ -129,7 +201,11 @@ def safetensors_files(folder: Path) -> list[Path]:
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, _SafetensorsSlice]]:
     """Yield (name, lazily readable slice): a rank reads only the rows/columns of its shard."""
     for f in safetensors_files(folder):
-        with safe_open(str(f), framework="pt") as handle:
+        try:
+            opened = safe_open(str(f), framework="pt")
+        except SafetensorError as e:
+            raise ValueError(f"{f.name}: not a readable safetensors file: {e}") from None
+        with opened as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, _SafetensorsSlice(handle, name)
 
@@ -146,13 +222,21 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
 
 
 def load_model(folder: Path, dtype: torch.dtype, comm: Communicator | None = None,
-               cfg: ModelConfig | None = None) -> LlamaForServing:
+               cfg: ModelConfig | None = None, max_model_len: int | None = None) -> LlamaForServing:
+    """The loaded model; its config is checked against the tensor headers before any parameter exists.
+
+    `max_model_len`: the longest sequence served, which sizes the rotary table (default: the model's
+    max_position_embeddings).
+    """
     if is_gguf(folder):
         from models.gguf import load_gguf
 
-        return load_gguf(folder, dtype, comm, cfg)[1]
-    cfg = cfg or load_config(folder)
+        return load_gguf(folder, dtype, comm, cfg, max_model_len)[1]
+    if cfg is None:
+        cfg = load_config(folder)
+    else:
+        check_safetensors(folder, cfg)
     with torch.device("cpu"):
-        model = LlamaForServing(cfg, dtype=dtype, comm=comm)
+        model = LlamaForServing(cfg, dtype=dtype, comm=comm, max_positions=max_model_len)
     model.load_weights(iter_safetensors(folder))
     return model.eval()
