@@ -237,14 +237,16 @@ class OpenAIServer:
 
     async def read_body(self, request: Request, deadline: float | None = None) -> bytes:
         """The body, if its declared type is JSON (browsers cannot send that cross-site without a CORS
-        preflight, so a page cannot make a visitor's browser spend this server's compute) and it fits the
-        size limit and arrives in time."""
+        preflight, so a page cannot make a visitor's browser spend this server's compute; a body with no
+        type is refused for the same reason) and it fits the size limit and arrives in time."""
         ctype = request.headers.get("content-type")
-        if ctype is not None:
-            media = ctype.partition(";")[0].strip().lower()
-            if media not in JSON_TYPES and not media.endswith("+json"):
-                raise APIError(415, f"unsupported Content-Type {_scrub(media, 80)!r}: send JSON with "
-                                    "'Content-Type: application/json'", code="unsupported_media_type")
+        if ctype is None:  # what fetch(..., {mode: "no-cors"}) sends: no preflight, so refuse it too
+            raise APIError(415, "missing Content-Type: send JSON with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+        media = ctype.partition(";")[0].strip().lower()
+        if media not in JSON_TYPES and not media.endswith("+json"):
+            raise APIError(415, f"unsupported Content-Type {_scrub(media, 80)!r}: send JSON with "
+                                "'Content-Type: application/json'", code="unsupported_media_type")
         limit = self.max_body_bytes
         too_big = APIError(413, f"request body is larger than the limit of {limit} bytes",
                            code="request_too_large")
