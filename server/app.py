@@ -90,6 +90,7 @@ def _queue_full(e: QueueFullError) -> APIError:
 
 
 def _dead(e: EngineDeadError) -> APIError:
+    """503; EngineDeadError's messages are written for clients (the cause is in the server log)."""
     return APIError(503, _scrub(str(e)), "service_unavailable_error", code="engine_unavailable")
 
 
@@ -779,9 +780,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     async def health() -> Response:
         if engine.is_healthy:
             return Response(b'{"status":"ok"}', media_type="application/json")
-        err = engine.dead_error
-        reason = f"the engine has stopped: {type(err).__name__}: {err}" if err else "the engine is not running"
-        return APIError(503, _scrub(reason), "service_unavailable_error", code="engine_unavailable").response()
+        reason = engine.unavailable_reason or "the engine is not running"  # no internals: they are logged
+        return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,
              responses={
