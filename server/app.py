@@ -46,6 +46,7 @@ from engine.request import Request as EngineRequest
 from engine.sampling_params import SamplingParams
 from server import protocol as P
 from server.metrics import ServerMetrics
+from server.middleware import HostGuard
 
 logger = logging.getLogger("depthserve.server")
 
@@ -691,11 +692,13 @@ def _openapi(app: FastAPI, protected: bool) -> dict[str, Any]:
 
 def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
-              request_timeout: float | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+              request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
+              allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
 
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
+    `allowed_hosts`: Host header patterns served (server.middleware.HostGuard), others get 400; None: any.
     """
     server = OpenAIServer(engine, served_model_names, api_key, max_body_bytes, request_timeout)
     metrics = ServerMetrics(lambda: engine.stats, server.names[0])
@@ -711,10 +714,14 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             await asyncio.to_thread(engine.shutdown)
             logger.info("engine stopped")
 
-    app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # no slash redirects: their absolute Location would echo the client's Host header
+    app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
+    if allowed_hosts is not None:  # added last: the outermost, before CORS and routing
+        app.add_middleware(HostGuard, patterns=list(allowed_hosts))
     app.state.server = server
     app.state.metrics = metrics
     app.state.engine = engine
