@@ -34,7 +34,16 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has died or shut down: no request can be served (HTTP 503)."""
+    """The engine loop has died or shut down: no request can be served (HTTP 503).
+
+    Its message goes to clients as is, so it says what happened in the user's terms; the exception
+    behind it (class, message, traceback) is only logged.
+    """
+
+
+ENGINE_FAILED = "the engine has stopped after an internal error; restart the server"
+WORKER_FAILED = "the engine has stopped after a tensor-parallel worker failed; restart the server"
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class RequestTimeoutError(RuntimeError):
@@ -177,10 +186,23 @@ class AsyncLLMEngine:
                 and not self._stopping and self._fatal() is None)
 
     @property
+    def unavailable_reason(self) -> str:
+        """Why requests cannot be served now, for clients (the details are in the server log)."""
+        if self._dead is not None or self._fatal() is not None:
+            return self._failure()
+        if self._stopping:
+            return SHUTTING_DOWN
+        return "the engine is not running" if self._thread is None or not self._thread.is_alive() else ""
+
+    @property
     def dead_error(self) -> BaseException | None:
         if self._dead is None and (fatal := self._fatal()) is not None:
             return EngineDeadError(fatal)
         return self._dead
+
+    def _failure(self) -> str:
+        """What clients are told once the engine has failed."""
+        return WORKER_FAILED if self._fatal() is not None else ENGINE_FAILED
 
     def _fatal(self) -> str | None:
         """A fatal engine condition noticed off-step (a tensor-parallel worker died while idle).
@@ -205,7 +227,7 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 logger.warning("engine thread did not stop within %.0f s", timeout)
-        err = EngineDeadError("the server is shutting down")
+        err = EngineDeadError(SHUTTING_DOWN)
         if self._loop is not None and self._on_loop():
             self._fail_all(err)
         else:
@@ -266,9 +288,9 @@ class AsyncLLMEngine:
 
     def _check_alive(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine has stopped: {type(self._dead).__name__}: {self._dead}")
+            raise EngineDeadError(self._failure())
         if self._stopping:
-            raise EngineDeadError("the server is shutting down")
+            raise EngineDeadError(SHUTTING_DOWN)
         if self._thread is None:
             raise EngineDeadError("the engine is not started")
 
@@ -302,7 +324,7 @@ class AsyncLLMEngine:
         except BaseException as e:  # noqa: BLE001 - any escape kills the loop: report, never hang clients
             logger.exception("engine loop died")
             self._dead = e
-            self._post(self._fail_all, EngineDeadError(f"the engine has stopped: {type(e).__name__}: {e}"))
+            self._post(self._fail_all, EngineDeadError(self._failure()))
             self._stop_engine()
             return
         for rid in list(eng.requests):  # shutdown: free everything

@@ -59,10 +59,20 @@ class DistCommunicator:
         return torch.cat(parts, dim=-1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_listener() -> socket.socket:
+    """The rendezvous store's socket, bound to loopback by us: TCPStore binds its own on every interface."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(128)
+    return sock
+
+
+def _loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n in ("lo", "lo0")), next((n for n in names if n.startswith("lo")), None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +86,20 @@ class WorkerSpec:
     max_model_len: int | None = None  # sizes the rotary table
 
 
-def _init(rank: int, world: int, port: int) -> dist.ProcessGroup:
+def _init(rank: int, world: int, port: int, listener: socket.socket | None = None) -> dist.ProcessGroup:
     """Join the default group (compute collectives) and return a control group for batch broadcasts.
 
     The control group has no practical timeout, so an idle server keeps its workers; a dead peer
-    still fails it at once (its sockets close).
+    still fails it at once (its sockets close). Every rank listens on loopback only: rank 0's store on
+    `listener` (see loopback_listener), gloo's pair sockets on the loopback interface, which gloo would
+    otherwise pick from the host name (often a public address) unless GLOO_SOCKET_IFNAME names one.
     """
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()) is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = lo  # read when the gloo groups are created, in this process
+    store = dist.TCPStore(LOOPBACK, port, world, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
+                          wait_for_workers=False,  # the store owns a copy of the fd: the caller closes its own
+                          master_listen_fd=os.dup(listener.fileno()) if listener is not None else None)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
@@ -125,13 +141,15 @@ class TPGroup:
         self.world = world
         self.dead: str | None = None
         self._stopping = False
-        port = free_port()
+        self._listener = loopback_listener()
+        port = int(self._listener.getsockname()[1])
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=_worker_main, args=(r, world, port, spec), daemon=True,
                                   name=f"depthserve-tp{r}") for r in range(1, world)]
         for p in self.procs:
             p.start()
         self._rendezvous(world, port)
+        self._listener.close()  # the store listens on its own copy
         self.comm = DistCommunicator(0, world)
         self._watchdog = threading.Thread(target=self._watch, name="depthserve-tp-watchdog", daemon=True)
         self._watchdog.start()
@@ -143,7 +161,7 @@ class TPGroup:
 
         def join() -> None:
             try:
-                self.control = _init(0, world, port)
+                self.control = _init(0, world, port, self._listener)
             except BaseException as e:  # reported below
                 errors.append(e)
 
@@ -195,6 +213,7 @@ class TPGroup:
                     logger.warning("could not tell TP workers to stop; terminating them")
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        self._listener.close()
         deadline = time.monotonic() + 5
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))

@@ -46,6 +46,7 @@ from engine.request import Request as EngineRequest
 from engine.sampling_params import SamplingParams, seed_for_sample
 from server import protocol as P
 from server.metrics import ServerMetrics
+from server.middleware import HostGuard
 
 logger = logging.getLogger("depthserve.server")
 
@@ -90,6 +91,7 @@ def _queue_full(e: QueueFullError) -> APIError:
 
 
 def _dead(e: EngineDeadError) -> APIError:
+    """503; EngineDeadError's messages are written for clients (the cause is in the server log)."""
     return APIError(503, _scrub(str(e)), "service_unavailable_error", code="engine_unavailable")
 
 
@@ -237,14 +239,16 @@ class OpenAIServer:
 
     async def read_body(self, request: Request, deadline: float | None = None) -> bytes:
         """The body, if its declared type is JSON (browsers cannot send that cross-site without a CORS
-        preflight, so a page cannot make a visitor's browser spend this server's compute) and it fits the
-        size limit and arrives in time."""
+        preflight, so a page cannot make a visitor's browser spend this server's compute; a body with no
+        type is refused for the same reason) and it fits the size limit and arrives in time."""
         ctype = request.headers.get("content-type")
-        if ctype is not None:
-            media = ctype.partition(";")[0].strip().lower()
-            if media not in JSON_TYPES and not media.endswith("+json"):
-                raise APIError(415, f"unsupported Content-Type {_scrub(media, 80)!r}: send JSON with "
-                                    "'Content-Type: application/json'", code="unsupported_media_type")
+        if ctype is None:  # what fetch(..., {mode: "no-cors"}) sends: no preflight, so refuse it too
+            raise APIError(415, "missing Content-Type: send JSON with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+        media = ctype.partition(";")[0].strip().lower()
+        if media not in JSON_TYPES and not media.endswith("+json"):
+            raise APIError(415, f"unsupported Content-Type {_scrub(media, 80)!r}: send JSON with "
+                                "'Content-Type: application/json'", code="unsupported_media_type")
         limit = self.max_body_bytes
         too_big = APIError(413, f"request body is larger than the limit of {limit} bytes",
                            code="request_too_large")
@@ -696,11 +700,13 @@ def _openapi(app: FastAPI, protected: bool) -> dict[str, Any]:
 
 def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
-              request_timeout: float | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+              request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
+              allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
 
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
+    `allowed_hosts`: Host header patterns served (server.middleware.HostGuard), others get 400; None: any.
     """
     server = OpenAIServer(engine, served_model_names, api_key, max_body_bytes, request_timeout)
     metrics = ServerMetrics(lambda: engine.stats, server.names[0])
@@ -716,10 +722,14 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             await asyncio.to_thread(engine.shutdown)
             logger.info("engine stopped")
 
-    app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # no slash redirects: their absolute Location would echo the client's Host header
+    app = FastAPI(title="depthserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
+    if allowed_hosts is not None:  # added last: the outermost, before CORS and routing
+        app.add_middleware(HostGuard, patterns=list(allowed_hosts))
     app.state.server = server
     app.state.metrics = metrics
     app.state.engine = engine
@@ -785,9 +795,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     async def health() -> Response:
         if engine.is_healthy:
             return Response(b'{"status":"ok"}', media_type="application/json")
-        err = engine.dead_error
-        reason = f"the engine has stopped: {type(err).__name__}: {err}" if err else "the engine is not running"
-        return APIError(503, _scrub(reason), "service_unavailable_error", code="engine_unavailable").response()
+        reason = engine.unavailable_reason or "the engine is not running"  # no internals: they are logged
+        return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,
              responses={

@@ -75,10 +75,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  
     s.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="browser origins allowed by CORS, e.g. https://app.example.com, or '*' (default: none, "
                         "CORS off)")
+    s.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST",
+                   help="Host header values served besides loopback names (localhost, 127.x, [::1]): names, "
+                        "*.domain, IPs or networks, or '*' for any. Bound to a loopback address, other hosts "
+                        "get 400 (DNS rebinding); bound elsewhere with none given, any host is served")
+    s.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections (or running requests) beyond which requests get 503")
+    s.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection that has not sent complete request headers within this")
     s.add_argument("--depth-metrics", action="store_true",
                    help="export per-site AttnRes depth-weight means and entropies (costs a little per step)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds to let in-flight requests finish on SIGTERM before cancelling them")
+                   help="seconds to let in-flight requests finish on SIGTERM; those still running then end "
+                        "with a 503 (or a stream error event)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level of the server and engine")
     return p
@@ -137,6 +146,8 @@ def serve(ns: argparse.Namespace) -> int:
     )
     from engine.llm_engine import LLMEngine
     from server.app import build_app
+    from server.http import DrainingServer, protocol
+    from server.middleware import host_allowlist
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -153,6 +164,12 @@ def serve(ns: argparse.Namespace) -> int:
             raise ValueError(f"--max-queued-requests must be >= 0, got {ns.max_queued_requests}")
         if ns.num_threads is not None and ns.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {ns.num_threads}")
+        if ns.max_connections < 1:
+            raise ValueError(f"--max-connections must be >= 1, got {ns.max_connections}")
+        if not ns.header_timeout > 0:
+            raise ValueError(f"--header-timeout must be > 0 seconds, got {ns.header_timeout}")
+        if not ns.shutdown_timeout >= 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {ns.shutdown_timeout}")
         if ns.request_timeout is not None and not ns.request_timeout > 0:
             raise ValueError(f"--request-timeout must be > 0 seconds, got {ns.request_timeout}")
     except ValueError as e:
@@ -165,13 +182,16 @@ def serve(ns: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:  # missing model, bad checkpoint, budget too small
             raise UserError(str(e)) from None
         names = ns.served_model_name or [ns.model]
-        app = build_app(AsyncLLMEngine(engine, max_queued_requests=ns.max_queued_requests), names,
-                        api_key=ns.api_key or None, max_body_bytes=max_body,
+        async_engine = AsyncLLMEngine(engine, max_queued_requests=ns.max_queued_requests)
+        app = build_app(async_engine, names, api_key=ns.api_key or None, max_body_bytes=max_body,
                         metrics_require_auth=ns.metrics_require_auth, request_timeout=ns.request_timeout,
-                        allowed_origins=ns.allowed_origins)
-        config = uvicorn.Config(app, log_level=ns.log_level, timeout_graceful_shutdown=ns.shutdown_timeout,
-                                server_header=False)
-        server = uvicorn.Server(config)
+                        allowed_origins=ns.allowed_origins,
+                        allowed_hosts=host_allowlist(ns.host, ns.allowed_hosts))
+        config = uvicorn.Config(app, log_level=ns.log_level, server_header=False, limit_concurrency=ns.max_connections,
+                                http=protocol(ns.header_timeout))
+        # past --shutdown-timeout, the engine stops and fails what is still running, so each request
+        # ends with its own 503 / stream error event
+        server = DrainingServer(config, grace=ns.shutdown_timeout, expire=async_engine.shutdown)
         logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", ns.model, ", ".join(names),
                                              ns.host, ns.port)
         # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in
