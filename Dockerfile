@@ -32,14 +32,16 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 WORKDIR /src
+COPY .ci/constraints.txt ./constraints.txt
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY kvcache ./kvcache
 COPY models ./models
 COPY server ./server
 COPY loadtest ./loadtest
-# A regular (non-editable) install: the built-in models under models/builtin/ ship as package data.
-RUN pip install --no-cache-dir . \
+# A regular (non-editable) install of the tested dependency set: the built-in models under models/builtin/
+# ship as package data.
+RUN pip install --no-cache-dir -c constraints.txt . \
     && python -c "from models.loader import builtin_models; assert builtin_models(), 'no built-in model'"
 
 # ---- runtime: the venv on a clean base, no sources, no build tools --------------------------------------

@@ -98,7 +98,7 @@ async def one_request(c: httpx.AsyncClient, rng: random.Random, model: str, tall
     if kind == "hangup_wait":  # give up before the answer: the server must abort the request
         try:
             await asyncio.wait_for(c.post(path, json={**body, "max_tokens": 32}), rng.uniform(0.005, 0.1))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "hangup"
         return "ok"
     r = await c.post(path, json=body)

@@ -268,7 +268,7 @@ class OpenAIServer:
         wait = BODY_TIMEOUT_S if deadline is None else min(BODY_TIMEOUT_S, deadline - time.monotonic())
         try:
             return await asyncio.wait_for(read(), max(wait, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {wait:.0f} s",
                            code="request_timeout") from None
         except ClientDisconnect:  # gone before sending its body: an ordinary event, not a server error
