@@ -70,52 +70,54 @@ class _Track:
 
 
 class RequestGroup:
-    """Outputs of one or more engine requests (n samples, a batch of prompts) on one asyncio queue.
+    """Outputs of one or more engine requests (a batch of prompts) for one consumer.
 
     Iterate with `async for`; it ends when every member has finished. Engine death or shutdown is
     raised from the iterator as EngineDeadError. `abort()` (idempotent) aborts unfinished members:
     call it in a `finally` so that a client disconnect frees the KV cache. With a `deadline`
     (time.monotonic()), the iterator aborts the group and raises RequestTimeoutError once it passes,
     so a stuck or over-long request cannot hold its KV blocks and its queue slot forever.
+
+    Memory stays bounded when the consumer is slow (a client that stops reading): each request keeps
+    at most one undelivered output, into which later DELTA outputs are merged (vLLM's collector).
     """
 
     def __init__(self, engine: AsyncLLMEngine, request_ids: Sequence[str], deadline: float | None = None) -> None:
         self._engine = engine
         self.request_ids = list(request_ids)
         self.deadline = deadline
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: dict[str, RequestOutput] = {}  # per request: delivered, not yet taken
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self._unfinished = set(self.request_ids)
-
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished
 
     def __aiter__(self) -> RequestGroup:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if not self._unfinished and self._queue.empty():
-            raise StopAsyncIteration
-        if self.deadline is None:
-            item = await self._queue.get()
-        else:
-            item = await self._get_before_deadline(self.deadline)
-        if isinstance(item, BaseException):
-            self._unfinished.clear()
-            raise item
-        if item.finished:
-            self._unfinished.discard(item.request_id)
-        return item
+        while True:
+            if self._pending:
+                out = self._pending.pop(next(iter(self._pending)))
+                if out.finished:
+                    self._unfinished.discard(out.request_id)
+                return out
+            if self._error is not None:
+                self._unfinished.clear()
+                raise self._error
+            if not self._unfinished:
+                raise StopAsyncIteration
+            self._ready.clear()
+            if self.deadline is None:
+                await self._ready.wait()
+            else:
+                await self._wait_before_deadline(self.deadline)
 
-    async def _get_before_deadline(self, deadline: float) -> RequestOutput | BaseException:
+    async def _wait_before_deadline(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining > 0:
-            if not self._queue.empty():
-                return self._queue.get_nowait()
-            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError's alias only from 3.11
-                return await asyncio.wait_for(self._queue.get(), remaining)
-        if not self._unfinished:  # everything already finished: let the caller drain the queue
-            return self._queue.get_nowait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), remaining)
+                return
         self.abort()
         raise RequestTimeoutError("the request did not finish in time and was aborted")
 
@@ -125,7 +127,18 @@ class RequestGroup:
         self._unfinished.clear()
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        if isinstance(item, BaseException):
+            self._error = item
+        elif (held := self._pending.get(item.request_id)) is not None:
+            held.merge(item)
+        else:
+            self._pending[item.request_id] = item
+        self._ready.set()
+
+    @property
+    def num_pending(self) -> int:
+        """Undelivered outputs (at most one per request, whatever the consumer's speed)."""
+        return len(self._pending)
 
 
 class AsyncLLMEngine:
@@ -272,8 +285,6 @@ class AsyncLLMEngine:
         raised at the call, before anything is queued; the returned iterator aborts the request in its
         `finally` when it is closed or cancelled early (client disconnect).
         """
-        if params.n != 1:
-            raise ValueError("generate() runs one sample: fan n > 1 out as separate requests")
         return _iterate(self.add_request(prompt, params, request_id))
 
     def abort(self, request_id: str) -> None:
@@ -327,7 +338,7 @@ class AsyncLLMEngine:
             self._post(self._fail_all, EngineDeadError(self._failure()))
             self._stop_engine()
             return
-        for rid in list(eng.requests):  # shutdown: free everything
+        for rid in eng.request_ids:  # shutdown: free everything
             with contextlib.suppress(Exception):
                 eng.abort_request(rid)
         with contextlib.suppress(Exception):
@@ -413,7 +424,7 @@ class AsyncLLMEngine:
         if not track.scheduled_seen and m.first_scheduled_time is not None:
             track.scheduled_seen = True
             obs.observe_queue_time(m.first_scheduled_time - m.arrival_time)
-        if out.outputs[0].new_token_ids and m.last_token_time is not None:
+        if any(c.token_ids for c in out.outputs) and m.last_token_time is not None:
             if track.last_token_time is None:
                 obs.observe_first_token(m.last_token_time - m.arrival_time)
             else:
@@ -421,7 +432,8 @@ class AsyncLLMEngine:
             track.last_token_time = m.last_token_time
         if out.finished:
             end = m.finished_time if m.finished_time is not None else time.monotonic()
-            obs.observe_finished(out.outputs[0].finish_reason or "error", end - m.arrival_time)
+            obs.observe_finished(out.outputs[0].finish_reason or "error" if out.outputs else "error",
+                                 end - m.arrival_time)
 
     def _fail_all(self, err: BaseException) -> None:
         tracks, self._tracks = self._tracks, {}

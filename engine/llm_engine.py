@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,18 +13,18 @@ import torch
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.model_runner import ModelRunner, kv_bytes_per_block
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput, RequestOutputKind
 from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
-from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams, seed_for_sample
-from engine.scheduler import Scheduler
+from engine.scheduler import EngineCoreOutput, RunnerOutput, Scheduler
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
 from models.loader import load_config, load_model, load_tokenizer, resolve_model
-from models.tokenizer import IncrementalDetokenizer, Tokenizer
+from models.tokenizer import Tokenizer
 
 logger = logging.getLogger("depthserve.engine")
 
@@ -66,16 +65,15 @@ class LLMEngine:
             self.shutdown()
             raise
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group)
+        self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group,
+                                  max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+                                  max_step_tokens=self.max_step_tokens, seed=config.seed)
+        self.processor = OutputProcessor(self.tokenizer)
         self.depth_stats: DepthStats | None = None
         if config.depth_stats and mcfg.is_attn_res:
             self.depth_stats = DepthStats()
             self.runner.record_all = True
-        self.sampler = Sampler(config.seed)
-        self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
         self.last_step_tokens = 0
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
 
@@ -168,44 +166,58 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
                       eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids)
-        if self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         return req
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
         return self.add_built_request(self.make_request(prompt, params, request_id))
 
     def add_built_request(self, req: Request) -> str:
-        if req.request_id in self.requests:
+        """Queue a request made by make_request; n > 1 becomes n engine requests under its id."""
+        if req.request_id in self.processor.parents:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.requests[req.request_id] = req
-        self.scheduler.add_request(req)
+        p = req.params
+        samples = [req] if p.n == 1 else [
+            Request(f"{req.request_id}/{j}", req.prompt_token_ids, replace(p, n=1, seed=seed_for_sample(p.seed, j)),
+                    prompt=req.prompt, max_model_len=req.max_model_len, eos_token_ids=req.eos_token_ids,
+                    arrival_time=req.metrics.arrival_time, parent_id=req.request_id, index=j)
+            for j in range(p.n)]
+        self.processor.add(samples)
+        for sample in samples:
+            self.scheduler.add_request(sample)
         return req.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        self.scheduler.finish(req)
-        req.finish_reason = "abort"
-        return self._output(req, [])
+        """Abort a request (all its samples); its last output, or None if it is unknown or finished."""
+        return self._end(self.processor.children(request_id), "abort", None)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request in the engine with an error output (after an error no request owns)."""
-        return [self._fail(req, message) for req in list(self.requests.values())]
+        return [out for rid in list(self.processor.parents)
+                if (out := self._end(self.processor.children(rid), "error", message)) is not None]
+
+    def _end(self, reqs: list[Request], reason: str, error: str | None) -> RequestOutput | None:
+        for req in reqs:
+            self.scheduler.finish(req, reason)
+        outs, _ = self.processor.process([EngineCoreOutput(req, error=error) for req in reqs])
+        return outs[-1] if outs else None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Ids of the requests in the engine (as added; not their per-sample ids)."""
+        return list(self.processor.parents)
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers (no-op at TP=1); safe to call twice."""
         if self.tp_group is not None:
             self.tp_group.shutdown()
 
-    # ---- the step ------------------------------------------------------------------------------
+    # ---- the step: schedule -> execute -> update -> outputs ----------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step. Nothing a single request carries can raise out of here: a request whose
-        row cannot be built, sampled or updated fails alone; a failed forward fails its step's requests."""
+        row cannot be built or sampled fails alone; a failed forward fails its step's requests."""
         if self.fatal_error is not None:
             raise WorkerDiedError(self.fatal_error)
         sched = self.scheduler.schedule()
@@ -213,150 +225,28 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not sched.preempted:
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return []
-        step = ModelRunner.order(sched.scheduled)
         self.last_step_tokens = sched.num_tokens
-        now = time.monotonic()
-        for req, _ in step.scheduled:
-            if req.metrics.first_scheduled_time is None:  # count each prompt once (as vLLM), cached or not
-                req.metrics.first_scheduled_time = now
-                self.num_prompt_tokens += req.num_prompt_tokens
         try:
-            ran = self.runner.execute(step)
+            ran = self.runner.execute(sched)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
             if self.tp_group is not None:  # ranks are out of step after a failed collective: fatal
                 self.fatal_error = self.tp_group.dead or f"tensor-parallel step failed: {e}"
                 raise WorkerDiedError(self.fatal_error) from e
             logger.exception("model step failed")
-            return [self._fail(req, "model step failed") for req, _ in step.scheduled]
-        outputs = [self._fail(f.request, "the request could not be prepared", f.error) for f in ran.failed]
-        step = ran.step
-        for req, n in step.scheduled:
-            req.num_computed_tokens += n
-            self.kv.cache_computed(req.request_id, req.token_ids, req.num_computed_tokens)
-        sampled_pos = {r.request_id: r.num_tokens - 1 for r in step.sample}
-        for req, pos, entry in ran.depth_records:
-            if req.params.depth_attention or req.params.prompt_depth_attention:
-                req.depth_entries[pos] = entry
-            if self.depth_stats is not None and sampled_pos.get(req.request_id) == pos:
-                self.depth_stats.add(entry)
-        if not step.sample:
-            return outputs
-        assert ran.logits is not None
-        now = time.monotonic()
-        for req, result in zip(step.sample, self._sample(ran.logits, step.sample), strict=True):
-            if isinstance(result, BaseException):
-                outputs.append(self._fail(req, "sampling failed", result))
-                continue
-            try:
-                outputs.append(self._append_token(req, *result, now))
-            except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request only
-                outputs.append(self._fail(req, "processing the output failed", e))
+            failed = [(s.request, "model step failed", e) for s in sched.scheduled]
+            ran = RunnerOutput([], [], [], [], {}, failed)
+        for req, message, error in ran.failed:
+            if error is not None and message != "model step failed":
+                logger.error("request %s failed: %s", req.request_id, message, exc_info=error)
+        core = self.scheduler.update_from_output(sched, ran)
+        if self.depth_stats is not None:
+            for entry in ran.depth:
+                if entry is not None:
+                    self.depth_stats.add(entry)
+        outputs, stopped = self.processor.process(core)
+        for req, stop in stopped:
+            self.scheduler.finish(req, "stop", stop)
         return outputs
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[int, Logprob | None] | BaseException]:
-        """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
-        try:
-            out = self.sampler(logits, reqs)
-            return list(zip(out.token_ids, out.logprobs, strict=True))
-        except Exception:  # noqa: BLE001
-            logger.exception("batched sampling failed; sampling row by row")
-        results: list[tuple[int, Logprob | None] | BaseException] = []
-        for i, req in enumerate(reqs):
-            try:
-                one = self.sampler(logits[i:i + 1], [req])
-                results.append((one.token_ids[0], one.logprobs[0]))
-            except Exception as e:  # noqa: BLE001
-                results.append(e)
-        return results
-
-    def _append_token(self, req: Request, tok: int, logprob: Logprob | None, now: float) -> RequestOutput:
-        req.token_ids.append(tok)
-        self.num_generation_tokens += 1
-        if req.logprobs is not None and logprob is not None:
-            req.logprobs.append(logprob)
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
-        self._check_stop(req, tok)
-        if req.finish_reason is not None:
-            self.scheduler.finish(req)
-            self.requests.pop(req.request_id, None)
-            req.metrics.finished_time = now
-        return self._output(req, [tok])
-
-    def _check_stop(self, req: Request, tok: int) -> None:
-        """Detokenize the new token and apply stop conditions (vLLM's order: min_tokens, EOS, stop token
-        ids, stop strings, length). Stop strings are matched in text released by the detokenizer, the
-        end-of-request flush included, so held-back text cannot slip past a stop."""
-        p = req.params
-        active = req.num_output_tokens >= p.min_tokens  # below min_tokens nothing stops a request
-        new_text = ""
-        if active and tok in req.eos_token_ids:
-            req.finish_reason = "stop"
-        elif active and tok in p.stop_token_ids:
-            req.finish_reason, req.stop_reason = "stop", tok
-        elif req.detokenizer is not None:
-            new_text = req.detokenizer.add([tok])
-        if req.finish_reason is None and (
-                (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens)
-                or req.num_tokens >= req.max_model_len):
-            req.finish_reason = "length"
-        if req.finish_reason is not None and req.detokenizer is not None:
-            new_text += req.detokenizer.flush()
-        if not new_text:
-            return
-        prev_len = len(req.output_text)
-        req.output_text += new_text
-        if not (p.stop and active):
-            return
-        text = req.output_text
-        # earliest stop string that ends inside the new text (it may start in older text)
-        hits = [(at, s) for s in p.stop if (at := text.find(s, max(0, prev_len - len(s) + 1))) >= 0]
-        if hits:
-            at, s = min(hits)
-            req.output_text = text[:at + len(s) if p.include_stop_str_in_output else at]
-            req.finish_reason, req.stop_reason = "stop", s
-
-    def _fail(self, req: Request, message: str, error: BaseException | None = None) -> RequestOutput:
-        """End one request with an error output (the client sees `message`; the log gets the details)."""
-        if error is not None:
-            logger.error("request %s failed: %s", req.request_id, message, exc_info=error)
-        self.scheduler.finish(req)
-        self.requests.pop(req.request_id, None)
-        req.finish_reason = "error"
-        out = self._output(req, [])
-        out.error = message
-        return out
-
-    def _output(self, req: Request, new_ids: list[int]) -> RequestOutput:
-        comp = CompletionOutput(
-            index=0, text=req.output_text, token_ids=req.output_token_ids, finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason, logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            new_text=self._release_text(req), new_token_ids=new_ids)
-        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp],
-                            finished=req.finish_reason is not None, metrics=req.metrics)
-        p = req.params
-        if p.depth_attention:  # the token at position q came from the forward pass at q - 1
-            first = req.num_prompt_tokens - 1
-            comp.depth_attention = [req.depth_entries[first + j] for j in range(req.num_output_tokens)]
-            comp.new_depth_attention = comp.depth_attention[len(comp.depth_attention) - len(new_ids):]
-        if p.prompt_depth_attention:
-            out.prompt_depth_attention = [req.depth_entries[q] for q in range(req.num_prompt_tokens)
-                                          if q in req.depth_entries]
-        return out
-
-    @staticmethod
-    def _release_text(req: Request) -> str:
-        """Text not yet streamed. While a request runs, the last len(longest stop) - 1 characters are
-        held back (vLLM's stop buffer): they may be the start of a stop string that later tokens
-        complete, and streamed text must never be taken back."""
-        hold = 0
-        if req.finish_reason is None and req.params.stop and not req.params.include_stop_str_in_output:
-            hold = max(len(s) for s in req.params.stop) - 1
-        end = max(req.num_sent_chars, len(req.output_text) - hold)
-        delta = req.output_text[req.num_sent_chars:end]
-        req.num_sent_chars = end
-        return delta
 
     # ---- introspection for tests and metrics ------------------------------------------------------
     def kv_blocks_held_by_requests(self) -> int:
@@ -367,7 +257,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics; cheap, read on the engine thread."""
-        running = len(self.scheduler.running)
+        running, st = len(self.scheduler.running), self.scheduler.stats
         depth_cap = self.depth.capacity if self.depth is not None else 0
         return EngineStats(
             num_running=running, num_waiting=len(self.scheduler.waiting), kv_cache_usage=self.kv.usage(),
@@ -375,9 +265,9 @@ class LLMEngine:
             depth_cache_usage=(self.last_step_tokens / depth_cap if depth_cap and running else 0.0),
             depth_cache_bytes=self.depth.bytes if self.depth is not None else 0,
             depth_rows_in_use=self.depth_rows_in_use(),
-            prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
-            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=self.kv.stats.queries,
-            prefix_cache_hits=self.kv.stats.hits,
+            prompt_tokens=st.prompt_tokens, generation_tokens=st.generation_tokens,
+            num_preemptions=st.num_preemptions, prefix_cache_queries=st.prefix_cache_queries,
+            prefix_cache_hits=st.prefix_cache_hits,
             depth=self.depth_stats.snapshot() if self.depth_stats is not None else None)
 
 
@@ -442,26 +332,11 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         eng = self.engine
-        ids: list[list[str]] = []
-        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
-            row = []
-            for j in range(p.n):
-                sub = p if p.n == 1 else replace(p, n=1, seed=seed_for_sample(p.seed, j))
-                row.append(eng.add_request(prompt, sub, request_id=f"gen-{id(self)}-{i}-{j}"))
-            ids.append(row)
+        ids = [eng.add_request(prompt, replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
+                               request_id=f"gen-{id(self)}-{i}")
+               for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True))]
         final: dict[str, RequestOutput] = {}
         while eng.has_unfinished_requests():
             for out in eng.step():
-                if out.finished:
-                    final[out.request_id] = out
-        results = []
-        for row in ids:
-            first = final[row[0]]
-            comps = []
-            for j, rid in enumerate(row):
-                c = final[rid].outputs[0]
-                c.index = j
-                comps.append(c)
-            error = next((final[r].error for r in row if final[r].error), None)
-            results.append(replace(first, outputs=comps, finished=True, error=error))
-        return results
+                final[out.request_id] = out
+        return [final[rid] for rid in ids]

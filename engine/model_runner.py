@@ -1,32 +1,30 @@
-"""Turns a SchedulerOutput into one flat packed batch, runs the model, returns logits to sample.
+"""Turns a SchedulerOutput into one flat packed batch, runs the model, samples, returns a RunnerOutput.
 
 Rows are ordered decode-like sequences (one new token) first, then prompt chunks; the attention
-metadata is built once per step here, vectorised over block tables, and shared by every layer.
+metadata is built once per step here, vectorised over the persistent block tables of the InputBatch,
+and shared by every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from engine.input_batch import InputBatch
+from engine.outputs import DepthEntry, Logprob
 from engine.request import Request
+from engine.sampler import Sampler
+from engine.scheduler import RunnerOutput, SchedulerOutput
 from kvcache.depth_cache import DepthCache
 from kvcache.kv_manager import KVCacheManager
 from models.config import ModelConfig
 from models.context import AttentionMetadata, ForwardBatch, PrefillSpan
 from models.llama import LlamaForServing
 
-DepthRecord = tuple[Request, int, list[list[float]]]  # (request, position of the pass, weights per site)
-
-
-@dataclass
-class StepInput:
-    """The requests of a step in row order, and which of them get a token sampled."""
-
-    scheduled: list[tuple[Request, int]]  # (request, new tokens), decode-like first
-    sample: list[Request]  # requests whose KV catches up with their tokens this step
+logger = logging.getLogger("depthserve.runner")
 
 
 def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int, tp: int = 1) -> int:
@@ -43,129 +41,132 @@ def allocate_kv(model: LlamaForServing, num_slots: int) -> list[tuple[torch.Tens
              torch.zeros(num_slots, attn.kv_heads, attn.head_dim, dtype=model.dtype)) for _ in model.layers]
 
 
-@dataclass(frozen=True)
-class RowFailure:
-    """A request whose row of the packed batch could not be built; the rest of the step still runs."""
-
-    request: Request
-    error: BaseException
-
-
-@dataclass
-class PreparedStep:
-    batch: ForwardBatch
-    step: StepInput  # the step without the requests in `failed`
-    failed: list[RowFailure]
-    depth_rows: list[tuple[Request, int]]  # (request, position) per recorded row, in batch.depth_rows order
-
-
-@dataclass
-class RunnerOutput:
-    step: StepInput  # what ran (failed rows removed); logits rows follow step.sample
-    logits: torch.Tensor | None  # [len(step.sample), vocab] fp32; None when nothing ran
-    depth_records: list[DepthRecord]
-    failed: list[RowFailure]
-
-
 class BatchBroadcaster(Protocol):
     def broadcast(self, batch: ForwardBatch) -> None: ...
 
 
+@dataclass
+class _Rows:
+    """The rows of one step, built request by request (a request whose row fails is left out)."""
+
+    reqs: list[Request] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    failed: list[tuple[Request, str, BaseException]] = field(default_factory=list)
+    depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None,
-                 group: BatchBroadcaster | None = None) -> None:
+                 group: BatchBroadcaster | None = None, *, max_num_seqs: int, max_model_len: int,
+                 max_step_tokens: int, seed: int = 0) -> None:
         self.model = model
         self.kv = kv
         self.depth = depth
         self.group = group  # tensor-parallel workers that run the same batch
         self.record_all = False  # record every sampled row's depth weights (depth metrics on)
         self.kv_caches = allocate_kv(model, kv.num_blocks * kv.block_size)
+        self.inputs = InputBatch(max_num_seqs, kv.blocks_needed(max_model_len), max_step_tokens, kv.block_size)
+        self.sampler = Sampler(seed)
 
-    @staticmethod
-    def order(scheduled: list[tuple[Request, int]]) -> StepInput:
-        ordered = sorted(scheduled, key=lambda rn: rn[1] != 1)  # stable: decode-like rows first
-        sample = [r for r, n in ordered if r.num_computed_tokens + n == r.num_tokens]
-        return StepInput(ordered, sample)
+    # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and sample; requests whose row cannot be built or sampled fail alone."""
+        for rid in sched.finished_ids:
+            self.inputs.remove(rid)
+        for req in sched.preempted:  # recomputed from scratch later: new blocks, new row
+            self.inputs.remove(req.request_id)
+        rows = self._rows(sched)
+        if not rows.reqs:
+            return RunnerOutput([], [], [], [], {}, rows.failed)
+        batch = self._batch(rows)
+        try:
+            if self.group is not None:
+                self.group.broadcast(batch)
+            hidden = self.model(batch)
+            logits = self.model.compute_logits(hidden)  # [S, vocab] fp32, one row per sampled request
+        finally:
+            if self.depth is not None and batch.depth is not None:
+                self.depth.release()
+        return self._sample(rows, logits, batch.depth_weights)
 
-    def _slots(self, block_ids: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        """KV slots of positions [0, length) per sequence, padded: [B, max(length)]."""
-        bs = self.kv.block_size
-        width = max(len(b) for b in block_ids)
-        table = torch.tensor([b + [0] * (width - len(b)) for b in block_ids], dtype=torch.long)  # [B, nb]
-        slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).reshape(len(block_ids), -1)
-        return slots[:, : max(lengths)]
-
-    def prepare(self, step: StepInput) -> PreparedStep:
-        """The packed batch of a step, and the step without requests whose row could not be built.
-
-        Rows are built request by request, so that one request's bad state fails that request alone
-        (the engine reports it) while the rest of the step runs.
-        """
-        ids: list[int] = []
-        pos: list[int] = []
-        slot_map: list[int] = []
-        decode_tables, decode_lens = [], []
-        prefills: list[PrefillSpan] = []
-        rows_of: dict[str, int] = {}
-        sampled = {r.request_id for r in step.sample}
-        kept: list[tuple[Request, int]] = []
-        failed: list[RowFailure] = []
-        depth_rows: list[tuple[Request, int, int]] = []  # (request, position, row)
-        for req, n in step.scheduled:
-            start, row0, ctx = req.num_computed_tokens, len(ids), req.num_computed_tokens + n
+    def _rows(self, sched: SchedulerOutput) -> _Rows:
+        rows = _Rows()
+        for s in sched.scheduled:
+            req, n = s.request, s.num_new_tokens
+            start, row0 = req.num_computed_tokens, len(rows.ids)
             try:
-                row_ids = req.token_ids[start:ctx]
-                if len(row_ids) != n or n < 1:
-                    raise RuntimeError(f"{req!r} has {len(row_ids)} tokens to run, scheduled {n}")
-                row_slots = self.kv.slot_mapping(req.request_id, start, ctx)
-                table = self.kv.block_ids(req.request_id)
-                span = None
-                if n > 1 and start == 0:
-                    span = PrefillSpan(row0, row0 + n, ctx, None, None)
-                elif n > 1:
-                    gather = self._slots([table], [ctx])[0]
-                    q_pos = torch.arange(start, ctx).unsqueeze(1)
-                    mask = (torch.arange(ctx).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
-                    span = PrefillSpan(row0, row0 + n, ctx, gather, mask)
-                planned = self._plan_depth_records(req, start, n, row0, req.request_id in sampled)
+                ids = req.token_ids[start:start + n]
+                if len(ids) != n or n < 1:
+                    raise RuntimeError(f"{req!r} has {len(ids)} tokens to run, scheduled {n}")
+                self.inputs.sync_blocks(req.request_id, self.kv.block_ids(req.request_id))
+                planned = self._plan_depth_records(req, start, n, row0, s.sample)
             except Exception as e:  # noqa: BLE001 - reported for this request alone
-                failed.append(RowFailure(req, e))
+                rows.failed.append((req, "the request could not be prepared", e))
                 continue
-            kept.append((req, n))
-            depth_rows += planned
-            ids += row_ids
-            pos.extend(range(start, ctx))
-            slot_map += row_slots
-            rows_of[req.request_id] = row0 + n - 1
-            if span is None:
-                decode_tables.append(table)
-                decode_lens.append(ctx)
+            rows.reqs.append(req)
+            rows.num_new.append(n)
+            rows.sample.append(s.sample)
+            rows.ids += ids
+            rows.depth_rows += planned
+        return rows
+
+    def _batch(self, rows: _Rows) -> ForwardBatch:
+        """The packed batch, from the persistent buffers: one vectorised pass over the block tables."""
+        inputs, bs = self.inputs, self.kv.block_size
+        t = len(rows.ids)
+        table_rows = torch.tensor([inputs.row_of[r.request_id] for r in rows.reqs], dtype=torch.long)  # [B]
+        starts = torch.tensor([r.num_computed_tokens for r in rows.reqs], dtype=torch.long)  # [B]
+        counts = torch.tensor(rows.num_new, dtype=torch.long)  # [B]
+        ends = starts + counts  # [B] context length after this step
+        first_row = torch.cumsum(counts, 0) - counts  # [B] first packed row of each request
+        row_req = torch.repeat_interleave(torch.arange(len(rows.reqs)), counts)  # [T]
+        positions = inputs.positions[:t]
+        torch.sub(torch.arange(t), first_row[row_req], out=positions)
+        positions += starts[row_req]
+        table = inputs.block_table
+        slots = inputs.slot_mapping[:t]
+        torch.add(table[table_rows[row_req], positions // bs] * bs, positions % bs, out=slots)
+        input_ids = inputs.input_ids[:t]
+        input_ids.copy_(torch.tensor(rows.ids, dtype=torch.long))
+        one = counts == 1
+        meta = AttentionMetadata(slot_mapping=slots)
+        decode = one.nonzero().squeeze(1)
+        if len(decode):
+            lens = ends[decode]  # [B_d]
+            meta.num_decode = len(decode)
+            meta.decode_gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
+            meta.decode_mask = (torch.arange(meta.decode_gather.shape[1]).unsqueeze(0) < lens.unsqueeze(1))[
+                :, None, None, :]
+        for b in (~one).nonzero().squeeze(1).tolist():
+            start, end, row0 = int(starts[b]), int(ends[b]), int(first_row[b])
+            if start == 0:
+                meta.prefills.append(PrefillSpan(row0, row0 + end, end, None, None))
             else:
-                prefills.append(span)
-        if failed:
-            gone = {id(f.request) for f in failed}
-            step = StepInput(kept, [r for r in step.sample if id(r) not in gone])
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long), prefills=prefills)
-        if decode_lens:
-            meta.num_decode = len(decode_lens)
-            meta.decode_gather = self._slots(decode_tables, decode_lens)
-            lens = torch.tensor(decode_lens).unsqueeze(1)
-            meta.decode_mask = (torch.arange(meta.decode_gather.shape[1]).unsqueeze(0) < lens)[:, None, None, :]
-        t = len(ids)
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(pos, dtype=torch.long),
-            attn=meta,
-            logits_indices=torch.tensor([rows_of[r.request_id] for r in step.sample], dtype=torch.long),
-            kv_caches=self.kv_caches,
-            depth=self.depth.reserve(t) if self.depth is not None and t else None,
-            depth_rows=torch.tensor([r for _, _, r in depth_rows], dtype=torch.long) if depth_rows else None,
-        )
-        return PreparedStep(batch, step, failed, [(req, q) for req, q, _ in depth_rows])
+                gather = self._slots(table_rows[b:b + 1], end)[0]  # [ctx]
+                q_pos = torch.arange(start, end).unsqueeze(1)
+                mask = (torch.arange(end).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
+                meta.prefills.append(PrefillSpan(row0, row0 + end - start, end, gather, mask))
+        sampled = [b for b, s in enumerate(rows.sample) if s]
+        return ForwardBatch(
+            input_ids=input_ids, positions=positions, attn=meta,
+            logits_indices=(first_row + counts - 1)[sampled], kv_caches=self.kv_caches,
+            depth=self.depth.reserve(t) if self.depth is not None else None,
+            depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long)
+            if rows.depth_rows else None)
+
+    def _slots(self, table_rows: torch.Tensor, length: int) -> torch.Tensor:
+        """KV slots of positions [0, length) of each given block-table row: [B, length]."""
+        bs = self.kv.block_size
+        nb = -(-length // bs)
+        blocks = self.inputs.block_table[table_rows, :nb]  # [B, nb]
+        return (blocks.unsqueeze(-1) * bs + torch.arange(bs)).reshape(len(table_rows), -1)[:, :length]
 
     def _plan_depth_records(self, req: Request, start: int, n: int, row0: int,
                             samples: bool) -> list[tuple[Request, int, int]]:
-        """Rows whose depth weights a request asked for: its sampled row, and prompt rows for echo."""
+        """Rows whose depth weights are wanted: the sampled row, and prompt rows for echo."""
         p = req.params
         if p.prompt_depth_attention:
             return [(req, start + k, row0 + k) for k in range(n) if start + k < req.num_prompt_tokens
@@ -174,26 +175,43 @@ class ModelRunner:
             return [(req, start + n - 1, row0 + n - 1)]
         return []
 
-    @staticmethod
-    def _collect_depth(rows: list[tuple[Request, int]], weights: list[torch.Tensor]) -> list[DepthRecord]:
-        """[R, n_site] per site -> per recorded row, weights per site rounded to 4 decimals."""
-        sites = [(torch.round(w.float() * 1e4) / 1e4).tolist() for w in weights]
-        return [(req, pos, [site[i] for site in sites]) for i, (req, pos) in enumerate(rows)]
+    # ---- sampling ------------------------------------------------------------------------------
+    def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor]) -> RunnerOutput:
+        sampled = [r for r, s in zip(rows.reqs, rows.sample, strict=True) if s]
+        depth_of: dict[int, DepthEntry] = {}  # id(request) -> its sampled row's weights
+        prompt_depth: dict[str, list[tuple[int, DepthEntry]]] = {}
+        if rows.depth_rows:
+            sites = [(torch.round(w.float() * 1e4) / 1e4).tolist() for w in weights]  # per site: [R][n_src]
+            for i, (req, pos, _) in enumerate(rows.depth_rows):
+                entry = [site[i] for site in sites]
+                if pos == req.num_tokens - 1:  # the pass over the last token produced the sampled one
+                    depth_of[id(req)] = entry
+                if pos < req.num_prompt_tokens and req.params.prompt_depth_attention:
+                    prompt_depth.setdefault(req.request_id, []).append((pos, entry))
+        out = RunnerOutput([], [], [], [], prompt_depth, rows.failed)
+        for req, result in zip(sampled, self._sample_rows(logits, sampled), strict=True):
+            if isinstance(result, BaseException):
+                out.failed.append((req, "sampling failed", result))
+                continue
+            out.sampled.append(req)
+            out.token_ids.append(result[0])
+            out.logprobs.append(result[1])
+            out.depth.append(depth_of.get(id(req)))
+        return out
 
-    @torch.inference_mode()
-    def execute(self, step: StepInput) -> RunnerOutput:
-        """Run one step: fp32 logits for the sampled rows, requested depth weights, rows that failed."""
-        prep = self.prepare(step)
-        batch, step = prep.batch, prep.step
-        if not step.scheduled:
-            return RunnerOutput(step, None, [], prep.failed)
+    def _sample_rows(self, logits: torch.Tensor,
+                     reqs: list[Request]) -> list[tuple[int, Logprob | None] | BaseException]:
+        """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
         try:
-            if self.group is not None:
-                self.group.broadcast(batch)
-            hidden = self.model(batch)
-            logits = self.model.compute_logits(hidden)
-        finally:
-            if self.depth is not None and batch.depth is not None:
-                self.depth.release()
-        records = self._collect_depth(prep.depth_rows, batch.depth_weights) if prep.depth_rows else []
-        return RunnerOutput(step, logits, records, prep.failed)
+            out = self.sampler(logits, reqs)
+            return list(zip(out.token_ids, out.logprobs, strict=True))
+        except Exception:  # noqa: BLE001
+            logger.exception("batched sampling failed; sampling row by row")
+        results: list[tuple[int, Logprob | None] | BaseException] = []
+        for i, req in enumerate(reqs):
+            try:
+                one = self.sampler(logits[i:i + 1], [req])
+                results.append((one.token_ids[0], one.logprobs[0]))
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        return results

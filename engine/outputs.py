@@ -1,8 +1,22 @@
-"""What the engine hands back: RequestOutput with one CompletionOutput per sample (vLLM's shape)."""
+"""What the engine hands back: RequestOutput with one CompletionOutput per sample (vLLM's shape).
+
+How much each output carries is the request's `SamplingParams.output_kind` (vLLM's RequestOutputKind):
+DELTA outputs carry only what is new since the previous one (streams), FINAL_ONLY one output at the
+end with everything (non-streaming answers, the offline API). Per-step work is then O(new tokens), never
+O(tokens so far).
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+DepthEntry = list[list[float]]  # one forward pass: per mixing site, the weights over its sources
+
+
+class RequestOutputKind(enum.Enum):
+    DELTA = "delta"  # each output: only the new text, token ids, logprobs and depth entries
+    FINAL_ONLY = "final_only"  # one output, when the request finishes, with everything
 
 
 @dataclass
@@ -14,18 +28,29 @@ class Logprob:
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # which of the request's n samples
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    logprobs: list[Logprob] | None = None
-    new_text: str = ""  # text added since the previous output of this request (streaming)
-    new_token_ids: list[int] = field(default_factory=list)
-    # Per generated token: per mixing site (layer 0 attn, layer 0 mlp, ..., output head) the depth
-    # weights over that site's sources. None unless SamplingParams.depth_attention.
-    depth_attention: list[list[list[float]]] | None = None
-    new_depth_attention: list[list[list[float]]] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None  # one per token in token_ids, when asked for
+    # Per token in token_ids: per mixing site (layer 0 attn, layer 0 mlp, ..., output head) the depth
+    # weights over that site's sources, from the forward pass that produced the token.
+    depth_attention: list[DepthEntry] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def merge(self, later: CompletionOutput) -> None:
+        """Append a later delta of the same sample (a slow reader's outputs are merged, not queued)."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.depth_attention is not None:
+            self.depth_attention = (self.depth_attention or []) + later.depth_attention
+        self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
 
 
 @dataclass
@@ -43,8 +68,22 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
+    outputs: list[CompletionOutput]  # DELTA: the samples that changed; FINAL_ONLY: all n, by index
+    finished: bool  # every sample has finished
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request failed inside the engine
-    prompt_depth_attention: list[list[list[float]]] | None = None  # per prompt token, when asked for
+    # Per prompt token, when asked for (echo): in the first output that follows the prompt's last pass.
+    prompt_depth_attention: list[DepthEntry] | None = None
+
+    def merge(self, later: RequestOutput) -> None:
+        """Fold a later DELTA output of the same request into this one."""
+        mine = {c.index: c for c in self.outputs}
+        for comp in later.outputs:
+            if comp.index in mine:
+                mine[comp.index].merge(comp)
+            else:
+                self.outputs.append(comp)
+        self.finished, self.metrics = later.finished, later.metrics
+        self.error = self.error or later.error
+        if self.prompt_depth_attention is None:
+            self.prompt_depth_attention = later.prompt_depth_attention

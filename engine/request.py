@@ -1,7 +1,8 @@
 """A request inside the engine: tokens so far, how many have KV computed, and its state.
 
 A step is `num_computed_tokens` catching up to `num_tokens` (vLLM v1): a prompt chunk, a prefix-cache
-hit and a decode step are the same mechanism.
+hit and a decode step are the same mechanism. Only the scheduler writes the counters and the token list;
+text, stop strings and what was already handed out belong to the output processor.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from engine.outputs import Logprob, RequestMetrics
+from engine.outputs import RequestMetrics
 from engine.sampling_params import SamplingParams
 
 
@@ -25,8 +26,10 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  prompt: str | None = None, max_model_len: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 arrival_time: float | None = None) -> None:
+                 arrival_time: float | None = None, parent_id: str | None = None, index: int = 0) -> None:
         self.request_id = request_id
+        self.parent_id = parent_id or request_id  # the id outputs are reported under (n > 1: the parent's)
+        self.index = index  # which of the parent's n samples
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -39,15 +42,10 @@ class Request:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
-        self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
-        self.output_text = ""
-        self.num_sent_chars = 0  # characters of output_text already handed out as new_text
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.monotonic())
-        self.detokenizer = None  # set by the engine when a tokenizer is available
-        self.depth_entries: dict[int, list[list[float]]] = {}  # position of a forward pass -> its weights
 
     @property
     def num_tokens(self) -> int:
@@ -60,10 +58,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.value}, computed={self.num_computed_tokens}/"

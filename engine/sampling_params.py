@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.outputs import RequestOutputKind
+
 # Below this temperature, logits / T overflows or its softmax is a one-hot anyway: sample greedily (vLLM's
 # _SAMPLING_EPS), so that T = 1e-300 gives the argmax rather than NaNs.
 GREEDY_TEMPERATURE = 1e-5
@@ -43,6 +45,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     depth_attention: bool = False  # return, per generated token, the AttnRes depth weights of every site
     prompt_depth_attention: bool = False  # also per prompt token (echo); disables prefix-cache hits for it
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA  # DELTA for streams, FINAL_ONLY for one answer
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -3,26 +3,83 @@
 Running requests go first (decode tokens and unfinished prompt chunks), in arrival order; when KV
 blocks run out the most recent running request is preempted (its blocks freed, recomputed later).
 Waiting requests are admitted while budget, sequence slots and blocks last, using prefix-cache hits.
+
+The scheduler owns the requests' progress: it alone writes `num_computed_tokens`, appends sampled
+tokens, applies the token-level stop rules (EOS, stop token ids, max_tokens, the context length) and
+frees finished requests, in `schedule()` and `update_from_output()`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
+from engine.outputs import DepthEntry, Logprob
 from engine.request import Request, RequestStatus
 from kvcache.kv_manager import KVCacheManager
 
 
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    sample: bool  # its KV catches up with its tokens this step: a token is sampled from its last row
+
+
 @dataclass
 class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens this step)
+    """What runs this step, in row order (one-token rows first, then prompt chunks)."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # left since the last step: the runner drops them
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def sampled(self) -> list[Request]:
+        return [s.request for s in self.scheduled if s.sample]
+
+
+@dataclass
+class RunnerOutput:
+    """What the runner returns for a step: small, indexed like `SchedulerOutput.sampled` minus `failed`."""
+
+    sampled: list[Request]  # requests that got a token, in order
+    token_ids: list[int]
+    logprobs: list[Logprob | None]
+    depth: list[DepthEntry | None]  # per sampled token: the weights of the pass that produced it
+    prompt_depth: dict[str, list[tuple[int, DepthEntry]]]  # request id -> (prompt position, weights), echo
+    failed: list[tuple[Request, str, BaseException]]  # rows that could not be built or sampled
+
+
+@dataclass
+class EngineCoreOutput:
+    """One request's progress in a step, for the output processor."""
+
+    request: Request
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[Logprob] | None = None
+    new_depth: list[DepthEntry] | None = None
+    prompt_depth: list[tuple[int, DepthEntry]] | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.request.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up on admission
+    prefix_cache_hits: int = 0  # of which found in the cache
+    prompt_tokens: int = 0  # each prompt counted once (as vLLM), cached or not
+    generation_tokens: int = 0
 
 
 class Scheduler:
@@ -32,7 +89,8 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.stats = SchedulerStats()
+        self._finished_ids: list[str] = []
 
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -53,11 +111,13 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
-        self.num_preemptions += 1
+        self.stats.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        rows: list[tuple[Request, int]] = []
+        out = SchedulerOutput(finished_ids=self._finished_ids)
+        self._finished_ids = []
         budget = self.max_step_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -74,11 +134,21 @@ class Scheduler:
                     break
             if req.status is RequestStatus.PREEMPTED:
                 break
-            out.scheduled.append((req, n))
+            rows.append((req, n))
             budget -= n
             i += 1
-        if out.preempted:
-            return out
+        if not out.preempted:
+            budget = self._admit(rows, budget)
+        now = time.monotonic()
+        for req, _ in rows:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                self.stats.prompt_tokens += req.num_prompt_tokens
+        rows.sort(key=lambda rn: rn[1] != 1)  # stable: one-token rows first (the decode attention path)
+        out.scheduled = [ScheduledRequest(r, n, r.num_computed_tokens + n == r.num_tokens) for r, n in rows]
+        return out
+
+    def _admit(self, rows: list[tuple[Request, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
             hit, n_cached = ([], 0) if req.params.prompt_depth_attention else \
@@ -86,22 +156,80 @@ class Scheduler:
             n = self._chunk(req, n_cached, budget)
             if not self.kv.allocate_slots(req.request_id, req.token_ids, n_cached, n, hit):
                 break
-            self.kv.stats.queries += req.num_tokens
-            self.kv.stats.hits += n_cached
+            self.stats.prefix_cache_queries += req.num_tokens
+            self.stats.prefix_cache_hits += n_cached
             self.waiting.popleft()
             req.num_computed_tokens = n_cached
             req.metrics.num_cached_tokens = n_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append((req, n))
+            rows.append((req, n))
             budget -= n
-        return out
+        return budget
 
-    def finish(self, req: Request) -> None:
-        """Remove a finished or aborted request wherever it is and free its blocks."""
-        if req in self.running:
+    def update_from_output(self, sched: SchedulerOutput, ran: RunnerOutput) -> list[EngineCoreOutput]:
+        """Advance the counters of what ran, append sampled tokens, apply token-level stops, free the
+        finished. Rows that failed end their request with an error."""
+        outputs = [self._fail(req, message) for req, message, _ in ran.failed]
+        gone = {id(req) for req, _, _ in ran.failed}
+        for s in sched.scheduled:
+            req = s.request
+            if id(req) in gone or req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed(req.request_id, req.token_ids, req.num_computed_tokens)
+        now = time.monotonic()
+        for i, req in enumerate(ran.sampled):
+            tok = ran.token_ids[i]
+            req.token_ids.append(tok)
+            self.stats.generation_tokens += 1
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            self._check_stop(req, tok)
+            lp, depth = ran.logprobs[i], ran.depth[i]
+            outputs.append(EngineCoreOutput(
+                req, [tok], [lp] if lp is not None else None, [depth] if depth is not None else None,
+                ran.prompt_depth.get(req.request_id)))
+            if req.finish_reason is not None:
+                req.metrics.finished_time = now
+                self.finish(req)
+        if ran.prompt_depth:  # echo's prompt rows of chunks that sampled nothing yet
+            done = {req.request_id for req in ran.sampled}
+            outputs += [EngineCoreOutput(s.request, prompt_depth=ran.prompt_depth[s.request.request_id])
+                        for s in sched.scheduled
+                        if s.request.request_id in ran.prompt_depth and s.request.request_id not in done]
+        return outputs
+
+    @staticmethod
+    def _check_stop(req: Request, tok: int) -> None:
+        """Token-level stops, in vLLM's order: min_tokens holds everything off, then EOS, stop token
+        ids, then length. Stop strings need text: the output processor applies them."""
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if tok in req.eos_token_ids:
+                req.finish_reason = "stop"
+                return
+            if tok in p.stop_token_ids:
+                req.finish_reason, req.stop_reason = "stop", tok
+                return
+        if (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) or req.num_tokens >= req.max_model_len:
+            req.finish_reason = "length"
+
+    def _fail(self, req: Request, message: str) -> EngineCoreOutput:
+        self.finish(req, "error")
+        return EngineCoreOutput(req, error=message)
+
+    def finish(self, req: Request, reason: str | None = None, stop_reason: str | int | None = None) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks (idempotent)."""
+        if reason is not None and req.finish_reason is None:
+            req.finish_reason, req.stop_reason = reason, stop_reason
+        if req.status is RequestStatus.FINISHED:
+            return
+        if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        elif req in self.waiting:
+        else:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.FINISHED
+        self._finished_ids.append(req.request_id)

@@ -64,7 +64,7 @@ def test_batched(model, expected) -> None:
 def test_chunked_prefill_and_prefix_hits(model, expected) -> None:
     got, llm = _run(model[0], max_num_batched_tokens=5, block_size=4)
     assert got == expected
-    assert llm.engine.kv.stats.hits > 0  # prompts 2 and 4 reuse blocks of prompt 1
+    assert llm.engine.scheduler.stats.prefix_cache_hits > 0  # prompts 2 and 4 reuse blocks of prompt 1
     _assert_idle(llm)
 
 
@@ -72,12 +72,12 @@ def test_preemption_by_recompute(model, expected) -> None:
     # 16 blocks of 4 tokens hold one max-length request but not all four prompts' growth.
     got, llm = _run(model[0], block_size=4, num_kv_blocks=16, max_num_batched_tokens=16)
     assert got == expected
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.scheduler.stats.num_preemptions > 0
     _assert_idle(llm)
 
 
 def test_one_token_chunks_without_prefix_cache(model, expected) -> None:
     got, llm = _run(model[0], max_num_batched_tokens=3, block_size=2, enable_prefix_caching=False)
     assert got == expected
-    assert llm.engine.kv.stats.hits == 0
+    assert llm.engine.scheduler.stats.prefix_cache_hits == 0
     _assert_idle(llm)

@@ -7,6 +7,7 @@ overflowed, stop strings that streamed part of themselves, and a detokenizer tha
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler
 from models.llama import LlamaForServing
 from models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,12 +34,17 @@ def llm(model) -> LLM:
     return LLM(str(model[0]), max_model_len=128, block_size=4, num_threads=1)
 
 
-def _steps(eng: LLMEngine) -> dict[str, list]:
-    """Run the engine dry; every output per request id."""
-    seen: dict[str, list] = {}
+def _steps(eng: LLMEngine) -> dict[str, list[RequestOutput]]:
+    """Run the engine dry; per request id its DELTA outputs, and last a copy with them all merged."""
+    seen: dict[str, list[RequestOutput]] = {}
     while eng.has_unfinished_requests():
         for out in eng.step():
             seen.setdefault(out.request_id, []).append(out)
+    for outs in seen.values():
+        total = copy.deepcopy(outs[0])
+        for out in outs[1:]:
+            total.merge(copy.deepcopy(out))
+        outs.append(total)
     return seen
 
 
@@ -62,27 +69,27 @@ def test_failed_step_does_not_poison_prefix_cache(llm: LLM, model, monkeypatch: 
     assert failed[-1].error and failed[-1].outputs[0].finish_reason == "error"
     _idle(eng)
     monkeypatch.setattr(LlamaForServing, "forward", forward)
-    hits = eng.kv.stats.hits
+    hits = eng.scheduler.stats.prefix_cache_hits
     again = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert eng.kv.stats.hits == hits, "blocks of the failed step were served as prefix hits"
+    assert eng.scheduler.stats.prefix_cache_hits == hits, "blocks of the failed step were served as prefix hits"
     assert again[0].outputs[0].token_ids == expected
     # once a step succeeded, its full blocks are shared as before
     third = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert eng.kv.stats.hits == hits + 16
+    assert eng.scheduler.stats.prefix_cache_hits == hits + 16
     assert third[0].outputs[0].token_ids == expected
     _idle(eng)
 
 
 def test_a_row_that_cannot_be_built_fails_alone(llm: LLM, model, monkeypatch: pytest.MonkeyPatch) -> None:
     eng, (_, ref) = llm.engine, model
-    slot_mapping = eng.kv.slot_mapping
+    block_ids = eng.kv.block_ids
 
-    def broken(req_id: str, start: int, end: int) -> list[int]:
+    def broken(req_id: str) -> list[int]:
         if req_id == "bad":
             raise KeyError(req_id)
-        return slot_mapping(req_id, start, end)
+        return block_ids(req_id)
 
-    monkeypatch.setattr(eng.kv, "slot_mapping", broken)
+    monkeypatch.setattr(eng.kv, "block_ids", broken)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     eng.add_request({"prompt_token_ids": PROMPT}, params, "good")
     eng.add_request({"prompt_token_ids": [1, 30, 31]}, params, "bad")
@@ -150,12 +157,18 @@ def test_logit_bias_forces_and_bans_tokens(llm: LLM, model) -> None:
         llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(logit_bias={10**6: 1.0}))
 
 
+def eng_final(llm: LLM, params: SamplingParams) -> CompletionOutput:
+    """The same request answered in one piece (FINAL_ONLY, as a non-streaming client gets it)."""
+    return llm.generate({"prompt_token_ids": PROMPT}, params)[0].outputs[0]
+
+
 def _stream(llm: LLM, params: SamplingParams) -> tuple[str, str, object]:
     """(concatenated streamed deltas, final text, final output) for one request."""
     eng = llm.engine
     rid = eng.add_request({"prompt_token_ids": PROMPT}, params)
     outs = _steps(eng)[rid]
-    return "".join(o.outputs[0].new_text for o in outs), outs[-1].outputs[0].text, outs[-1].outputs[0]
+    final = eng_final(llm, params)
+    return "".join(o.outputs[0].text for o in outs[:-1]), final.text, final
 
 
 def test_stop_strings_spanning_tokens_never_stream_past_the_stop(llm: LLM) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.outputs import RequestOutputKind
 from engine.request import Request
 from engine.sampler import Sampler
 from tests.tiny import reference_greedy, tiny_config, write_tiny
@@ -131,7 +132,7 @@ def test_bad_prompts_are_rejected_and_engine_keeps_serving(llm: LLM) -> None:
 
 def test_abort_frees_blocks_and_others_finish(llm: LLM) -> None:
     eng = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     a = eng.add_request({"prompt_token_ids": list(range(1, 40))}, p)
     b = eng.add_request({"prompt_token_ids": list(range(2, 30))}, p)
     eng.step()

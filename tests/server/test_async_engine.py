@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutputKind
 from engine.parallel import WorkerDiedError
 from engine.sampling_params import SamplingParams
 
@@ -53,7 +55,7 @@ async def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-un
 def test_stream_matches_offline_and_feeds_metrics(tiny_model: Path) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     offline = make_engine(tiny_model)
-    offline.add_request("To be, or not", greedy, "ref")
+    offline.add_request("To be, or not", replace(greedy, output_kind=RequestOutputKind.FINAL_ONLY), "ref")
     ref = None
     while offline.has_unfinished_requests():
         ref = next((o for o in offline.step() if o.finished), ref)
@@ -66,8 +68,8 @@ def test_stream_matches_offline_and_feeds_metrics(tiny_model: Path) -> None:
         try:
             ids, text, last = [], "", None
             async for out in eng.generate("To be, or not", greedy, "a"):
-                ids += out.outputs[0].new_token_ids
-                text += out.outputs[0].new_text
+                ids += out.outputs[0].token_ids
+                text += out.outputs[0].text
                 last = out
             assert last is not None and last.finished and last.outputs[0].finish_reason == "length"
             assert eng.stats is not None and eng.stats.kv_blocks_held == 0
@@ -193,7 +195,8 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny_model: Path
             assert "boom" not in outs[-1].error  # details are for the log
             assert eng.is_healthy
             outs = [o async for o in eng.generate("To be", SamplingParams(max_tokens=4, ignore_eos=True), "y")]
-            assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 4
+            assert outs[-1].outputs[0].finish_reason == "length"
+            assert sum(len(o.outputs[0].token_ids) for o in outs) == 4  # DELTA outputs: one token each
         finally:
             eng.shutdown()
 
@@ -206,7 +209,7 @@ def test_shutdown_stops_thread_and_fails_open_streams(tiny_model: Path) -> None:
         eng.start()
         gen = eng.generate("To be", SamplingParams(max_tokens=200, ignore_eos=True), "s")
         first = await gen.__anext__()
-        assert first.outputs[0].new_token_ids
+        assert first.outputs[0].token_ids
         await asyncio.to_thread(eng.shutdown)
         with pytest.raises(EngineDeadError, match="shutting down"):
             async for _ in gen:
