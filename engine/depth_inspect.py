@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from engine.arg_utils import EngineArgs
 from engine.llm_engine import LLM
 from engine.sampling_params import SamplingParams
 
@@ -59,7 +60,7 @@ def draw(matrix: list[list[float]], title: str, path: Path) -> None:
 
 
 def inspect(model: str, prompts: list[str], out_dir: Path, max_tokens: int = 16, token_index: int = -1,
-            dtype: str = "float32") -> dict:
+            dtype: str = EngineArgs.dtype) -> dict:
     llm = LLM(model, dtype=dtype)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, depth_attention=True, prompt_depth_attention=True)
     outs = llm.generate(prompts, params)
@@ -90,12 +91,12 @@ def inspect(model: str, prompts: list[str], out_dir: Path, max_tokens: int = 16,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="depthserve inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shakespeare-attnres", help="an AttnRes model folder or built-in name")
+    ap.add_argument("--model", default=EngineArgs.model, help="an AttnRes model folder or built-in name")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate after each prompt")
     ap.add_argument("--token-index", type=int, default=-1, help="which token of the first prompt to draw alone")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=EngineArgs.dtype, help="weight/activation dtype")
     ap.add_argument("--out-dir", type=Path, default=Path("depth_inspect"))
     a = ap.parse_args(argv)
     prompts = list(a.prompt)

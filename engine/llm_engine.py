@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_bytes, parse_dtype
+from engine.arg_utils import EngineArgs
+from engine.config import EngineConfig
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.output_processor import OutputProcessor
@@ -292,20 +293,11 @@ class EngineStats:
 class LLM:
     """Offline batch generation, in the style of vLLM's `LLM`."""
 
-    def __init__(self, model: str, dtype: str | torch.dtype = "float32", tensor_parallel_size: int = 1,
-                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, kv_cache_memory: str | int = "1GiB", depth_cache_memory: str | int = "256MiB",
-                 enable_prefix_caching: bool = True, num_kv_blocks: int | None = None,
-                 long_prefill_token_threshold: int = 0, seed: int = 0, num_threads: int | None = None) -> None:
-        cfg = EngineConfig(
-            model=model, dtype=parse_dtype(dtype), seed=seed, num_threads=num_threads,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_bytes(kv_cache_memory),
-                              depth_cache_memory=parse_bytes(depth_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching, num_kv_blocks=num_kv_blocks),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_model_len,
-                                      long_prefill_token_threshold=long_prefill_token_threshold),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        """`model` and any EngineArgs field as a keyword (dtype, max_model_len, max_num_seqs, kv_cache_memory,
+        enable_prefix_caching, tensor_parallel_size, depth_stats, ...; see engine.arg_utils.EngineArgs).
+        Unknown keywords raise TypeError; bad values raise ValueError naming the field."""
+        cfg = EngineArgs.from_kwargs(model, "LLM", **kwargs).create_engine_config()
         self.engine = LLMEngine(cfg)
 
     def shutdown(self) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype
+from engine.arg_utils import EngineArgs
+from engine.config import parse_dtype
 from models.checkpoint import save_checkpoint
 from models.config import ModelConfig
 from models.reference import ReferenceLlama
@@ -37,10 +38,9 @@ def write_random(folder: Path, cfg: ModelConfig) -> Path:
 
 
 def make_engine(folder: Path, dtype: torch.dtype, max_len: int) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(folder), dtype=dtype,
-                                  cache=CacheConfig(kv_cache_memory=2 << 30, depth_cache_memory=1 << 30),
-                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096,
-                                                            max_model_len=max_len)))
+    return LLMEngine(EngineArgs(model=str(folder), dtype=dtype, kv_cache_memory="2GiB", depth_cache_memory="1GiB",
+                                max_num_seqs=64, max_num_batched_tokens=4096,
+                                max_model_len=max_len).create_engine_config())
 
 
 def time_prefill(eng: LLMEngine, n_tokens: int) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -34,62 +33,16 @@ class UserError(Exception):
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    from models.loader import DEFAULT_MODEL
+    from engine.arg_utils import EngineArgs
+    from server.args import ServerArgs
 
     p = sub.add_parser(
         "serve", help="run the OpenAI-compatible HTTP server (the default command)",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                     "/v1/models, /tokenize, /detokenize) with Prometheus metrics at /metrics and /health.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a Hugging Face style checkpoint folder or the name of a built-in model")
-    m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="name(s) clients pass as `model` (default: the --model value)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight/activation dtype")
-    m.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's max_position_embeddings)")
-    m.add_argument("--seed", type=int, default=0, help="seed for sampling requests that set none")
-    e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at once")
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per step (decode tokens and prefill chunks share it)")
-    e.add_argument("--kv-cache-memory", default="1GiB", help="bytes for the paged KV cache, e.g. 512MiB")
-    e.add_argument("--depth-cache-memory", default="256MiB", help="bytes for the AttnRes depth pool")
-    e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    e.add_argument("--tensor-parallel-size", type=int, default=1, help="tensor-parallel ranks")
-    e.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--api-key", default=os.environ.get("DEPTHSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
-                        "(default: $DEPTHSERVE_API_KEY; unset: no auth)")
-    s.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="requests waiting for the engine before new ones get 429 (0: unbounded)")
-    s.add_argument("--max-body-size", default="8MiB", help="largest request body accepted (413 beyond)")
-    s.add_argument("--metrics-require-auth", action="store_true", help="also protect /metrics with the API key")
-    s.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
-                   help="abort a request (504, or an error event when streaming) not finished this long after "
-                        "it arrived, freeing its KV blocks (default: no limit)")
-    s.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
-                   help="browser origins allowed by CORS, e.g. https://app.example.com, or '*' (default: none, "
-                        "CORS off)")
-    s.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST",
-                   help="Host header values served besides loopback names (localhost, 127.x, [::1]): names, "
-                        "*.domain, IPs or networks, or '*' for any. Bound to a loopback address, other hosts "
-                        "get 400 (DNS rebinding); bound elsewhere with none given, any host is served")
-    s.add_argument("--max-connections", type=int, default=1024,
-                   help="open connections (or running requests) beyond which requests get 503")
-    s.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="close a connection that has not sent complete request headers within this")
-    s.add_argument("--depth-metrics", action="store_true",
-                   help="export per-site AttnRes depth-weight means and entropies (costs a little per step)")
-    s.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds to let in-flight requests finish on SIGTERM; those still running then end "
-                        "with a 503 (or a stream error event)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="log level of the server and engine")
+    EngineArgs.add_cli_args(p)
+    ServerArgs.add_cli_args(p)
     return p
 
 
@@ -135,65 +88,40 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 def serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
+    from engine.arg_utils import EngineArgs
     from engine.async_engine import AsyncLLMEngine
-    from engine.config import (
-        CacheConfig,
-        EngineConfig,
-        ParallelConfig,
-        SchedulerConfig,
-        parse_bytes,
-        parse_dtype,
-    )
     from engine.llm_engine import LLMEngine
     from server.app import build_app
+    from server.args import ServerArgs
     from server.http import DrainingServer, protocol
     from server.middleware import host_allowlist
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = EngineConfig(
-            model=ns.model, dtype=parse_dtype(ns.dtype), seed=ns.seed, num_threads=ns.num_threads,
-            depth_stats=ns.depth_metrics,
-            cache=CacheConfig(kv_cache_memory=parse_bytes(ns.kv_cache_memory),
-                              depth_cache_memory=parse_bytes(ns.depth_cache_memory), block_size=ns.block_size),
-            scheduler=SchedulerConfig(max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-                                      max_model_len=ns.max_model_len),
-            parallel=ParallelConfig(tensor_parallel_size=ns.tensor_parallel_size))
-        max_body = parse_bytes(ns.max_body_size)
-        if ns.max_queued_requests < 0:
-            raise ValueError(f"--max-queued-requests must be >= 0, got {ns.max_queued_requests}")
-        if ns.num_threads is not None and ns.num_threads < 1:
-            raise ValueError(f"--num-threads must be >= 1, got {ns.num_threads}")
-        if ns.max_connections < 1:
-            raise ValueError(f"--max-connections must be >= 1, got {ns.max_connections}")
-        if not ns.header_timeout > 0:
-            raise ValueError(f"--header-timeout must be > 0 seconds, got {ns.header_timeout}")
-        if not ns.shutdown_timeout >= 0:
-            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {ns.shutdown_timeout}")
-        if ns.request_timeout is not None and not ns.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be > 0 seconds, got {ns.request_timeout}")
+        cfg = EngineArgs.from_cli_args(ns).create_engine_config()
+        srv = ServerArgs.from_cli_args(ns).validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    sock = _listen_socket(ns.host, ns.port)
+    sock = _listen_socket(srv.host, srv.port)
     engine: LLMEngine | None = None
     try:
         try:
             engine = LLMEngine(cfg)
         except (ValueError, OSError) as e:  # missing model, bad checkpoint, budget too small
             raise UserError(str(e)) from None
-        names = ns.served_model_name or [ns.model]
-        async_engine = AsyncLLMEngine(engine, max_queued_requests=ns.max_queued_requests)
-        app = build_app(async_engine, names, api_key=ns.api_key or None, max_body_bytes=max_body,
-                        metrics_require_auth=ns.metrics_require_auth, request_timeout=ns.request_timeout,
-                        allowed_origins=ns.allowed_origins,
-                        allowed_hosts=host_allowlist(ns.host, ns.allowed_hosts))
-        config = uvicorn.Config(app, log_level=ns.log_level, server_header=False, limit_concurrency=ns.max_connections,
-                                http=protocol(ns.header_timeout))
+        names = srv.served_model_name or [cfg.model]
+        async_engine = AsyncLLMEngine(engine, max_queued_requests=srv.max_queued_requests)
+        app = build_app(async_engine, names, api_key=srv.api_key or None, max_body_bytes=srv.max_body_bytes,
+                        metrics_require_auth=srv.metrics_require_auth, request_timeout=srv.request_timeout,
+                        allowed_origins=srv.allowed_origins,
+                        allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts))
+        config = uvicorn.Config(app, log_level=srv.log_level, server_header=False,
+                                limit_concurrency=srv.max_connections, http=protocol(srv.header_timeout))
         # past --shutdown-timeout, the engine stops and fails what is still running, so each request
         # ends with its own 503 / stream error event
-        server = DrainingServer(config, grace=ns.shutdown_timeout, expire=async_engine.shutdown)
-        logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", ns.model, ", ".join(names),
-                                             ns.host, ns.port)
+        server = DrainingServer(config, grace=srv.shutdown_timeout, expire=async_engine.shutdown)
+        logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", cfg.model, ", ".join(names),
+                                             srv.host, srv.port)
         # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in
         # place (it restores them) that re-raise is harmless and a SIGTERM'd server exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.arg_utils import EngineArgs
 from engine.llm_engine import LLMEngine
 from models.gguf import GLOBAL_TENSOR_NAMES, LAYER_TENSOR_NAMES
 from models.llama import LlamaForServing
@@ -314,10 +314,8 @@ def test_rotary_table_sized_by_max_model_len(long_context_gguf: Path) -> None:
 
 
 def test_engine_sizes_rotary_from_max_model_len(long_context_gguf: Path) -> None:
-    eng = LLMEngine(EngineConfig(model=str(long_context_gguf), num_threads=1,
-                                 cache=CacheConfig(kv_cache_memory=1 << 20),
-                                 scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=256,
-                                                           max_model_len=256)))
+    eng = LLMEngine(EngineArgs(model=str(long_context_gguf), num_threads=1, kv_cache_memory="1MiB", max_num_seqs=2,
+                               max_num_batched_tokens=256, max_model_len=256).create_engine_config())
     try:
         assert eng.max_model_len == 256 and eng.model.rope.cos.shape[0] == 256
     finally:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.arg_utils import EngineArgs
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutputKind
 from engine.parallel import WorkerDiedError
@@ -20,9 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_engine(model: Path, max_num_seqs: int = 4) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), num_threads=1,
-                                  cache=CacheConfig(kv_cache_memory=8 << 20, depth_cache_memory=8 << 20),
-                                  scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)))
+    return LLMEngine(EngineArgs(model=str(model), num_threads=1, kv_cache_memory="8MiB", depth_cache_memory="8MiB",
+                                max_num_seqs=max_num_seqs).create_engine_config())
 
 
 class Recorder:
