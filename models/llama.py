@@ -1,7 +1,7 @@
 """The serving decoder: one Llama family, standard PreNorm residual or Block/Full AttnRes by config.
 
 Works on a flat packed batch (models.context.ForwardBatch) over a paged KV cache. AttnRes models
-read and write the per-step depth pool: Block AttnRes with the two-phase schedule of ATTNRES.md,
+read and write the per-step depth pool: Block AttnRes with the two-phase schedule of docs/attnres.md,
 Full AttnRes with incremental keys. Only the rows whose logits are wanted go through the output head.
 """
 
@@ -315,7 +315,7 @@ class LlamaForServing(nn.Module):
 
     @torch.no_grad()
     def fold_queries(self) -> None:
-        """q = w ⊙ g (ATTNRES.md): each source's key becomes the scalar 1/rms; stack per-block queries."""
+        """q = w ⊙ g (docs/attnres.md §3): each source's key becomes the scalar 1/rms; stack per-block queries."""
         self.queries = (self.res_proj * self.res_norm).contiguous()  # [L, 2, d]
         self.out_query = (self.out_proj * self.out_norm).contiguous()
         if self.schedule is not None:
