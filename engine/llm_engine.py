@@ -25,6 +25,7 @@ from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
 from models.loader import load_config, load_model, load_tokenizer, resolve_model
+from models.parallel_plan import shard_sizes
 from models.tokenizer import Tokenizer
 
 logger = logging.getLogger("depthserve.engine")
@@ -48,10 +49,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mcfg.max_position_embeddings}")
         tp = config.parallel.tensor_parallel_size
+        shard_sizes(mcfg, tp)  # ValueError unless the model splits evenly over tp ranks
         self.kv, self.depth, self.max_step_tokens = self._size_caches(tp)
         self.tp_group: TPGroup | None = None
         if tp > 1:
-            self._check_tp(tp)
             spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
                               self.max_step_tokens, config.num_threads, self.max_model_len)
             self.tp_group = TPGroup(tp, spec)
@@ -79,15 +80,6 @@ class LLMEngine:
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
 
     # ---- start-up sizing ---------------------------------------------------------------------
-    def _check_tp(self, tp: int) -> None:
-        m = self.model_config
-        for name, size in (("num_attention_heads", m.num_attention_heads), ("intermediate_size", m.intermediate_size)):
-            if size % tp:
-                raise ValueError(f"{name}={size} is not divisible by tensor_parallel_size={tp}")
-        kv = m.num_key_value_heads
-        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-            raise ValueError(f"num_key_value_heads={kv} must divide, or be a multiple of, tensor_parallel_size={tp}")
-
     def _size_caches(self, tp: int) -> tuple[KVCacheManager, DepthCache | None, int]:
         cc, sc = self.config.cache, self.config.scheduler
         per_block = kv_bytes_per_block(self.model_config, self.config.dtype, cc.block_size, tp)

@@ -23,22 +23,23 @@ from kvcache.kv_manager import KVCacheManager
 from models.config import ModelConfig
 from models.context import AttentionMetadata, ForwardBatch, PrefillSpan
 from models.llama import LlamaForServing
+from models.parallel_plan import shard_sizes
 
 logger = logging.getLogger("depthserve.runner")
 
 
 def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int, tp: int = 1) -> int:
     """Bytes of one KV block on one rank (KV heads are sharded, or replicated when fewer than ranks)."""
-    kv_heads = max(1, cfg.num_key_value_heads // tp)
+    kv_heads = shard_sizes(cfg, tp).kv_heads
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
 
 
 def allocate_kv(model: LlamaForServing, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (K, V), each [num_slots, local KV heads, head_dim], in the model's dtype."""
-    attn = model.layers[0].self_attn
-    return [(torch.zeros(num_slots, attn.kv_heads, attn.head_dim, dtype=model.dtype),
-             torch.zeros(num_slots, attn.kv_heads, attn.head_dim, dtype=model.dtype)) for _ in model.layers]
+    s = model.shards
+    return [(torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype),
+             torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype)) for _ in model.layers]
 
 
 class BatchBroadcaster(Protocol):

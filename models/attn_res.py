@@ -1,5 +1,7 @@
 """Depth mixing for AttnRes: the two-phase Block schedule, Full AttnRes, and the depth-pool layout.
 
+The math, and how these functions map onto it: docs/attnres.md (§5 two-phase schedule, §6 depth pool).
+
 Keys: w · (g ⊙ v̂) = (w ⊙ g) · v̂, so with the gain g folded into the query at load a source's key
 is its plain RMS-normalised value v̂ = v / rms(v). The depth pool keeps each completed source and its
 key, computed once (one fused rms_norm) when the source is completed.

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from models.config import ModelConfig
 
-# ATTNRES.md: the AttnRes query/norm tensors stay fp32 whatever the checkpoint dtype.
+# docs/attnres.md §7: the AttnRes query/norm tensors stay fp32 whatever the checkpoint dtype.
 FP32_SUFFIXES = ("_res_norm.weight", "_res_proj.weight")
 
 

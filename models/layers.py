@@ -1,15 +1,22 @@
 """Building blocks of the serving model: RMSNorm, rotary, paged attention, TP-aware linears, SwiGLU.
 
+The tensor-parallel layers create their parameters with this rank's shard shape (from
+models.parallel_plan.shard_sizes) and attach `param.weight_loader(param, tensor_or_reader, shard_id=None)`,
+which copies this rank's slice of a checkpoint tensor, reading only that slice from a lazy reader.
+
 Every module works on a flat packed batch [T, ...]; none pads or loops over tokens.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.context import AttentionMetadata, Communicator, ForwardBatch
+from models.parallel_plan import ShardSizes, TensorSource, as_source
 
 
 class RMSNorm(nn.Module):
@@ -52,14 +59,6 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [lo, hi) of an evenly split dimension owned by `rank`."""
-    if size % world:
-        raise ValueError(f"dimension {size} does not divide evenly over tensor_parallel_size={world}")
-    step = size // world
-    return rank * step, (rank + 1) * step
-
-
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write this step's K/V into the paged cache, then attend each row to its own sequence.
@@ -96,28 +95,97 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over ranks; each rank keeps its own columns of y (no collective).
+
+    `parts` stacks several checkpoint tensors into one matmul (Q/K/V, gate/up): shard_id -> (local rows,
+    the checkpoint rows a rank owns), in order. A plain column-parallel linear has the one part None.
+    """
+
+    def __init__(self, in_features: int, parts: Mapping[Hashable, tuple[int, Callable[[int], slice]]],
+                 rank: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rank = rank
+        self.parts: dict[Hashable, tuple[int, int, Callable[[int], slice]]] = {}
+        off = 0
+        for shard_id, (n, rows) in parts.items():
+            self.parts[shard_id] = (off, n, rows)
+            off += n
+        self.weight = nn.Parameter(torch.empty(off, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def weight_loader(self, param: torch.Tensor, loaded: TensorSource | torch.Tensor,
+                      shard_id: Hashable = None) -> None:
+        """Copy this rank's rows of checkpoint tensor `shard_id` into its place in `param`."""
+        off, n, rows = self.parts[shard_id]
+        param[off:off + n].copy_(as_source(loaded).read(rows(self.rank)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q_proj, k_proj, v_proj merged (shard ids "q", "k", "v"): this rank's query heads, then its KV heads."""
+
+    def __init__(self, hidden: int, shards: ShardSizes, rank: int, dtype: torch.dtype) -> None:
+        nq, nk = shards.heads * shards.head_dim, shards.kv_heads * shards.head_dim
+        super().__init__(hidden, {"q": (nq, shards.q_rows), "k": (nk, shards.kv_rows), "v": (nk, shards.kv_rows)},
+                         rank, dtype)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """gate_proj and up_proj merged (shard ids 0 and 1): this rank's intermediate rows of each."""
+
+    def __init__(self, hidden: int, shards: ShardSizes, rank: int, dtype: torch.dtype) -> None:
+        part = (shards.intermediate, shards.intermediate_rows)
+        super().__init__(hidden, {0: part, 1: part}, rank, dtype)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over ranks: each rank's partial product is all-reduced."""
+
+    def __init__(self, local_in: int, out_features: int, cols: Callable[[int], slice], rank: int,
+                 dtype: torch.dtype, comm: Communicator | None) -> None:
+        super().__init__()
+        self.rank = rank
+        self.cols = cols
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def weight_loader(self, param: torch.Tensor, loaded: TensorSource | torch.Tensor,
+                      shard_id: Hashable = None) -> None:
+        """Copy this rank's columns of the checkpoint tensor into `param`."""
+        param.copy_(as_source(loaded).read(None, self.cols(self.rank)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight)
+        return self.comm.all_reduce(out) if self.comm else out
+
+
+def _rank(comm: Communicator | None) -> int:
+    return comm.rank if comm else 0
+
+
 class Attention(nn.Module):
     """GQA self-attention: merged column-parallel QKV, row-parallel o_proj, KV heads sharded or replicated."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, rope: RotaryEmbedding,
-                 dtype: torch.dtype, comm: Communicator | None) -> None:
+    def __init__(self, hidden: int, shards: ShardSizes, rope: RotaryEmbedding, dtype: torch.dtype,
+                 comm: Communicator | None) -> None:
         super().__init__()
-        world = comm.world_size if comm else 1
-        if heads % world:
-            raise ValueError(f"num_attention_heads={heads} must be divisible by tensor_parallel_size={world}")
-        self.heads = heads // world
-        self.kv_heads = max(1, kv_heads // world)  # replicate when kv_heads < world
-        self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
-        self.comm = comm
+        self.heads = shards.heads
+        self.kv_heads = shards.kv_heads
+        self.head_dim = shards.head_dim
+        self.scale = self.head_dim ** -0.5
         self.rope = rope
-        self.qkv_proj = nn.Parameter(torch.empty((self.heads + 2 * self.kv_heads) * head_dim, hidden, dtype=dtype),
-                                     requires_grad=False)
-        self.o_proj = nn.Parameter(torch.empty(hidden, self.heads * head_dim, dtype=dtype), requires_grad=False)
+        self.qkv_proj = QKVParallelLinear(hidden, shards, _rank(comm), dtype)
+        self.o_proj = RowParallelLinear(self.heads * self.head_dim, hidden, shards.q_rows, _rank(comm), dtype, comm)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer: int, cos_sin: tuple) -> torch.Tensor:
         t = x.shape[0]
-        qkv = linear(x, self.qkv_proj)
+        qkv = self.qkv_proj(x)
         nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = qkv[:, :nq].view(t, self.heads, self.head_dim)
         k = qkv[:, nq:nq + nk].view(t, self.kv_heads, self.head_dim)
@@ -126,41 +194,43 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = batch.kv_caches[layer]
         o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
-        out = linear(o.reshape(t, -1), self.o_proj)
-        return self.comm.all_reduce(out) if self.comm else out
+        return self.o_proj(o.reshape(t, -1))
 
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with merged column-parallel gate/up and row-parallel down."""
 
-    def __init__(self, hidden: int, ffn: int, dtype: torch.dtype, comm: Communicator | None) -> None:
+    def __init__(self, hidden: int, shards: ShardSizes, dtype: torch.dtype, comm: Communicator | None) -> None:
         super().__init__()
-        world = comm.world_size if comm else 1
-        if ffn % world:
-            raise ValueError(f"intermediate_size={ffn} must be divisible by tensor_parallel_size={world}")
-        self.ffn = ffn // world
-        self.comm = comm
-        self.gate_up_proj = nn.Parameter(torch.empty(2 * self.ffn, hidden, dtype=dtype), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(hidden, self.ffn, dtype=dtype), requires_grad=False)
+        self.ffn = shards.intermediate
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, shards, _rank(comm), dtype)
+        self.down_proj = RowParallelLinear(self.ffn, hidden, shards.intermediate_rows, _rank(comm), dtype, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = linear(x, self.gate_up_proj)
-        out = linear(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:], self.down_proj)
-        return self.comm.all_reduce(out) if self.comm else out
+        gu = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:])
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding (and tied or untied lm_head) split by vocabulary rows over TP ranks."""
 
-    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, comm: Communicator | None) -> None:
+    def __init__(self, shards: ShardSizes, hidden: int, dtype: torch.dtype, comm: Communicator | None) -> None:
         super().__init__()
-        world = comm.world_size if comm else 1
-        rank = comm.rank if comm else 0
-        self.padded_vocab = -(-vocab // world) * world
-        self.vocab = vocab
-        self.lo, self.hi = shard_range(self.padded_vocab, rank, world)
+        rows = shards.vocab_rows(_rank(comm))
+        self.vocab = shards.full_vocab
+        self.lo, self.hi = rows.start, rows.stop
         self.comm = comm
-        self.weight = nn.Parameter(torch.zeros(self.hi - self.lo, hidden, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(shards.vocab, hidden, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def weight_loader(self, param: torch.Tensor, loaded: TensorSource | torch.Tensor,
+                      shard_id: Hashable = None) -> None:
+        """Copy this rank's vocabulary rows; rows past the vocabulary (padding) stay zero."""
+        hi = min(self.hi, self.vocab)
+        param.zero_()
+        if hi > self.lo:
+            param[:hi - self.lo].copy_(as_source(loaded).read(slice(self.lo, hi)))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm is None:

@@ -1,7 +1,7 @@
 """The serving decoder: one Llama family, standard PreNorm residual or Block/Full AttnRes by config.
 
 Works on a flat packed batch (models.context.ForwardBatch) over a paged KV cache. AttnRes models
-read and write the per-step depth pool: Block AttnRes with the two-phase schedule of ATTNRES.md,
+read and write the per-step depth pool: Block AttnRes with the two-phase schedule of docs/attnres.md,
 Full AttnRes with incremental keys. Only the rows whose logits are wanted go through the output head.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,40 +18,30 @@ from models.attn_res import BlockSchedule, key_of, mix_sources, phase1, phase2_f
 from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
 from models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
-
-
-class TensorSource(Protocol):
-    """A checkpoint tensor that can be read in part (safetensors slices, or an in-memory tensor)."""
-
-    shape: tuple[int, ...]
-
-    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor: ...
-
-
-class InMemoryTensor:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-        self.shape = tuple(t.shape)
-
-    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
-        t = self.t if rows is None else self.t[rows]
-        return t if cols is None else t[:, cols]
+from models.parallel_plan import ShardSizes, TensorSource, as_source, default_weight_loader, shard_sizes
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, shards: ShardSizes, rope: RotaryEmbedding, dtype: torch.dtype,
                  comm: Communicator | None) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(d, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, rope,
-                                   dtype, comm)
-        self.mlp = SwiGLU(d, cfg.intermediate_size, dtype, comm)
+        self.self_attn = Attention(d, shards, rope, dtype, comm)
+        self.mlp = SwiGLU(d, shards, dtype, comm)
 
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _RES_SITES = {"self_attention_res": 0, "mlp_res": 1}
+# Checkpoint projections merged into one parameter: suffix -> (merged suffix, the weight_loader's shard_id).
+_MERGED = {
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", "q"),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", "k"),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", "v"),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1),
+}
 
 # Each tensor dim as the config fields whose product it is, so a mismatch names the field to blame.
 Dims = tuple[tuple[str, ...], ...]
@@ -128,6 +117,12 @@ def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
                          + (f" from {blame}" if blame else ""))
 
 
+@torch.no_grad()
+def _stacked_loader(param: torch.Tensor, loaded: TensorSource | torch.Tensor, shard_id: tuple[int, int]) -> None:
+    """An AttnRes gain or query vector (replicated) into its (layer, site) row of the stacked parameter."""
+    param[shard_id].copy_(as_source(loaded).read().reshape(-1))
+
+
 class LlamaForServing(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  comm: Communicator | None = None, max_positions: int | None = None) -> None:
@@ -138,12 +133,13 @@ class LlamaForServing(nn.Module):
         self.dtype = dtype
         self.comm = comm
         d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+        self.shards = shards = shard_sizes(cfg, comm.world_size if comm else 1)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, dtype, comm)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope, dtype, comm) for _ in range(n_layers))
+        self.embed_tokens = VocabParallelEmbedding(shards, d, dtype, comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shards, self.rope, dtype, comm) for _ in range(n_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabParallelEmbedding(
-            cfg.vocab_size, d, dtype, comm)
+        self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
+                        else VocabParallelEmbedding(shards, d, dtype, comm))
         if cfg.is_attn_res:
             # Raw gains and queries as loaded; fold_queries() turns them into (w ⊙ g), kept in fp32.
             f32 = torch.float32
@@ -151,6 +147,8 @@ class LlamaForServing(nn.Module):
             self.res_proj = nn.Parameter(torch.zeros(n_layers, 2, d, dtype=f32), requires_grad=False)
             self.out_norm = nn.Parameter(torch.ones(d, dtype=f32), requires_grad=False)
             self.out_proj = nn.Parameter(torch.zeros(d, dtype=f32), requires_grad=False)
+            for stacked in (self.res_norm, self.res_proj):  # one [d] checkpoint vector per (layer, site)
+                stacked.weight_loader = _stacked_loader  # type: ignore[attr-defined]
             self.queries = torch.zeros(n_layers, 2, d)  # [L, 2(attn, mlp), d] folded
             self.out_query = torch.zeros(d)
             self.block_queries: list[torch.Tensor] = []  # per block: [2 * block_size, d]
@@ -287,60 +285,37 @@ class LlamaForServing(nn.Module):
             self._dims = tensor_dims(self.cfg)  # built once: loading asks for every tensor
         return dims_shape(self.cfg, self._dims[name])
 
+    def param_for(self, name: str) -> tuple[str, object]:
+        """Checkpoint tensor name -> (this module's parameter name, the shard_id its weight_loader takes)."""
+        if name == "model.output_attn_res_norm.weight":
+            return "out_norm", None
+        if name == "model.output_attn_res_proj.weight":
+            return "out_proj", None
+        m = _LAYER_RE.fullmatch(name)
+        if m is not None:
+            i, suffix = int(m.group(1)), m.group(2)
+            if suffix in _MERGED:
+                merged, shard_id = _MERGED[suffix]
+                return f"layers.{i}.{merged}", shard_id
+            if suffix.endswith(("_res_norm.weight", "_res_proj.weight")):
+                site = _RES_SITES[suffix.rsplit("_", 1)[0]]
+                return ("res_norm" if suffix.endswith("_norm.weight") else "res_proj"), (i, site)
+        return name.removeprefix("model."), None
+
+    @torch.no_grad()
     def _load_one(self, name: str, src: TensorSource) -> None:
         want = self._expected_shape(name)
         if tuple(src.shape) != want:
             raise ValueError(f"tensor {name!r} has shape {list(src.shape)}, expected {list(want)}")
-        rank, world = (self.comm.rank, self.comm.world_size) if self.comm else (0, 1)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            emb = self.embed_tokens if name.startswith("model.") else self.lm_head
-            hi = min(emb.hi, self.cfg.vocab_size)
-            emb.weight.zero_()
-            if hi > emb.lo:
-                emb.weight[: hi - emb.lo].copy_(src.read(slice(emb.lo, hi)))
-            return
-        if name == "model.norm.weight":
-            self.norm.weight.copy_(src.read())
-            return
-        if name.startswith("model.output_attn_res_"):
-            (self.out_norm if name.endswith("norm.weight") else self.out_proj).copy_(src.read().reshape(-1))
-            return
-        m = _LAYER_RE.fullmatch(name)
-        assert m is not None
-        i, suffix = int(m.group(1)), m.group(2)
-        layer: DecoderLayer = self.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
-        hd = self.cfg.head_dim
-        nq, nk = attn.heads * hd, attn.kv_heads * hd
-        if suffix == "input_layernorm.weight":
-            layer.input_layernorm.weight.copy_(src.read())
-        elif suffix == "post_attention_layernorm.weight":
-            layer.post_attention_layernorm.weight.copy_(src.read())
-        elif suffix == "self_attn.q_proj.weight":
-            attn.qkv_proj[:nq].copy_(src.read(slice(rank * nq, (rank + 1) * nq)))
-        elif suffix in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-            kv_total = self.cfg.num_key_value_heads
-            first_head = rank * kv_total // world  # sharded, or replicated when kv_total < world
-            rows = slice(first_head * hd, first_head * hd + nk)
-            off = nq if suffix.startswith("self_attn.k") else nq + nk
-            attn.qkv_proj[off:off + nk].copy_(src.read(rows))
-        elif suffix == "self_attn.o_proj.weight":
-            attn.o_proj.copy_(src.read(None, slice(rank * nq, (rank + 1) * nq)))
-        elif suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            f = mlp.ffn
-            off = 0 if suffix.startswith("mlp.gate") else f
-            mlp.gate_up_proj[off:off + f].copy_(src.read(slice(rank * f, (rank + 1) * f)))
-        elif suffix == "mlp.down_proj.weight":
-            f = mlp.ffn
-            mlp.down_proj.copy_(src.read(None, slice(rank * f, (rank + 1) * f)))
-        else:
-            site = _RES_SITES[suffix.rsplit("_", 1)[0]]
-            target = self.res_norm if suffix.endswith("_norm.weight") else self.res_proj
-            target[i, site].copy_(src.read().reshape(-1))
+        if not hasattr(self, "_params"):
+            self._params = dict(self.named_parameters())
+        param_name, shard_id = self.param_for(name)
+        param = self._params[param_name]
+        getattr(param, "weight_loader", default_weight_loader)(param, src, shard_id)
 
     @torch.no_grad()
     def fold_queries(self) -> None:
-        """q = w ⊙ g (ATTNRES.md): each source's key becomes the scalar 1/rms; stack per-block queries."""
+        """q = w ⊙ g (docs/attnres.md §3): each source's key becomes the scalar 1/rms; stack per-block queries."""
         self.queries = (self.res_proj * self.res_norm).contiguous()  # [L, 2, d]
         self.out_query = (self.out_proj * self.out_norm).contiguous()
         if self.schedule is not None:

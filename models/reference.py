@@ -1,4 +1,4 @@
-"""The plain reference decoder, written straight from ATTNRES.md.
+"""The plain reference decoder, written straight from docs/attnres.md.
 
 No KV cache, no packing, no fast paths: a batched full-recompute forward over [B, T] token ids.
 It is the oracle the serving path is tested against, and, being an ordinary differentiable
@@ -104,7 +104,7 @@ class _Layer(nn.Module):
         self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_attn_res:
-            # Zero queries: uniform depth weights at initialisation (ATTNRES.md).
+            # Zero queries: uniform depth weights at initialisation (docs/attnres.md §3).
             self.self_attention_res_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.self_attention_res_proj = nn.Linear(cfg.hidden_size, 1, bias=False)
             self.mlp_res_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -1,6 +1,6 @@
 """Greedy tokens from the engine equal a naive full-recompute forward, under every scheduling path.
 
-The reference (models.reference) is written straight from ATTNRES.md: no cache, no packing, no
+The reference (models.reference) is written straight from docs/attnres.md: no cache, no packing, no
 two-phase schedule. Each case runs a batch of prompts of different lengths through the engine with
 chunked prefill forced small, shared prefixes (prefix-cache hits) and a KV budget small enough to
 force preemption.

@@ -1,4 +1,4 @@
-"""The two-phase Block AttnRes schedule and the folded-key mix equal the naive mix of ATTNRES.md."""
+"""The two-phase Block AttnRes schedule and the folded-key mix equal the naive mix of docs/attnres.md."""
 
 from __future__ import annotations
 

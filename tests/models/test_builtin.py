@@ -52,7 +52,7 @@ def test_checkpoint_loads_and_models_heldout_text(name: str, val: dict) -> None:
     cfg = model.cfg
     assert cfg.attn_res_mode == TWINS[name]
     assert cfg.tie_word_embeddings and "lm_head.weight" not in state
-    for key, tensor in state.items():  # ATTNRES.md: AttnRes vectors fp32, everything else as saved (bf16)
+    for key, tensor in state.items():  # docs/attnres.md §7: AttnRes vectors fp32, everything else as saved (bf16)
         want = torch.float32 if key.endswith(("_res_norm.weight", "_res_proj.weight")) else torch.bfloat16
         assert tensor.dtype == want, key
 
