@@ -16,6 +16,8 @@ from server.openai.serving_engine import Job, OpenAIServing, Prompt
 
 class OpenAIServingChat(OpenAIServing[P.ChatCompletionRequest]):
     request_model = P.ChatCompletionRequest
+    response_model = P.ChatCompletionResponse
+    stream_model = P.ChatCompletionStreamResponse
     id_prefix = "chatcmpl"
     prompt_field = "messages"
 
@@ -35,13 +37,8 @@ class OpenAIServingChat(OpenAIServing[P.ChatCompletionRequest]):
             aliases["max_tokens"] = "max_completion_tokens"
         return aliases
 
-    def response(self, job: Job, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse:
-        choices = []
-        for c in job.by_index():
-            assert c.final is not None
-            choices.append(O.chat_choice(c.final, c, req, self.tokens.token_text))
-        return P.ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                                        usage=job.usage())
+    def final_choice(self, out: RequestOutput, choice: Choice, req: P.ChatCompletionRequest) -> P.ChatChoice:
+        return O.chat_choice(out, choice, req, self.tokens.token_text)
 
     def stream_prologue(self, job: Job, req: P.ChatCompletionRequest) -> list[P.ChatStreamChoice]:
         return [P.ChatStreamChoice(index=c.index, delta=P.DeltaMessage(role="assistant", content=""))
@@ -50,8 +47,3 @@ class OpenAIServingChat(OpenAIServing[P.ChatCompletionRequest]):
     def stream_choices(self, out: RequestOutput, choice: Choice,
                        req: P.ChatCompletionRequest) -> list[P.ChatStreamChoice]:
         return O.chat_stream_choices(out, choice, req, self.tokens.token_text)
-
-    def stream_response(self, job: Job, choices: list[P.ChatStreamChoice],
-                        usage: P.UsageInfo | None = None) -> P.ChatCompletionStreamResponse:
-        return P.ChatCompletionStreamResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                                              usage=usage)

@@ -33,6 +33,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prom
 
 class OpenAIServingCompletion(OpenAIServing[P.CompletionRequest]):
     request_model = P.CompletionRequest
+    response_model = P.CompletionResponse
+    stream_model = P.CompletionStreamResponse
     id_prefix = "cmpl"
     prompt_field = "prompt"
 
@@ -46,13 +48,8 @@ class OpenAIServingCompletion(OpenAIServing[P.CompletionRequest]):
     def sampling_args(self, req: P.CompletionRequest) -> tuple[int | None, int | None]:
         return req.max_tokens, req.logprobs
 
-    def response(self, job: Job, req: P.CompletionRequest) -> P.CompletionResponse:
-        choices = []
-        for c in job.by_index():
-            assert c.final is not None
-            choices.append(O.completion_choice(c.final, c, req, self.tokens.token_text))
-        return P.CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                                    usage=job.usage())
+    def final_choice(self, out: RequestOutput, choice: Choice, req: P.CompletionRequest) -> P.CompletionChoice:
+        return O.completion_choice(out, choice, req, self.tokens.token_text)
 
     def stream_prologue(self, job: Job, req: P.CompletionRequest) -> list[P.CompletionChoice]:
         if not req.echo:
@@ -62,8 +59,3 @@ class OpenAIServingCompletion(OpenAIServing[P.CompletionRequest]):
     def stream_choices(self, out: RequestOutput, choice: Choice,
                        req: P.CompletionRequest) -> list[P.CompletionChoice]:
         return O.completion_stream_choices(out, choice, req, self.tokens.token_text)
-
-    def stream_response(self, job: Job, choices: list[P.CompletionChoice],
-                        usage: P.UsageInfo | None = None) -> P.CompletionStreamResponse:
-        return P.CompletionStreamResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                                          usage=usage)

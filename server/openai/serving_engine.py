@@ -211,6 +211,8 @@ class OpenAIServing(Generic[Req]):
     """The shared pipeline; subclasses fill in the per-endpoint builders below."""
 
     request_model: ClassVar[type[P._SamplingRequest]]
+    response_model: ClassVar[type[BaseModel]]  # its fields: id, created, model, choices, usage
+    stream_model: ClassVar[type[BaseModel]]  # one SSE chunk, the same fields
     id_prefix: ClassVar[str]  # response ids: f"{id_prefix}-{hex}"
     prompt_field: ClassVar[str]  # the request field engine prompt errors are reported on
 
@@ -236,8 +238,8 @@ class OpenAIServing(Generic[Req]):
         """SamplingParams/engine names that this endpoint's request calls otherwise."""
         return {}
 
-    def response(self, job: Job, req: Req) -> BaseModel:
-        """The non-streaming response, once every choice has its final output."""
+    def final_choice(self, out: Any, choice: Choice, req: Req) -> BaseModel:
+        """A finished engine output as a response choice."""
         raise NotImplementedError
 
     def stream_prologue(self, job: Job, req: Req) -> list[Any]:
@@ -248,10 +250,16 @@ class OpenAIServing(Generic[Req]):
         """What one engine output adds to the stream."""
         raise NotImplementedError
 
-    def stream_response(self, job: Job, choices: list[Any], usage: P.UsageInfo | None = None) -> BaseModel:
-        raise NotImplementedError
-
     # ---- shared steps ------------------------------------------------------------------------------
+    def response(self, job: Job, req: Req) -> BaseModel:
+        """The non-streaming response, once every choice has its final output."""
+        choices = [self.final_choice(c.final, c, req) for c in job.by_index()]
+        return self.response_model(id=job.id, created=job.created, model=job.model, choices=choices,
+                                   usage=job.usage())
+
+    def stream_response(self, job: Job, choices: list[Any], usage: P.UsageInfo | None = None) -> BaseModel:
+        return self.stream_model(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
+
     def sampling(self, req: Req) -> SamplingParams:
         bad = req.unsupported()
         if bad is not None:
