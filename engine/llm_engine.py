@@ -13,6 +13,7 @@ import torch
 from engine.arg_utils import EngineArgs
 from engine.config import EngineConfig
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
+from engine.errors import InvalidParameterError
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput, RequestOutputKind
@@ -116,14 +117,15 @@ class LLMEngine:
         text: str | None = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+                raise InvalidParameterError("this model has no tokenizer: pass prompt_token_ids", "prompt")
             text = prompt
             # Every token covers at most max_token_chars characters (x2 for normalisers that drop
             # characters): a longer text cannot fit, so refuse it before spending a core on encoding it.
             limit = 2 * self.max_model_len * self.tokenizer.max_token_chars
             if len(prompt) > limit:
-                raise ValueError(f"prompt has {len(prompt)} characters, more than can fit the context length of "
-                                 f"{self.max_model_len} tokens (at most {limit} characters): shorten the prompt")
+                raise InvalidParameterError(
+                    f"prompt has {len(prompt)} characters, more than can fit the context length of "
+                    f"{self.max_model_len} tokens (at most {limit} characters): shorten the prompt", "prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -131,31 +133,34 @@ class LLMEngine:
             elif "prompt" in prompt:
                 return self.make_request(prompt["prompt"], params, request_id)
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise InvalidParameterError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
         else:
             ids = prompt
         if not isinstance(ids, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt_token_ids must be a list of integers")
+            raise InvalidParameterError("prompt_token_ids must be a list of integers", "prompt")
         ids = list(ids)
         if not ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise InvalidParameterError("prompt is empty: give at least one token", "prompt")
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt_token_ids contains {bad}, outside the vocabulary [0, {vocab})")
+            raise InvalidParameterError(f"prompt_token_ids contains {bad}, outside the vocabulary [0, {vocab})",
+                                        "prompt")
         for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
             bad = next((t for t in toks if t >= vocab), None)
             if bad is not None:
-                raise ValueError(f"{name} names token {bad}, outside the vocabulary [0, {vocab})")
+                raise InvalidParameterError(f"{name} names token {bad}, outside the vocabulary [0, {vocab})",
+                                            name)
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
-                f"length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens")
+                f"length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens", "prompt")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) leaves no room to generate within the context length "
-                             f"of {self.max_model_len} tokens")
+            raise InvalidParameterError(f"prompt ({len(ids)} tokens) leaves no room to generate within the context "
+                                        f"length of {self.max_model_len} tokens", "prompt")
         if (params.depth_attention or params.prompt_depth_attention) and not self.model_config.is_attn_res:
-            raise ValueError("depth_attention needs an AttnRes model; this model has a standard residual stream")
+            raise InvalidParameterError(
+                "depth_attention needs an AttnRes model; this model has a standard residual stream", "depth_attention")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
                       eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.errors import InvalidParameterError
 from engine.outputs import RequestOutputKind
 
 # Below this temperature, logits / T overflows or its softmax is a one-hot anyway: sample greedily (vLLM's
@@ -54,65 +55,73 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
+        """Raise InvalidParameterError (a ValueError) whose `param` is the offending field."""
 
         def num(name: str) -> float:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                raise InvalidParameterError(f"{name} must be a finite number, got {v!r}", name)
             return float(v)
 
         def integer(name: str, lo: int) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+                raise InvalidParameterError(f"{name} must be an integer, got {v!r}", name)
             if v < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {v}")
+                raise InvalidParameterError(f"{name} must be >= {lo}, got {v}", name)
 
         integer("n", 1)
         if num("temperature") < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidParameterError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < num("top_p") <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+            raise InvalidParameterError(
+                f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}", "top_k")
         if not 0 <= num("min_p") <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidParameterError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not SEED_MIN <= self.seed <= SEED_MAX):
-            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
+            raise InvalidParameterError(
+                f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}", "seed")
         if self.max_tokens is not None:
             integer("max_tokens", 1)
         integer("min_tokens", 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise InvalidParameterError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", "min_tokens")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a string or a list of non-empty strings")
+            raise InvalidParameterError("stop must be a string or a list of non-empty strings", "stop")
         if not isinstance(self.stop_token_ids, list | tuple) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+            raise InvalidParameterError(f"stop_token_ids must be a list of non-negative integers, "
+                                        f"got {self.stop_token_ids!r}", "stop_token_ids")
         self.stop_token_ids = list(self.stop_token_ids)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= num(name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise InvalidParameterError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
         if num("repetition_penalty") <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidParameterError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if self.logprobs is not None:
             integer("logprobs", 0)
             if self.logprobs > 20:
-                raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+                raise InvalidParameterError(f"logprobs must be <= 20, got {self.logprobs}", "logprobs")
         self._validate_logit_bias()
 
     def _validate_logit_bias(self) -> None:
+        def bad(message: str) -> InvalidParameterError:
+            return InvalidParameterError(message, "logit_bias")
+
         if not isinstance(self.logit_bias, dict):
-            raise ValueError(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
+            raise bad(f"logit_bias must be a mapping of token ids to numbers, got {self.logit_bias!r}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
-            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+            raise bad(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
         for tok, bias in self.logit_bias.items():
             if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
-                raise ValueError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+                raise bad(f"logit_bias keys must be non-negative token ids, got {tok!r}")
             if isinstance(bias, bool) or not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tok}")
+                raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tok}")
 
     @property
     def greedy(self) -> bool:

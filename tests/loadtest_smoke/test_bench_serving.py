@@ -28,13 +28,9 @@ def bench_server(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
 
     folder = tmp_path_factory.mktemp("loadtest-model")
     write_tiny(folder, tiny_config("block", block_size=2), tokenizer_from=tokenizer_dir)
-    srv = ServerProcess(folder, "--api-key", API_KEY, "--served-model-name", "tiny",
-                        log_dir=tmp_path_factory.mktemp("loadtest-logs"))
-    try:
-        srv.wait_healthy()
+    with ServerProcess(folder, "--api-key", API_KEY, "--served-model-name", "tiny",
+                       log_dir=tmp_path_factory.mktemp("loadtest-logs")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _env() -> dict[str, str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -47,9 +48,13 @@ class ServerProcess:
     """A `python -m server.cli serve` subprocess; logs go to a file (a full pipe would block it).
 
     `module`: another launcher with server.cli's command line (tests.server.fault_server injects faults).
+    As a context manager: waits until healthy (up to `startup_timeout` s), and stops it on the way out
+    (`proc.returncode` is then its exit status).
     """
 
-    def __init__(self, model: Path, *args: str, log_dir: Path, module: str = "server.cli") -> None:
+    def __init__(self, model: Path, *args: str, log_dir: Path, module: str = "server.cli",
+                 startup_timeout: float = 60.0) -> None:
+        self.startup_timeout = startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
@@ -76,6 +81,17 @@ class ServerProcess:
             time.sleep(0.1)
         raise AssertionError(f"server not healthy after {timeout} s:\n{self.log()}")
 
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_healthy(self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -91,19 +107,24 @@ class ServerProcess:
 @pytest.fixture(scope="package")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The shared server: API key, small body limit, a small queue bound for the 429 test."""
-    srv = ServerProcess(tiny_model, "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
-                        "--max-num-seqs", "4", "--max-queued-requests", "2", "--max-body-size", "64KiB",
-                        log_dir=tmp_path_factory.mktemp("server-logs"))
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
+                       "--max-num-seqs", "4", "--max-queued-requests", "2", "--max-body-size", "64KiB",
+                       log_dir=tmp_path_factory.mktemp("server-logs")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[dict | str]:
+    """An SSE response's events as they arrive (pass `response.iter_lines()`): each `data:` JSON decoded,
+    the final '[DONE]' as that string."""
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            yield data if data == "[DONE]" else json.loads(data)
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 from models.config import ModelConfig
 from models.reference import ReferenceLlama
-from tests.server.conftest import MODEL_NAME, ServerProcess, metric, scrape
+from tests.server.conftest import MODEL_NAME, ServerProcess, metric, scrape, sse_events
 from tests.tiny import reference_greedy
 
 PROMPT = [1, 5, 6, 7, 8]
@@ -64,9 +63,9 @@ def test_streaming_agrees_and_echo_adds_prompt_passes(server, auth) -> None:  # 
     streamed = []
     with httpx.stream("POST", server.url + "/v1/completions", json={**BODY, "stream": True}, headers=auth,
                       timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                streamed += json.loads(line[6:])["choices"][0].get("depth_attention") or []
+        for event in sse_events(r.iter_lines()):
+            if event != "[DONE]":
+                streamed += event["choices"][0].get("depth_attention") or []  # type: ignore[index]
     assert streamed == full
     echo = _post(server, auth, "/v1/completions", {**BODY, "echo": True}).json()["choices"][0]["depth_attention"]
     assert len(echo) == len(PROMPT) + len(full) - 1 and echo[len(PROMPT) - 1:] == full
@@ -84,20 +83,15 @@ def test_standard_model_gets_400(tmp_path, tokenizer_dir) -> None:  # type: igno
     from tests.tiny import tiny_config, write_tiny
 
     folder, _ = write_tiny(tmp_path / "std", tiny_config("none", layers=1), tokenizer_from=tokenizer_dir)
-    srv = ServerProcess(folder, "--depth-metrics", log_dir=tmp_path)
-    try:
-        srv.wait_healthy()
+    with ServerProcess(folder, "--depth-metrics", log_dir=tmp_path) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "depth_attention": True}, timeout=30)
         assert r.status_code == 400 and "AttnRes" in r.json()["error"]["message"]
         assert metric(scrape(srv.url), "depthserve:depth_attention_tokens_total") == 0  # no series for a standard model
-    finally:
-        assert srv.stop() == 0
+    assert srv.proc.returncode == 0
 
 
 def test_depth_metrics_flag(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    srv = ServerProcess(tiny_model, "--depth-metrics", log_dir=tmp_path)
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--depth-metrics", log_dir=tmp_path) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "ignore_eos": True},
                        timeout=30)
         assert r.status_code == 200
@@ -107,5 +101,4 @@ def test_depth_metrics_flag(tiny_model, tmp_path) -> None:  # type: ignore[no-un
         total = metric(samples, "depthserve:depth_attention_weight", site="1")
         assert total == pytest.approx(1.0, abs=1e-3)  # one site's mean weights sum to one
         assert metric(samples, "depthserve:depth_attention_entropy", site="0") == pytest.approx(0.0, abs=1e-6)
-    finally:
-        assert srv.stop() == 0
+    assert srv.proc.returncode == 0

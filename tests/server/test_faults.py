@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL_NAME, ServerProcess, metric, scrape, wait_for_metric
+from tests.server.conftest import MODEL_NAME, ServerProcess, metric, scrape, sse_events, wait_for_metric
 from tests.server.fault_server import FAKE_PATH, FATAL, SLOW, STEP_FAULT, STUCK
 
 P = "depthserve:"
@@ -24,20 +24,15 @@ TIMEOUT_S = 2.0
 NORMAL = {"model": MODEL_NAME, "prompt": [20, 21, 22], "max_tokens": 4, "ignore_eos": True}
 
 
-def start(tiny_model: Path, log_dir: Path, *args: str) -> ServerProcess:
-    srv = ServerProcess(tiny_model, "--served-model-name", MODEL_NAME, "--max-num-seqs", "8", *args,
-                        log_dir=log_dir, module="tests.server.fault_server")
-    srv.wait_healthy()
-    return srv
+def fault_server(tiny_model: Path, log_dir: Path, *args: str) -> ServerProcess:
+    return ServerProcess(tiny_model, "--served-model-name", MODEL_NAME, "--max-num-seqs", "8", *args,
+                         log_dir=log_dir, module="tests.server.fault_server")
 
 
 @pytest.fixture(scope="module")
 def faulty(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start(tiny_model, tmp_path_factory.mktemp("fault-logs"), "--request-timeout", str(TIMEOUT_S))
-    try:
+    with fault_server(tiny_model, tmp_path_factory.mktemp("fault-logs"), "--request-timeout", str(TIMEOUT_S)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def clean_error(r: httpx.Response | dict, status: int | None = None) -> dict:
@@ -55,14 +50,9 @@ def clean_error(r: httpx.Response | dict, status: int | None = None) -> dict:
 
 def sse(c: httpx.Client, body: dict) -> list[dict | str]:
     """A streamed completion's events: decoded JSON, or the final '[DONE]'."""
-    events: list[dict | str] = []
     with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                data = line[6:]
-                events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+        return list(sse_events(r.iter_lines()))
 
 
 def assert_idle(url: str) -> None:
@@ -129,27 +119,23 @@ def test_request_timeout_aborts_and_frees(faulty: ServerProcess) -> None:
 
 
 def test_dead_engine_loop_is_503_at_once(tiny_model: Path, tmp_path: Path) -> None:
-    srv = start(tiny_model, tmp_path)
-    try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            in_flight: list[dict | str] = []
-            t = threading.Thread(target=lambda: in_flight.extend(sse(c, {**NORMAL, "max_tokens": 200})))
-            t.start()
-            assert wait_for_metric(srv.url, P + "num_requests_running", lambda v: v >= 1) >= 1
-            err = clean_error(c.post("/v1/completions", json={**NORMAL, "prompt": FATAL + [20]}), 503)
-            assert err["code"] == "engine_unavailable" and "restart the server" in err["message"], err
-            assert "injected" not in err["message"] and "RuntimeError" not in err["message"], err
-            t.join(30)
-            assert in_flight[-1] == "[DONE]"
-            assert clean_error(in_flight[-2])["code"] == "engine_unavailable"  # type: ignore[arg-type]
+    with fault_server(tiny_model, tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        in_flight: list[dict | str] = []
+        t = threading.Thread(target=lambda: in_flight.extend(sse(c, {**NORMAL, "max_tokens": 200})))
+        t.start()
+        assert wait_for_metric(srv.url, P + "num_requests_running", lambda v: v >= 1) >= 1
+        err = clean_error(c.post("/v1/completions", json={**NORMAL, "prompt": FATAL + [20]}), 503)
+        assert err["code"] == "engine_unavailable" and "restart the server" in err["message"], err
+        assert "injected" not in err["message"] and "RuntimeError" not in err["message"], err
+        t.join(30)
+        assert in_flight[-1] == "[DONE]"
+        assert clean_error(in_flight[-2])["code"] == "engine_unavailable"  # type: ignore[arg-type]
 
-            for _ in range(3):  # every later request fails fast, without queueing
-                t0 = time.monotonic()
-                assert "restart the server" in clean_error(c.get("/health"), 503)["message"]
-                clean_error(c.post("/v1/completions", json=NORMAL), 503)
-                clean_error(c.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "hi"}], "stream": True}), 503)
-                assert time.monotonic() - t0 < 2.0
-    finally:
-        srv.stop()
+        for _ in range(3):  # every later request fails fast, without queueing
+            t0 = time.monotonic()
+            assert "restart the server" in clean_error(c.get("/health"), 503)["message"]
+            clean_error(c.post("/v1/completions", json=NORMAL), 503)
+            clean_error(c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "stream": True}), 503)
+            assert time.monotonic() - t0 < 2.0
     assert "injected fatal fault" in srv.log()  # the details go to the log, not to clients

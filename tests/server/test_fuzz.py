@@ -31,14 +31,10 @@ EXAMPLES = 20  # per operation; 5 operations
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tiny_model, "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--max-model-len", "64",
-                        "--max-num-seqs", "16", "--request-timeout", "20", "--max-body-size", "256KiB",
-                        log_dir=tmp_path_factory.mktemp("fuzz-logs"))
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--max-model-len", "64",
+                       "--max-num-seqs", "16", "--request-timeout", "20", "--max-body-size", "256KiB",
+                       log_dir=tmp_path_factory.mktemp("fuzz-logs")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess
+from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess, sse_events
 from tests.server.fault_server import SLOW
 
 KEY = {"Authorization": f"Bearer {API_KEY}"}
@@ -81,14 +81,10 @@ def test_no_redirect_echoes_the_host(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def guarded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """--allowed-hosts, a short header deadline and a cap of 2 connections."""
-    srv = ServerProcess(tiny_model, "--api-key", API_KEY, "--allowed-hosts", "app.test", "*.example.org",
-                        "10.1.0.0/16", "--header-timeout", str(HEADER_TIMEOUT_S), "--max-connections", "2",
-                        log_dir=tmp_path_factory.mktemp("guarded-logs"))
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--api-key", API_KEY, "--allowed-hosts", "app.test", "*.example.org",
+                       "10.1.0.0/16", "--header-timeout", str(HEADER_TIMEOUT_S), "--max-connections", "2",
+                       log_dir=tmp_path_factory.mktemp("guarded-logs")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_allowed_hosts_add_to_loopback(guarded: ServerProcess) -> None:
@@ -228,15 +224,14 @@ def test_requests_past_shutdown_timeout_end_with_503(tiny_model: Path, tmp_path:
     srv = ServerProcess(tiny_model, "--served-model-name", MODEL_NAME, "--shutdown-timeout", "2",
                         log_dir=tmp_path, module="tests.server.fault_server")
     plain: list[httpx.Response] = []
-    events: list[str] = []
+    events: list[dict | str] = []
     streaming = threading.Event()
 
     def stream() -> None:
         with httpx.stream("POST", srv.url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    streaming.set()
+            for event in sse_events(r.iter_lines()):
+                events.append(event)
+                streaming.set()
 
     try:
         srv.wait_healthy()
@@ -260,5 +255,6 @@ def test_requests_past_shutdown_timeout_end_with_503(tiny_model: Path, tmp_path:
     err = error(plain[0], 503, "engine_unavailable")
     assert "shutting down" in err["message"], err
     assert events[-1] == "[DONE]", events[-3:]
-    assert '"engine_unavailable"' in events[-2] and "shutting down" in events[-2], events[-3:]
+    last = events[-2]["error"]  # type: ignore[index]
+    assert last["code"] == "engine_unavailable" and "shutting down" in last["message"], events[-3:]
     assert "Traceback" not in log and "Internal Server Error" not in log, log

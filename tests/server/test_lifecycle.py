@@ -18,6 +18,7 @@ from tests.server.conftest import (
     ServerProcess,
     metric,
     scrape,
+    sse_events,
     wait_for_metric,
 )
 
@@ -70,8 +71,7 @@ def test_streaming_disconnect_aborts_and_frees_kv(server: ServerProcess) -> None
     with httpx.Client(base_url=server.url, headers=HEADERS, timeout=30) as c, \
             c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
         assert r.status_code == 200
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))
+        assert next(sse_events(r.iter_lines()))
     # the connection is closed mid-stream: the request is aborted and its blocks freed
     assert wait_for_metric(server.url, P + "request_success_total", lambda v: v > aborted,
                            finished_reason="abort") == aborted + 1
@@ -111,21 +111,17 @@ def test_burst_beyond_queue_gets_429(server: ServerProcess) -> None:
 
 
 def test_sigterm_drains_and_exits_zero(tiny_model: Path, tmp_path: Path) -> None:
-    srv = ServerProcess(tiny_model, log_dir=tmp_path)  # no API key: everything is open
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, log_dir=tmp_path) as srv:  # no API key: everything is open
         with httpx.Client(base_url=srv.url, timeout=30) as c, \
                 c.stream("POST", "/v1/completions", json={"prompt": "To be", "max_tokens": 60, "stream": True,
                                                           "ignore_eos": True}) as r:
             assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
+            events = sse_events(r.iter_lines())
+            assert next(events)
             srv.proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"  # the in-flight stream finished before the server went away
+            rest = list(events)
+        assert rest[-1] == "[DONE]"  # the in-flight stream finished before the server went away
         assert srv.proc.wait(20) == 0
-    finally:
-        srv.stop()
     assert "Traceback" not in srv.log()
 
 

@@ -53,13 +53,9 @@ def test_cors_off_by_default(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def locked(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tiny_model, "--api-key", API_KEY, "--metrics-require-auth", "--allowed-origins", ORIGIN,
-                        log_dir=tmp_path_factory.mktemp("locked-logs"))
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--api-key", API_KEY, "--metrics-require-auth", "--allowed-origins", ORIGIN,
+                       log_dir=tmp_path_factory.mktemp("locked-logs")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_metrics_auth_and_configured_cors(locked: ServerProcess) -> None:

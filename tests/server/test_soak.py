@@ -43,9 +43,7 @@ def run_soak(url: str, seconds: float, seed: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_soak_with_overload_leaves_nothing_behind(tiny_model: Path, tmp_path: Path) -> None:
-    srv = ServerProcess(tiny_model, "--max-num-seqs", "4", "--max-queued-requests", "4", log_dir=tmp_path)
-    try:
-        srv.wait_healthy()
+    with ServerProcess(tiny_model, "--max-num-seqs", "4", "--max-queued-requests", "4", log_dir=tmp_path) as srv:
         run_soak(srv.url, 3, seed=1)  # warm-up: allocator pools, caches, every code path once
         before = rss_kib(srv.proc.pid)
         s = run_soak(srv.url, SOAK_SECONDS, seed=0)
@@ -62,6 +60,4 @@ def test_soak_with_overload_leaves_nothing_behind(tiny_model: Path, tmp_path: Pa
         assert metric(samples, P + "request_success_total", finished_reason="abort") > 0  # hang-ups were aborted
         assert growth_mib < RSS_GROWTH_MIB, f"server RSS grew {growth_mib:.1f} MiB"
         assert srv.proc.poll() is None
-    finally:
-        srv.stop()
     assert "Traceback" not in srv.log(), srv.log()[-3000:]

@@ -39,15 +39,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_tp2_server_answers_then_fails_fast_on_worker_death(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     body = {"prompt": [1, 5, 6, 7], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-    tp1 = ServerProcess(tiny_model, log_dir=tmp_path)
-    try:
-        tp1.wait_healthy()
+    with ServerProcess(tiny_model, log_dir=tmp_path) as tp1:
         want = httpx.post(tp1.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
-    finally:
-        tp1.stop()
-    srv = ServerProcess(tiny_model, "--tensor-parallel-size", "2", log_dir=tmp_path)
-    try:
-        srv.wait_healthy(90)
+    with ServerProcess(tiny_model, "--tensor-parallel-size", "2", log_dir=tmp_path, startup_timeout=90) as srv:
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
         workers = [p for p in _children(srv.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -63,8 +57,6 @@ def test_tp2_server_answers_then_fails_fast_on_worker_death(tiny_model, tmp_path
         assert time.monotonic() - t0 < 5
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=10)
         assert r.status_code == 503 and "worker" in r.json()["error"]["message"]
-    finally:
-        srv.stop()
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)

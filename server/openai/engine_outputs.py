@@ -1,0 +1,137 @@
+"""The one place where the server reads engine outputs (engine.outputs: RequestOutput, CompletionOutput,
+Logprob) and turns them into OpenAI response pieces: a choice per endpoint, a stream choice per endpoint,
+usage counts, logprobs.
+
+The engine answers one engine request per prompt and fans its n samples out itself: each
+CompletionOutput carries its sample `index`. A stream's outputs are deltas (only what is new); a
+non-streaming request gets one FINAL_ONLY output with every sample complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engine.outputs import CompletionOutput, DepthEntry, Logprob, RequestOutput
+from server import protocol as P
+
+# A token as display text and its bytes (serving_engine.Tokens.token_text).
+TokenText = Callable[[int], tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class Choice:
+    """What a handler tracks about one choice of a response (one sample of one prompt)."""
+
+    index: int
+    prompt_index: int
+    prompt_text: str
+    num_prompt_tokens: int
+    text_offset: int = 0  # completions logprobs: characters of output before the next token
+    num_tokens: int = 0  # generated so far (usage)
+    final: CompletionOutput | None = None  # non-streaming: the finished sample
+    prompt_depth: list[DepthEntry] | None = None  # echo + depth_attention: one entry per prompt token
+    started: bool = False  # streaming: a chunk with generated tokens was sent
+
+
+def update(choice: Choice, out: RequestOutput, comp: CompletionOutput) -> None:
+    """Fold one engine output's sample into its choice's bookkeeping."""
+    choice.num_tokens += len(comp.token_ids)
+    if out.prompt_depth_attention is not None:
+        choice.prompt_depth = out.prompt_depth_attention
+    if comp.finished:
+        choice.final = comp
+
+
+def _depth(choice: Choice, echo: bool, generated: list | None) -> list | None:
+    """Depth weights of a choice: one entry per forward pass, in token order.
+
+    Without echo: one per generated token (the pass that produced it). With echo: one per prompt
+    token (the pass over it; the last one produced the first generated token), then one per later
+    generated token.
+    """
+    if generated is None:
+        return None
+    if echo and choice.prompt_depth is not None:
+        return choice.prompt_depth + generated[1:]
+    return generated
+
+
+# ---- /v1/completions ------------------------------------------------------------------------------
+
+
+def _completion_logprobs(lps: Sequence[Logprob], choice: Choice, token_text: TokenText) -> P.CompletionLogprobs:
+    out = P.CompletionLogprobs()
+    for lp in lps:
+        s, _ = token_text(lp.token_id)
+        out.tokens.append(s)
+        out.token_logprobs.append(lp.logprob)
+        top = {s: lp.logprob}
+        for tid, v in lp.top:
+            top.setdefault(token_text(tid)[0], v)
+        out.top_logprobs.append(top)
+        out.text_offset.append(choice.text_offset)
+        choice.text_offset += 0 if s.startswith("bytes:") else len(s)
+    return out
+
+
+def completion_choice(comp: CompletionOutput, choice: Choice, req: P.CompletionRequest,
+                      token_text: TokenText) -> P.CompletionChoice:
+    """A finished sample as a /v1/completions choice."""
+    lp = _completion_logprobs(comp.logprobs or [], choice, token_text) if req.logprobs is not None else None
+    return P.CompletionChoice(index=choice.index, text=(choice.prompt_text if req.echo else "") + comp.text,
+                              logprobs=lp, finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                              depth_attention=_depth(choice, req.echo, comp.depth_attention))
+
+
+def completion_stream_choices(comp: CompletionOutput, choice: Choice, req: P.CompletionRequest,
+                              token_text: TokenText) -> list[P.CompletionChoice]:
+    """What one delta adds to a /v1/completions stream (nothing, or one choice)."""
+    lp = None
+    if req.logprobs is not None and comp.logprobs:
+        lp = _completion_logprobs(comp.logprobs, choice, token_text)
+    depth = None
+    if req.depth_attention and comp.token_ids:
+        depth = _depth(choice, req.echo and not choice.started, comp.depth_attention)
+    choice.started = choice.started or bool(comp.token_ids)
+    if not comp.finished and not comp.text and lp is None and depth is None:
+        return []
+    return [P.CompletionChoice(index=choice.index, text=comp.text, logprobs=lp, finish_reason=comp.finish_reason,
+                               stop_reason=comp.stop_reason, depth_attention=depth)]
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------------
+
+
+def _chat_logprobs(lps: Sequence[Logprob], k: int, token_text: TokenText) -> P.ChatLogprobs:
+    entries = []
+    for lp in lps:
+        s, b = token_text(lp.token_id)
+        top = [P.TopLogprob(token=token_text(t)[0], logprob=v, bytes=list(token_text(t)[1])) for t, v in lp.top[:k]]
+        entries.append(P.ChatLogprobEntry(token=s, logprob=lp.logprob, bytes=list(b), top_logprobs=top))
+    return P.ChatLogprobs(content=entries)
+
+
+def chat_choice(comp: CompletionOutput, choice: Choice, req: P.ChatCompletionRequest,
+                token_text: TokenText) -> P.ChatChoice:
+    """A finished sample as a /v1/chat/completions choice."""
+    lp = _chat_logprobs(comp.logprobs or [], req.top_logprobs or 0, token_text) if req.logprobs else None
+    return P.ChatChoice(index=choice.index, message=P.ChatMessageOut(content=comp.text), logprobs=lp,
+                        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                        depth_attention=comp.depth_attention)
+
+
+def chat_stream_choices(comp: CompletionOutput, choice: Choice, req: P.ChatCompletionRequest,
+                        token_text: TokenText) -> list[P.ChatStreamChoice]:
+    """What one delta adds to a chat stream: a content delta if anything is new, then a final empty
+    delta with the finish reason when the sample finished."""
+    lp = _chat_logprobs(comp.logprobs, req.top_logprobs or 0, token_text) if req.logprobs and comp.logprobs else None
+    depth = comp.depth_attention if req.depth_attention and comp.token_ids else None
+    chunks = []
+    if comp.text or lp is not None or depth:
+        chunks.append(P.ChatStreamChoice(index=choice.index, delta=P.DeltaMessage(content=comp.text),
+                                         logprobs=lp, depth_attention=depth))
+    if comp.finished:
+        chunks.append(P.ChatStreamChoice(index=choice.index, delta=P.DeltaMessage(),
+                                         finish_reason=comp.finish_reason))
+    return chunks
