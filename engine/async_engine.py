@@ -64,7 +64,6 @@ class _Track:
     """Asyncio-side state of one engine request."""
 
     group: RequestGroup
-    last_token_time: float | None = None
     scheduled_seen: bool = False
     detached: bool = False  # aborted by the client: still observed for metrics, no longer queued
 
@@ -186,6 +185,7 @@ class AsyncLLMEngine:
             raise RuntimeError("AsyncLLMEngine already started")
         self._loop = loop or asyncio.get_running_loop()
         self.stats = self.engine.stats()  # before the thread exists, so still single-threaded
+        self.engine.scheduler.record_latencies = self.observer is not None
         self._thread = threading.Thread(target=self._run, name="depthserve-engine", daemon=True)
         self._thread.start()
 
@@ -331,7 +331,8 @@ class AsyncLLMEngine:
                         out.metrics = replace(out.metrics)
                         if out.finished and out.metrics.finished_time is None:
                             out.metrics.finished_time = now
-                self._post(self._deliver, outputs, stats)
+                latencies, eng.scheduler.latencies = eng.scheduler.latencies, []
+                self._post(self._deliver, outputs, stats, latencies)
         except BaseException as e:  # noqa: BLE001 - any escape kills the loop: report, never hang clients
             logger.exception("engine loop died")
             self._dead = e
@@ -401,8 +402,18 @@ class AsyncLLMEngine:
     def _set_stats(self, stats: EngineStats) -> None:
         self.stats = stats
 
-    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats,
+                 latencies: list[tuple[bool, float]] = ()) -> None:  # type: ignore[assignment]
         self.stats = stats
+        if self.observer is not None:  # per token, measured in the engine: also for non-streamed requests
+            try:
+                for first, seconds in latencies:
+                    if first:
+                        self.observer.observe_first_token(seconds)
+                    else:
+                        self.observer.observe_inter_token(seconds)
+            except Exception:  # metrics must never break serving
+                logger.exception("metrics observer failed")
         for out in outputs:
             track = self._tracks.get(out.request_id)
             if track is None:
@@ -424,12 +435,6 @@ class AsyncLLMEngine:
         if not track.scheduled_seen and m.first_scheduled_time is not None:
             track.scheduled_seen = True
             obs.observe_queue_time(m.first_scheduled_time - m.arrival_time)
-        if any(c.token_ids for c in out.outputs) and m.last_token_time is not None:
-            if track.last_token_time is None:
-                obs.observe_first_token(m.last_token_time - m.arrival_time)
-            else:
-                obs.observe_inter_token(m.last_token_time - track.last_token_time)
-            track.last_token_time = m.last_token_time
         if out.finished:
             end = m.finished_time if m.finished_time is not None else time.monotonic()
             obs.observe_finished(out.outputs[0].finish_reason or "error" if out.outputs else "error",

@@ -91,6 +91,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
+        # (first token?, seconds) per sampled token, for latency histograms; only kept when someone reads them
+        self.record_latencies = False
+        self.latencies: list[tuple[bool, float]] = []
 
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -183,9 +186,13 @@ class Scheduler:
             tok = ran.token_ids[i]
             req.token_ids.append(tok)
             self.stats.generation_tokens += 1
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
+            m = req.metrics
+            if self.record_latencies:
+                first = m.first_token_time is None
+                self.latencies.append((first, now - (m.arrival_time if first else m.last_token_time or now)))
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
             self._check_stop(req, tok)
             lp, depth = ran.logprobs[i], ran.depth[i]
             outputs.append(EngineCoreOutput(

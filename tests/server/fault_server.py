@@ -44,7 +44,7 @@ def install() -> None:
     execute, forward, schedule = ModelRunner.execute, LlamaForServing.forward, Scheduler.schedule
 
     def faulty_execute(self: ModelRunner, step: Any) -> Any:
-        reqs = [req for req, _ in step.scheduled]
+        reqs = [s.request for s in step.scheduled]
         state.fail = any(_marked(r, STEP_FAULT) for r in reqs)
         state.slow = any(_marked(r, SLOW) for r in reqs)
         return execute(self, step)
