@@ -36,9 +36,6 @@ class DepthCache:
     def bytes(self) -> int:
         return self.capacity * self.spec.bytes_per_token
 
-    def usage(self) -> float:
-        return self.rows_in_use / self.capacity
-
     def reserve(self, num_tokens: int) -> DepthBuffers:
         """Lend rows [0, num_tokens) for one step; release() must follow."""
         if self.rows_in_use:

@@ -82,24 +82,15 @@ def phase1(states: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor,
 
 def phase2_fused(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, query: torch.Tensor,
                  eps: float) -> torch.Tensor:
-    """phase2 for an fp32 partial, in the fewest kernels: the partial's key via the fused rms_norm."""
-    w = torch.sigmoid_((key_of(partial, eps) @ query).sub_(lse1))  # [T]
-    return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
-
-
-def phase2(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, key_partial: torch.Tensor,
-           query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge Phase-1 statistics with the current partial sum (online softmax over two groups).
 
-    lse1: [T]; xo1: [T, d]; partial: [T, d]; key_partial: [T, d]; query: [d] fp32.
-    With s2 the partial's score, softmax over {blocks, partial} gives the partial the weight
-    e^s2 / (e^lse1 + e^s2) = sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so
-    x = lerp(xo1, partial, w): the same result as M = max(m1, m2) rescaling, in five kernels.
-    Returns x [T, d] fp32 and the partial's weight w [T].
+    lse1: [T]; xo1: [T, d]; partial: [T, d] fp32; query: [d] fp32 (gain folded). With s2 the partial's
+    score, softmax over {blocks, partial} gives the partial the weight e^s2 / (e^lse1 + e^s2) =
+    sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so x = lerp(xo1, partial, w): the
+    same result as M = max(m1, m2) rescaling, in the fewest kernels. Returns x [T, d] fp32.
     """
-    p = partial.float()
-    w = torch.sigmoid(key_partial @ query - lse1)  # [T]
-    return torch.lerp(xo1, p, w.unsqueeze(-1)), w
+    w = torch.sigmoid_((key_of(partial, eps) @ query).sub_(lse1))  # [T]
+    return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
 
 
 def mix_sources(states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
