@@ -53,6 +53,22 @@ def add_fields_to_group(group: argparse._ArgumentGroup, cls: type) -> None:
         group.add_argument(*flags, dest=f.name, default=default, help=meta["help"], **cli)
 
 
+class CliArgs:
+    """add_cli_args / from_cli_args for a dataclass of `option(...)` fields: one flag per field, in the
+    argument group named by GROUP."""
+
+    GROUP = "options"
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_fields_to_group(parser.add_argument_group(cls.GROUP), cls)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> Any:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
 def _at_least(errors: list[str], name: str, value: Any, low: int, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -75,8 +91,10 @@ def _size(errors: list[str], name: str, value: str | int) -> int:
 
 
 @dataclass
-class EngineArgs:
+class EngineArgs(CliArgs):
     """Engine options. Field names are `LLM(...)` keywords; `--field-name` are the CLI flags."""
+
+    GROUP = "engine"
 
     model: str = option(DEFAULT_MODEL, "a Hugging Face style checkpoint folder, a .gguf file or the name of a "
                                        "built-in model")
@@ -108,16 +126,6 @@ class EngineArgs:
     # parallel
     tensor_parallel_size: int = option(1, "tensor-parallel ranks (processes the model is sharded over)",
                                        type=int)
-
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Add every EngineArgs field as a flag, in an "engine" argument group."""
-        add_fields_to_group(parser.add_argument_group("engine"), EngineArgs)
-        return parser
-
-    @classmethod
-    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_kwargs(cls, model: str, caller: str = "EngineArgs", /, **kwargs: Any) -> EngineArgs:

@@ -3,12 +3,11 @@ with one default and help string each, and their validation in one place."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
 
-from engine.arg_utils import add_fields_to_group, option
+from engine.arg_utils import CliArgs, option
 from engine.config import parse_bytes
 
 __all__ = ["LOG_LEVELS", "ServerArgs"]
@@ -17,7 +16,9 @@ LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
 @dataclass
-class ServerArgs:
+class ServerArgs(CliArgs):
+    GROUP = "server"
+
     served_model_name: list[str] | None = option(
         None, "name(s) clients pass as `model` (None: the --model value)", nargs="+", metavar="NAME")
     host: str = option("127.0.0.1", "address to listen on")
@@ -51,15 +52,6 @@ class ServerArgs:
     def __post_init__(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get("DEPTHSERVE_API_KEY")
-
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        add_fields_to_group(parser.add_argument_group("server"), ServerArgs)
-        return parser
-
-    @classmethod
-    def from_cli_args(cls, ns: argparse.Namespace) -> ServerArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def max_body_bytes(self) -> int:
