@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from engine.arg_utils import EngineArgs
+from engine.depth_stats import entropy
 from engine.llm_engine import LLM
 from engine.sampling_params import SamplingParams
 
@@ -29,10 +29,6 @@ def mean_map(entries: list[Entry]) -> list[list[float]]:
     """Average per site and source over tokens; sites keep their own number of sources."""
     sites = len(entries[0])
     return [[sum(e[s][j] for e in entries) / len(entries) for j in range(len(entries[0][s]))] for s in range(sites)]
-
-
-def entropy(weights: list[float]) -> float:
-    return -sum(w * math.log(w) for w in weights if w > 0)
 
 
 def draw(matrix: list[list[float]], title: str, path: Path) -> None:

@@ -10,6 +10,11 @@ import math
 from dataclasses import dataclass
 
 
+def entropy(weights: list[float]) -> float:
+    """Shannon entropy (nats) of one site's weights over its sources."""
+    return -sum(w * math.log(w) for w in weights if w > 0)
+
+
 @dataclass(frozen=True)
 class DepthStatsSnapshot:
     tokens: int
@@ -32,7 +37,7 @@ class DepthStats:
             acc = self._sum[s]
             for j, w in enumerate(site):
                 acc[j] += w
-            self._entropy[s] -= sum(w * math.log(w) for w in site if w > 0)
+            self._entropy[s] += entropy(site)
         self.tokens += 1
 
     def snapshot(self) -> DepthStatsSnapshot:
