@@ -86,12 +86,13 @@ class ModelRunner:
         try:
             if self.group is not None:
                 self.group.broadcast(batch)
-            hidden = self.model(batch)
+            weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
+            hidden = self.model(batch, weights)
             logits = self.model.compute_logits(hidden)  # [S, vocab] fp32, one row per sampled request
         finally:
             if self.depth is not None and batch.depth is not None:
                 self.depth.release()
-        return self._sample(rows, logits, batch.depth_weights)
+        return self._sample(rows, logits, weights)
 
     def _rows(self, sched: SchedulerOutput) -> _Rows:
         rows = _Rows()

@@ -65,7 +65,6 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] rows whose next-token logits are wanted
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V each [num_slots, n_kv, hd]
     depth: DepthBuffers | None = None  # AttnRes models only
-    # Depth-attention introspection, off unless a request asks: the rows to record, and per mixing
-    # site (forward order, output head last) the softmax weights over its sources, [R, n_site].
+    # Depth-attention introspection, off unless a request asks: the rows whose weights are recorded
+    # (into the list the caller passes to the model's forward).
     depth_rows: torch.Tensor | None = None  # [R]
-    depth_weights: list[torch.Tensor] = field(default_factory=list)

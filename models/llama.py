@@ -157,8 +157,12 @@ class LlamaForServing(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Returns final-normed hidden states [S, d] of the rows in batch.logits_indices."""
+    def forward(self, batch: ForwardBatch, depth_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Returns final-normed hidden states [S, d] of the rows in batch.logits_indices.
+
+        With `depth_weights` (a list to fill) and `batch.depth_rows` set, each mixing site appends its
+        softmax weights over its sources for those rows, [R, n_site], in forward order (output head last).
+        """
         h = self.embed_tokens.embed(batch.input_ids)  # [T, d]
         cos_sin = self.rope(batch.positions)
         mode = self.cfg.attn_res_mode
@@ -170,24 +174,24 @@ class LlamaForServing(nn.Module):
         if batch.depth is None:
             raise RuntimeError("AttnRes model run without depth buffers")
         if mode == "block":
-            x = self._forward_block(h, batch, batch.depth, cos_sin)
+            x = self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
         else:
-            x = self._forward_full(h, batch, batch.depth, cos_sin)
+            x = self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
         return self.norm(x.to(self.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
         return self.lm_head.logits(hidden)
 
-    def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
-                       cos_sin: tuple) -> torch.Tensor:
+    def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers, cos_sin: tuple,
+                       out: list[torch.Tensor] | None) -> torch.Tensor:
         sched = self.schedule
         assert sched is not None and depth.lse is not None and depth.xo is not None
         eps = self.cfg.rms_norm_eps
         states, keys = depth.states, depth.keys  # [T, N+1, d] fp32 each
         lse, xo = depth.lse, depth.xo  # [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
-        record = batch.depth_rows
+        record = batch.depth_rows if out is not None else None
         states[:, 0] = emb
         for i, layer in enumerate(self.layers):
             qa, qm = sched.query_rows(i)
@@ -198,11 +202,11 @@ class LlamaForServing(nn.Module):
                 phase1(states[:, :n], keys[:, :n], self.block_queries[sched.block_of(i)], out=(lse, xo))
                 x = xo[:, qa]
                 if record is not None:
-                    self._record(batch, states[record, :n], keys[record, :n], self.queries[i, 0])
+                    self._record(out, states[record, :n], keys[record, :n], self.queries[i, 0])
             else:
                 x = phase2_fused(lse[:, qa], xo[:, qa], states[:, n], self.queries[i, 0], eps)
                 if record is not None:
-                    self._record_with_partial(batch, states, keys, n, record, self.queries[i, 0])
+                    self._record_with_partial(out, states, keys, n, record, self.queries[i, 0])
             a = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)  # the norm casts to dt
             if opens:
                 states[:, n] = a
@@ -210,48 +214,49 @@ class LlamaForServing(nn.Module):
                 states[:, n] += a
             x = phase2_fused(lse[:, qm], xo[:, qm], states[:, n], self.queries[i, 1], eps)
             if record is not None:
-                self._record_with_partial(batch, states, keys, n, record, self.queries[i, 1])
+                self._record_with_partial(out, states, keys, n, record, self.queries[i, 1])
             states[:, n] += layer.mlp(layer.post_attention_layernorm(x))
         if record is not None:
-            self._record_with_partial(batch, states, keys, n, record, self.out_query)
+            self._record_with_partial(out, states, keys, n, record, self.out_query)
         rows = batch.logits_indices
         srcs = states[rows, :n + 1]  # [S, n+1, d]
         k = torch.cat([keys[rows, :n], key_of(srcs[:, n:], eps)], dim=1)  # the final partial's key, too
         return mix_sources(srcs, k, self.out_query)[0]
 
-    # ---- depth-attention introspection (only when batch.depth_rows is set) -------------------------
-    def _record(self, batch: ForwardBatch, states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> None:
+    # ---- depth-attention introspection (only when asked: batch.depth_rows and a list to fill) -------------------------
+    @staticmethod
+    def _record(out: list[torch.Tensor], states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> None:
         """Weights of the recorded rows over completed sources: the same scores and softmax as the mix."""
-        batch.depth_weights.append(mix_sources(states, keys, query)[1])
+        out.append(mix_sources(states, keys, query)[1])
 
-    def _record_with_partial(self, batch: ForwardBatch, states: torch.Tensor, keys: torch.Tensor, n: int,
+    def _record_with_partial(self, out: list[torch.Tensor], states: torch.Tensor, keys: torch.Tensor, n: int,
                              rows: torch.Tensor, query: torch.Tensor) -> None:
         """Completed blocks plus the current partial sum (whose key is taken now, as Phase 2 does)."""
         srcs = states[rows, :n + 1]  # [R, n+1, d]
         k = torch.cat([keys[rows, :n], key_of(srcs[:, n:], self.cfg.rms_norm_eps)], dim=1)
-        self._record(batch, srcs, k, query)
+        self._record(out, srcs, k, query)
 
-    def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers,
-                      cos_sin: tuple) -> torch.Tensor:
+    def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers, cos_sin: tuple,
+                      out: list[torch.Tensor] | None) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
         states, keys = depth.states, depth.keys  # [T, 2L+1, d] fp32 each
         states[:, 0] = emb
         keys[:, 0] = key_of(emb, eps)
-        record = batch.depth_rows
+        record = batch.depth_rows if out is not None else None
         for i, layer in enumerate(self.layers):
             k = 2 * i + 1  # sources completed before this layer's attention
             x, alpha = mix_sources(states[:, :k], keys[:, :k], self.queries[i, 0])
             if record is not None:
-                batch.depth_weights.append(alpha[record])
+                out.append(alpha[record])
             states[:, k] = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)
             keys[:, k] = key_of(states[:, k], eps)
             x, alpha = mix_sources(states[:, :k + 1], keys[:, :k + 1], self.queries[i, 1])
             if record is not None:
-                batch.depth_weights.append(alpha[record])
+                out.append(alpha[record])
             states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x))
             keys[:, k + 1] = key_of(states[:, k + 1], eps)
         if record is not None:
-            self._record(batch, states[record], keys[record], self.out_query)
+            self._record(out, states[record], keys[record], self.out_query)
         rows = batch.logits_indices
         return mix_sources(states[rows], keys[rows], self.out_query)[0]
 

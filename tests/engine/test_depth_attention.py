@@ -82,10 +82,10 @@ def test_no_request_asking_means_no_recording(model, monkeypatch: pytest.MonkeyP
     calls = {"n": 0}
     original = LlamaForServing.forward
 
-    def spy(self, batch):  # type: ignore[no-untyped-def]
-        out = original(self, batch)
+    def spy(self, batch, depth_weights=None):  # type: ignore[no-untyped-def]
+        out = original(self, batch, depth_weights)
         calls["n"] += 1
-        assert batch.depth_rows is None and batch.depth_weights == []
+        assert batch.depth_rows is None and not depth_weights
         return out
 
     monkeypatch.setattr(LlamaForServing, "forward", spy)

@@ -59,7 +59,7 @@ def test_failed_step_does_not_poison_prefix_cache(llm: LLM, model, monkeypatch: 
     expected = reference_greedy(ref, PROMPT, 6)
     forward = LlamaForServing.forward
 
-    def dies(self, batch):  # noqa: ANN001 - the model's own signature
+    def dies(self, *args):  # noqa: ANN001, ANN002 - the model's own signature
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(LlamaForServing, "forward", dies)

@@ -49,12 +49,12 @@ def install() -> None:
         state.slow = any(_marked(r, SLOW) for r in reqs)
         return execute(self, step)
 
-    def faulty_forward(self: LlamaForServing, batch: Any) -> Any:
+    def faulty_forward(self: LlamaForServing, batch: Any, *args: Any) -> Any:
         if getattr(state, "slow", False):
             time.sleep(SLOW_SECONDS)
         if getattr(state, "fail", False):
             raise RuntimeError(f"injected step fault while reading {FAKE_PATH}")
-        return forward(self, batch)
+        return forward(self, batch, *args)
 
     def faulty_schedule(self: Scheduler) -> Any:
         if any(_marked(r, FATAL) for r in self.waiting):
