@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loadtest import bench_latency, bench_throughput
+from loadtest.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152)
@@ -64,11 +65,7 @@ def plot(series: dict[str, list[tuple[float, float]]], xlabel: str, title: str, 
 
 def serving_run(out: Path, num_prompts: int) -> dict:
     """Start `depthserve serve` on the built-in model, run bench_serving against it, stop it."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (out / "server.log").open("wb")
     srv = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning",
                             "--dtype", "bfloat16"], stdout=log, stderr=subprocess.STDOUT)
