@@ -53,8 +53,8 @@ SHAPES = {  # SmolLM2-135M and Llama-3.2-1B (tied embeddings, head_dim 64)
     "smollm2-135m": dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152),
     "llama3.2-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256),
 }
-QUICK_SHAPES = {"tiny-a": dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512),
-                "tiny-b": dict(layers=6, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=1024)}
+QUICK_SHAPES = {"tiny": dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512)}
+QUICK_SETTINGS = ("batched", "preemption")  # --quick: two of the engine settings
 
 
 class Report:
@@ -97,7 +97,7 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int,
     return ids[len(prompt):]
 
 
-def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str) -> dict:
+def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, quick: bool = False) -> dict:
     from engine import LLM, SamplingParams
 
     ref = ref.to(device)
@@ -105,6 +105,8 @@ def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str) -
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     done = {}
     for name, (kw, stat) in SETTINGS.items():
+        if quick and name not in QUICK_SETTINGS:
+            continue
         with LLM(str(folder), max_model_len=64, device=device, dtype="float32", **kw) as llm:
             eng = llm.engine
             assert eng.runner.kv_caches[0][0].device.type == torch.device(device).type, "KV cache not on device"
@@ -142,7 +144,7 @@ def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: boo
     return {"bf16_greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
-def correctness(report: Report, device: str, tmp: Path) -> None:
+def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> None:
     from models.checkpoint import save_checkpoint
     from tests.tiny import random_model, tiny_config
 
@@ -153,7 +155,7 @@ def correctness(report: Report, device: str, tmp: Path) -> None:
         folder = save_checkpoint(ref.state_dict(), cfg, tmp / label, dtype=torch.float32)
         (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
         report.run(f"engine_vs_reference[{label}] fp32 {device}",
-                   lambda f=folder, r=ref: check_engine_vs_reference(f, r, device))
+                   lambda f=folder, r=ref: check_engine_vs_reference(f, r, device, quick))
         report.run(f"bf16_and_sampling[{label}] {device}",
                    lambda f=folder, c=cfg: check_bf16_and_sampling(f, c.vocab_size, device, c.is_attn_res))
 
@@ -172,7 +174,7 @@ def benchmarks(report: Report, device: str, quick: bool) -> dict:
     from loadtest.bench_latency import compare, model_shape
     from loadtest.bench_throughput import copy_bandwidth
 
-    prefill, batch, repeats, steps = ([64], [1, 4], 1, 4) if quick else ([2048], [1, 32, 128], 2, 8)
+    prefill, batch, repeats, steps = ([32], [1, 2], 1, 3) if quick else ([2048], [1, 32, 128], 2, 8)
     results: dict[str, Any] = {}
     bw = report.run("copy_bandwidth", lambda: copy_bandwidth(1 << (24 if quick else 30), 5, device))
     results["copy_bandwidth_gb_s"] = bw / 1e9 if bw else None
@@ -205,8 +207,8 @@ def hf_throughput(report: Report, device: str, quick: bool, tmp: Path) -> dict |
     from loadtest.bench_throughput import run_depthserve, run_hf
     from models.config import ModelConfig
 
-    s = QUICK_SHAPES["tiny-a"] if quick else SHAPES["smollm2-135m"]
-    n, lo, hi = (4, 8, 16) if quick else (64, 32, 128)
+    s = QUICK_SHAPES["tiny"] if quick else SHAPES["smollm2-135m"]
+    n, lo, hi = (2, 4, 8) if quick else (64, 32, 128)
     rng = random.Random(0)
     cfg = ModelConfig(**model_shape(s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"], s["vocab"], 512))
     prompts = [[rng.randrange(3, s["vocab"]) for _ in range(rng.randint(lo, hi * 2))] for _ in range(n)]
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for device_check.json and RESULTS-gpu.md")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--quick", action="store_true", help="tiny benchmark shapes (a smoke run of the script)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of the script: two engine settings per "
+                    "model, one tiny benchmark shape")
     ap.add_argument("--skip-bench", action="store_true", help="correctness checks only")
     a = ap.parse_args(argv)
     out_dir = Path(a.out)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         or "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "device": a.device, "quick": a.quick}
     with tempfile.TemporaryDirectory() as tmp:
-        correctness(report, a.device, Path(tmp))
+        correctness(report, a.device, Path(tmp), a.quick)
         out["bench"] = None if a.skip_bench else benchmarks(report, a.device, a.quick)
         out["hf_throughput"] = None if a.skip_bench else hf_throughput(report, a.device, a.quick, Path(tmp))
     out["checks"] = report.checks
