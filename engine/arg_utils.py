@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.config import (
+    DEVICES,
     DTYPES,
     CacheConfig,
     EngineConfig,
@@ -100,6 +101,8 @@ class EngineArgs(CliArgs):
                                        "built-in model")
     dtype: str | torch.dtype = option("float32", "weight/activation dtype (float32, bfloat16, float16; "
                                                  "also fp32, bf16, fp16)", choices=list(DTYPES))
+    device: str = option("auto", "where the model, KV cache and sampling run: cpu, cuda (one GPU, eager), or "
+                                 "auto (cuda when torch.cuda.is_available(), else cpu)", choices=list(DEVICES))
     seed: int = option(0, "seed for sampling requests that set none", type=int)
     num_threads: int | None = option(None, "torch intra-op threads (None: torch's default)", type=int)
     depth_stats: bool = option(False, "aggregate the AttnRes depth weights of every sampled token and export "
@@ -137,6 +140,24 @@ class EngineArgs(CliArgs):
                             f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known - {'model'}))}")
         return cls(model=model, **kwargs)
 
+    def _device(self, errors: list[str]) -> str:
+        """'auto' -> cuda when available (cpu with tensor parallelism, which runs over gloo), else cpu."""
+        if self.device not in DEVICES:
+            errors.append(f"device must be one of {', '.join(DEVICES)}; got {self.device!r} (--device)")
+            return "cpu"
+        tp = self.tensor_parallel_size
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() and tp == 1 else "cpu"
+        if self.device == "cuda":
+            if not torch.cuda.is_available():
+                errors.append("device='cuda' but torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
+                              "build): install a CUDA build of torch or use device='cpu' (--device)")
+            elif isinstance(tp, int) and tp > 1:
+                errors.append(f"device='cuda' with tensor_parallel_size={tp}: NCCL tensor parallelism is not "
+                              "implemented yet; use tensor_parallel_size=1 on cuda, or device='cpu' for gloo "
+                              "tensor parallelism (--device, --tensor-parallel-size)")
+        return self.device
+
     def create_engine_config(self) -> EngineConfig:
         """Validate every option (ValueError naming the field and flag, all problems in one message)."""
         errors: list[str] = []
@@ -147,6 +168,7 @@ class EngineArgs(CliArgs):
         except ValueError:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r} (--dtype)")
             dtype = torch.float32
+        device = self._device(errors)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             errors.append(f"seed must be an integer, got {self.seed!r} (--seed)")
         _at_least(errors, "num_threads", self.num_threads, 1, optional=True)
@@ -166,7 +188,7 @@ class EngineArgs(CliArgs):
             raise ValueError("; ".join(errors))
         return EngineConfig(
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
-            depth_stats=self.depth_stats,
+            depth_stats=self.depth_stats, device=device,
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=kv_bytes, depth_cache_memory=depth_bytes,
                               enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,

@@ -16,6 +16,7 @@ __all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "Sche
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
+DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -90,3 +91,4 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)
+    device: str = "cpu"  # where the model, KV cache, depth pool, step inputs and sampler live: cpu or cuda

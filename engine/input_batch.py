@@ -4,6 +4,9 @@ Each running request owns one row of a block table that is allocated once at sta
 the KV manager's diffs (blocks appended since the last step), not rebuilt from Python lists every step;
 token ids, positions and slot mapping are views of buffers sized for the largest step. This is the form
 fused kernels and CUDA graphs need: fixed addresses, sizes known at start-up.
+
+The block table and the step's per-token lists are built on the host; on CUDA the per-token buffers are
+pinned staging tensors, copied once per step (non-blocking) into device tensors of the same size.
 """
 
 from __future__ import annotations
@@ -12,13 +15,21 @@ import torch
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_blocks_per_req: int, max_step_tokens: int, block_size: int) -> None:
+    def __init__(self, max_num_reqs: int, max_blocks_per_req: int, max_step_tokens: int, block_size: int,
+                 device: torch.device | str = "cpu") -> None:
         self.block_size = block_size
-        self.block_table = torch.zeros(max_num_reqs, max_blocks_per_req, dtype=torch.long)  # [R, nb]
+        self.device = torch.device(device)
+        self.block_table = torch.zeros(max_num_reqs, max_blocks_per_req, dtype=torch.long)  # [R, nb] host
         self.num_blocks = [0] * max_num_reqs  # valid entries per block-table row
-        self.input_ids = torch.zeros(max_step_tokens, dtype=torch.long)  # [T_max]
-        self.positions = torch.zeros(max_step_tokens, dtype=torch.long)  # [T_max]
-        self.slot_mapping = torch.zeros(max_step_tokens, dtype=torch.long)  # [T_max]
+        pin = self.device.type == "cuda"
+        # host buffers (pinned on CUDA), written by the model runner each step
+        self.input_ids = torch.zeros(max_step_tokens, dtype=torch.long, pin_memory=pin)  # [T_max]
+        self.positions = torch.zeros(max_step_tokens, dtype=torch.long, pin_memory=pin)  # [T_max]
+        self.slot_mapping = torch.zeros(max_step_tokens, dtype=torch.long, pin_memory=pin)  # [T_max]
+        # their device copies (the same tensors on the CPU)
+        self._device_bufs = [torch.zeros(max_step_tokens, dtype=torch.long, device=self.device) if pin else host
+                             for host in (self.input_ids, self.positions, self.slot_mapping)]
+        self._uploaded: torch.cuda.Event | None = None  # recorded after the last step's copies
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
 
@@ -36,6 +47,23 @@ class InputBatch:
         if len(block_ids) > have:
             self.block_table[row, have:len(block_ids)] = torch.tensor(block_ids[have:], dtype=torch.long)
             self.num_blocks[row] = len(block_ids)
+
+    def wait_for_upload(self) -> None:
+        """Before the host buffers are rewritten: the previous step's copies out of them have finished."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
+
+    def upload(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, positions, slot_mapping of this step's first `num_tokens` rows, on the device."""
+        hosts = (self.input_ids, self.positions, self.slot_mapping)
+        if self.device.type != "cuda":
+            return tuple(h[:num_tokens] for h in hosts)  # type: ignore[return-value]
+        outs = tuple(d[:num_tokens].copy_(h[:num_tokens], non_blocking=True)
+                     for h, d in zip(hosts, self._device_bufs, strict=True))
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        return outs  # type: ignore[return-value]
 
     def remove(self, req_id: str) -> None:
         """A request that finished, or was preempted (its blocks are gone): free its row."""

@@ -61,7 +61,7 @@ class LLMEngine:
             # The rotary table covers the positions served, not max_position_embeddings (which a
             # checkpoint may set to billions).
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
-                                    cfg=mcfg, max_model_len=self.max_model_len)
+                                    cfg=mcfg, max_model_len=self.max_model_len, device=config.device)
             if self.tp_group is not None:
                 self.tp_group.ready()
         except BaseException:
@@ -70,7 +70,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group,
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
-                                  max_step_tokens=self.max_step_tokens, seed=config.seed)
+                                  max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
         self.processor = OutputProcessor(self.tokenizer)
         self.depth_stats: DepthStats | None = None
         if config.depth_stats and mcfg.is_attn_res:
@@ -105,7 +105,7 @@ class LLMEngine:
                 logger.info("depth cache budget caps the step at %d tokens (max_num_batched_tokens=%d)",
                             fit, step_tokens)
             step_tokens = min(step_tokens, fit)
-            depth = DepthCache(spec, step_tokens)
+            depth = DepthCache(spec, step_tokens, device=self.config.device)
         return KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching), depth, step_tokens
 
     # ---- requests ------------------------------------------------------------------------------
@@ -163,7 +163,8 @@ class LLMEngine:
                 "depth_attention needs an AttnRes model; this model has a standard residual stream", "depth_attention")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
-                      eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids)
+                      eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids,
+                      device=self.config.device)
         return req
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
@@ -177,7 +178,8 @@ class LLMEngine:
         samples = [req] if p.n == 1 else [
             Request(f"{req.request_id}/{j}", req.prompt_token_ids, replace(p, n=1, seed=seed_for_sample(p.seed, j)),
                     prompt=req.prompt, max_model_len=req.max_model_len, eos_token_ids=req.eos_token_ids,
-                    arrival_time=req.metrics.arrival_time, parent_id=req.request_id, index=j)
+                    arrival_time=req.metrics.arrival_time, parent_id=req.request_id, index=j,
+                    device=self.config.device)
             for j in range(p.n)]
         self.processor.add(samples)
         for sample in samples:

@@ -36,10 +36,11 @@ def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int, tp
 
 
 def allocate_kv(model: LlamaForServing, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (K, V), each [num_slots, local KV heads, head_dim], in the model's dtype."""
+    """Per layer (K, V), each [num_slots, local KV heads, head_dim], in the model's dtype, on its device."""
     s = model.shards
-    return [(torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype),
-             torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype)) for _ in model.layers]
+    dev = model.embed_tokens.weight.device
+    return [(torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev),
+             torch.zeros(num_slots, s.kv_heads, s.head_dim, dtype=model.dtype, device=dev)) for _ in model.layers]
 
 
 class BatchBroadcaster(Protocol):
@@ -61,15 +62,17 @@ class _Rows:
 class ModelRunner:
     def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None,
                  group: BatchBroadcaster | None = None, *, max_num_seqs: int, max_model_len: int,
-                 max_step_tokens: int, seed: int = 0) -> None:
+                 max_step_tokens: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.model = model
+        self.device = dev = torch.device(device)
         self.kv = kv
         self.depth = depth
         self.group = group  # tensor-parallel workers that run the same batch
         self.record_all = False  # record every sampled row's depth weights (depth metrics on)
         self.kv_caches = allocate_kv(model, kv.num_blocks * kv.block_size)
-        self.inputs = InputBatch(max_num_seqs, kv.blocks_needed(max_model_len), max_step_tokens, kv.block_size)
-        self.sampler = Sampler(seed)
+        self.inputs = InputBatch(max_num_seqs, kv.blocks_needed(max_model_len), max_step_tokens, kv.block_size,
+                                 dev)
+        self.sampler = Sampler(seed, dev)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -116,9 +119,12 @@ class ModelRunner:
         return rows
 
     def _batch(self, rows: _Rows) -> ForwardBatch:
-        """The packed batch, from the persistent buffers: one vectorised pass over the block tables."""
-        inputs, bs = self.inputs, self.kv.block_size
+        """The packed batch, from the persistent buffers: one vectorised pass over the block tables.
+
+        Index arithmetic runs on the host; what the model reads goes to the device once (non-blocking)."""
+        inputs, bs, dev = self.inputs, self.kv.block_size, self.device
         t = len(rows.ids)
+        inputs.wait_for_upload()  # the host buffers are free to rewrite
         table_rows = torch.tensor([inputs.row_of[r.request_id] for r in rows.reqs], dtype=torch.long)  # [B]
         starts = torch.tensor([r.num_computed_tokens for r in rows.reqs], dtype=torch.long)  # [B]
         counts = torch.tensor(rows.num_new, dtype=torch.long)  # [B]
@@ -131,32 +137,33 @@ class ModelRunner:
         table = inputs.block_table
         slots = inputs.slot_mapping[:t]
         torch.add(table[table_rows[row_req], positions // bs] * bs, positions % bs, out=slots)
-        input_ids = inputs.input_ids[:t]
-        input_ids.copy_(torch.tensor(rows.ids, dtype=torch.long))
+        inputs.input_ids[:t].copy_(torch.tensor(rows.ids, dtype=torch.long))
+        input_ids, positions_d, slots_d = inputs.upload(t)
         one = counts == 1
-        meta = AttentionMetadata(slot_mapping=slots)
+        meta = AttentionMetadata(slot_mapping=slots_d)
         decode = one.nonzero().squeeze(1)
         if len(decode):
             lens = ends[decode]  # [B_d]
             meta.num_decode = len(decode)
-            meta.decode_gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
-            meta.decode_mask = (torch.arange(meta.decode_gather.shape[1]).unsqueeze(0) < lens.unsqueeze(1))[
-                :, None, None, :]
+            gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
+            meta.decode_gather = gather.to(dev, non_blocking=True)
+            meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
+                                < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
         for b in (~one).nonzero().squeeze(1).tolist():
             start, end, row0 = int(starts[b]), int(ends[b]), int(first_row[b])
             if start == 0:
                 meta.prefills.append(PrefillSpan(row0, row0 + end, end, None, None))
             else:
-                gather = self._slots(table_rows[b:b + 1], end)[0]  # [ctx]
-                q_pos = torch.arange(start, end).unsqueeze(1)
-                mask = (torch.arange(end).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
+                gather = self._slots(table_rows[b:b + 1], end)[0].to(dev, non_blocking=True)  # [ctx]
+                q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
+                mask = (torch.arange(end, device=dev).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
                 meta.prefills.append(PrefillSpan(row0, row0 + end - start, end, gather, mask))
         sampled = [b for b, s in enumerate(rows.sample) if s]
         return ForwardBatch(
-            input_ids=input_ids, positions=positions, attn=meta,
-            logits_indices=(first_row + counts - 1)[sampled], kv_caches=self.kv_caches,
+            input_ids=input_ids, positions=positions_d, attn=meta,
+            logits_indices=(first_row + counts - 1)[sampled].to(dev, non_blocking=True), kv_caches=self.kv_caches,
             depth=self.depth.reserve(t) if self.depth is not None else None,
-            depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long)
+            depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long).to(dev, non_blocking=True)
             if rows.depth_rows else None)
 
     def _slots(self, table_rows: torch.Tensor, length: int) -> torch.Tensor:

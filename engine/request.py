@@ -26,7 +26,8 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  prompt: str | None = None, max_model_len: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 arrival_time: float | None = None, parent_id: str | None = None, index: int = 0) -> None:
+                 arrival_time: float | None = None, parent_id: str | None = None, index: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         self.request_id = request_id
         self.parent_id = parent_id or request_id  # the id outputs are reported under (n > 1: the parent's)
         self.index = index  # which of the parent's n samples
@@ -41,7 +42,7 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)  # on the sampler's device
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from models.context import DepthBuffers
 
 
@@ -16,7 +18,7 @@ class PoolSpec(Protocol):
     @property
     def bytes_per_token(self) -> int: ...
 
-    def allocate(self, rows: int) -> DepthBuffers: ...
+    def allocate(self, rows: int, device: torch.device | str = "cpu") -> DepthBuffers: ...
 
 
 def max_tokens_for_budget(spec: PoolSpec, budget_bytes: int) -> int:
@@ -24,12 +26,12 @@ def max_tokens_for_budget(spec: PoolSpec, budget_bytes: int) -> int:
 
 
 class DepthCache:
-    def __init__(self, spec: PoolSpec, max_tokens: int) -> None:
+    def __init__(self, spec: PoolSpec, max_tokens: int, device: torch.device | str = "cpu") -> None:
         if max_tokens < 1:
             raise ValueError("the depth cache must hold at least one token")
         self.spec = spec
         self.capacity = max_tokens
-        self._pool = spec.allocate(max_tokens)
+        self._pool = spec.allocate(max_tokens, device)  # on the model's device
         self.rows_in_use = 0
 
     @property

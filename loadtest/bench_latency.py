@@ -25,9 +25,11 @@ from models.config import ModelConfig
 from models.reference import ReferenceLlama
 
 
-def write_random(folder: Path, cfg: ModelConfig) -> Path:
+def write_random(folder: Path, cfg: ModelConfig, device: str = "cpu") -> Path:
+    """A random bf16 checkpoint; `device` only speeds up drawing the weights (big shapes on a GPU)."""
     torch.manual_seed(0)
-    model = ReferenceLlama(cfg)
+    with torch.device(device):
+        model = ReferenceLlama(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_res_proj.weight"):
@@ -37,18 +39,27 @@ def write_random(folder: Path, cfg: ModelConfig) -> Path:
     return save_checkpoint(model.state_dict(), cfg, folder, dtype=torch.bfloat16)
 
 
-def make_engine(folder: Path, dtype: torch.dtype, max_len: int) -> LLMEngine:
+def make_engine(folder: Path, dtype: torch.dtype, max_len: int, device: str = "cpu",
+                max_num_seqs: int = 64) -> LLMEngine:
     return LLMEngine(EngineArgs(model=str(folder), dtype=dtype, kv_cache_memory="2GiB", depth_cache_memory="1GiB",
-                                max_num_seqs=64, max_num_batched_tokens=4096,
-                                max_model_len=max_len).create_engine_config())
+                                max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
+                                max_model_len=max_len, device=device).create_engine_config())
+
+
+def sync(eng: LLMEngine) -> None:
+    """Wait for the engine's device (each step already ends with its sampled ids on the host)."""
+    if eng.config.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_prefill(eng: LLMEngine, n_tokens: int) -> float:
     ids = torch.randint(3, eng.model_config.vocab_size, (n_tokens,)).tolist()
     eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, ignore_eos=True))
+    sync(eng)
     t = time.perf_counter()
     while eng.has_unfinished_requests():
         eng.step()
+    sync(eng)
     return time.perf_counter() - t
 
 
@@ -61,8 +72,10 @@ def time_decode(eng: LLMEngine, batch: int, steps: int, ctx: int = 64, depth_att
     eng.step()  # prefill all
     times = []
     while eng.has_unfinished_requests():
+        sync(eng)
         t = time.perf_counter()
         eng.step()
+        sync(eng)
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:-1] or times)
 
@@ -74,7 +87,8 @@ def model_shape(layers: int = 12, hidden: int = 512, heads: int = 8, kv_heads: i
                 tie_word_embeddings=True)
 
 
-def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: list[int], repeats: int = 3) -> dict:
+def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: list[int], repeats: int = 3,
+            device: str = "cpu", steps: int = 16) -> dict:
     """AttnRes (N=`blocks` blocks, 0: Full AttnRes) vs the standard model of `shape`, interleaved A B A B."""
     torch_dtype = parse_dtype(dtype)
     layers = shape["num_hidden_layers"]
@@ -83,15 +97,16 @@ def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: lis
     cfg_std = ModelConfig(**shape)
     max_len = shape["max_position_embeddings"]
     with tempfile.TemporaryDirectory() as tmp:
-        engines = {"standard": make_engine(write_random(Path(tmp) / "std", cfg_std), torch_dtype, max_len),
-                   "attnres": make_engine(write_random(Path(tmp) / "ar", cfg_ar), torch_dtype, max_len)}
+        seqs = max(64, *batch)
+        engines = {name: make_engine(write_random(Path(tmp) / name, cfg, device), torch_dtype, max_len, device, seqs)
+                   for name, cfg in (("standard", cfg_std), ("attnres", cfg_ar))}
         rows = []
         cases = [("prefill", n) for n in prefill] + [("decode", b) for b in batch]
         for kind, n in cases:
             samples: dict[str, list[float]] = {"standard": [], "attnres": []}
             for rep in range(repeats + 1):
                 for name, eng in engines.items():  # interleaved A B A B; the first round warms up
-                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, 16)
+                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, steps)
                     if rep:
                         samples[name].append(t)
             std, ar = statistics.median(samples["standard"]), statistics.median(samples["attnres"])
@@ -100,7 +115,7 @@ def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: lis
         depth = engines["attnres"].depth
         depth_bytes = depth.spec.bytes_per_token if depth is not None else 0
     return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks, "num_depth_blocks": cfg_ar.num_depth_blocks,
-                       "dtype": dtype, "threads": torch.get_num_threads()},
+                       "dtype": dtype, "threads": torch.get_num_threads(), "device": device},
             "depth_cache_bytes_per_token": depth_bytes, "rows": rows}
 
 

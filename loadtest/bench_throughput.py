@@ -25,15 +25,25 @@ from loadtest.bench_latency import add_shape_args, make_engine, model_shape, wri
 from models.config import ModelConfig
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (read + write counted), the decode roofline's denominator."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the decode roofline's denominator; on CUDA a
+    device-to-device copy timed with CUDA events."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
+        if src.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
 
 
@@ -77,8 +87,10 @@ def decode_profile(eng: LLMEngine, batch: int, steps: int = 12) -> dict[str, flo
             "overhead_pct": (total - fwd) / total * 100}
 
 
-def run_depthserve(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], max_len: int) -> float:
-    llm = LLM(str(folder), dtype=dtype, max_model_len=max_len, max_num_seqs=32, max_num_batched_tokens=2048)
+def run_depthserve(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], max_len: int,
+                   device: str = "cpu") -> float:
+    llm = LLM(str(folder), dtype=dtype, max_model_len=max_len, max_num_seqs=32, max_num_batched_tokens=2048,
+              device=device)
     params = [SamplingParams(temperature=0.8, max_tokens=o, ignore_eos=True, seed=i) for i, o in enumerate(outs)]
     llm.generate({"prompt_token_ids": prompts[0]}, params[0])  # warm-up
     t = time.perf_counter()
@@ -88,20 +100,23 @@ def run_depthserve(folder: Path, dtype: str, prompts: list[list[int]], outs: lis
     return sum(outs) / dt
 
 
-def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], batch: int) -> float:
+def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], batch: int,
+           device: str = "cpu") -> float:
     """Static batches, left-padded; every sequence of a batch decodes to the batch's longest output."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=parse_dtype(dtype)).eval()
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=parse_dtype(dtype)).eval().to(device)
     t = time.perf_counter()
     for i in range(0, len(prompts), batch):
         ps, os_ = prompts[i:i + batch], outs[i:i + batch]
         width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_k=0,
                            max_new_tokens=max(os_), min_new_tokens=max(os_), pad_token_id=0)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return sum(outs) / (time.perf_counter() - t)
 
 

@@ -37,13 +37,13 @@ class DepthPoolSpec:
         phase1 = self.num_phase1_queries * (1 + self.hidden) * 4
         return state + keys + phase1
 
-    def allocate(self, rows: int) -> DepthBuffers:
-        q = self.num_phase1_queries
+    def allocate(self, rows: int, device: torch.device | str = "cpu") -> DepthBuffers:
+        q, f32 = self.num_phase1_queries, torch.float32
         return DepthBuffers(
-            states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype),
-            keys=torch.zeros(rows, self.num_sources, self.hidden, dtype=torch.float32),
-            lse=torch.zeros(rows, q, dtype=torch.float32) if q else None,
-            xo=torch.zeros(rows, q, self.hidden, dtype=torch.float32) if q else None,
+            states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype, device=device),
+            keys=torch.zeros(rows, self.num_sources, self.hidden, dtype=f32, device=device),
+            lse=torch.zeros(rows, q, dtype=f32, device=device) if q else None,
+            xo=torch.zeros(rows, q, self.hidden, dtype=f32, device=device) if q else None,
         )
 
 

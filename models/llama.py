@@ -260,6 +260,14 @@ class LlamaForServing(nn.Module):
         rows = batch.logits_indices
         return mix_sources(states[rows], keys[rows], self.out_query)[0]
 
+    def to_device(self, device: torch.device | str) -> LlamaForServing:
+        """Move parameters and buffers (rotary tables) to `device`, and re-fold the AttnRes queries there
+        (they are plain tensors derived from the parameters, not buffers)."""
+        self.to(device)
+        if self.cfg.is_attn_res:
+            self.fold_queries()
+        return self
+
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
         """Copy checkpoint tensors (Hugging Face + K3 AttnRes names) into this rank's shards.
@@ -328,7 +336,7 @@ class LlamaForServing(nn.Module):
             blocks = []
             for b in range(self.schedule.num_blocks):
                 layers = self.schedule.block_layers(b)
-                qb = torch.zeros(q_rows, self.cfg.hidden_size)  # a short last block is padded with zero rows
+                qb = torch.zeros(q_rows, self.cfg.hidden_size, device=self.queries.device)  # a short last block is padded with zero rows
                 qb[: 2 * len(layers)] = self.queries[layers.start:layers.stop].reshape(-1, self.cfg.hidden_size)
                 blocks.append(qb)
             self.block_queries = blocks

@@ -222,12 +222,21 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
 
 
 def load_model(folder: Path, dtype: torch.dtype, comm: Communicator | None = None,
-               cfg: ModelConfig | None = None, max_model_len: int | None = None) -> LlamaForServing:
+               cfg: ModelConfig | None = None, max_model_len: int | None = None,
+               device: torch.device | str = "cpu") -> LlamaForServing:
     """The loaded model; its config is checked against the tensor headers before any parameter exists.
 
     `max_model_len`: the longest sequence served, which sizes the rotary table (default: the model's
-    max_position_embeddings).
+    max_position_embeddings). `device`: where the model runs; it is built and loaded on the CPU, then moved.
     """
+    model = _load_on_cpu(folder, dtype, comm, cfg, max_model_len)
+    if torch.device(device).type != "cpu":
+        model.to_device(device)
+    return model
+
+
+def _load_on_cpu(folder: Path, dtype: torch.dtype, comm: Communicator | None, cfg: ModelConfig | None,
+                 max_model_len: int | None) -> LlamaForServing:
     if is_gguf(folder):
         from models.gguf import load_gguf
 

@@ -38,7 +38,7 @@ def naive_mix(query: torch.Tensor, norm_weight: torch.Tensor, sources: torch.Ten
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [..., head_dim] for the half-rotation (Hugging Face Llama) convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.float().unsqueeze(-1) * inv_freq  # [..., hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -144,7 +144,7 @@ class ReferenceLlama(nn.Module):
         cfg = self.cfg
         body = self.model
         b, t = input_ids.shape
-        positions = torch.arange(t).expand(b, t)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         h = body.embed_tokens(input_ids)  # [B, T, d]
         if cfg.attn_res_mode == "none":
@@ -183,7 +183,7 @@ class ReferenceLlama(nn.Module):
             if not blocks:
                 x = partial
                 if rec is not None:
-                    rec.append(torch.ones(*emb.shape[:-1], 1))
+                    rec.append(torch.ones(*emb.shape[:-1], 1, device=emb.device))
             else:
                 srcs = blocks + ([partial] if partial is not None else [])
                 x = self._mix(layer.self_attention_res_proj, layer.self_attention_res_norm, srcs, rec)

@@ -23,6 +23,7 @@ from tests.tiny import tiny_config, write_tiny
 NON_DEFAULT = {
     "model": (["--model", "/some/model"], "/some/model"),
     "dtype": (["--dtype", "bfloat16"], "bfloat16"),
+    "device": (["--device", "cpu"], "cpu"),
     "seed": (["--seed", "7"], 7),
     "num_threads": (["--num-threads", "3"], 3),
     "depth_stats": (["--depth-stats"], True),

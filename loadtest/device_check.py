@@ -1,0 +1,294 @@
+"""Device check: the engine on one GPU (eager CUDA), against the reference, then a few benchmarks.
+
+    PYTHONPATH=. python -m loadtest.device_check --out OUT            # on a CUDA machine, < 6 minutes
+    PYTHONPATH=. python -m loadtest.device_check --out OUT --device cpu --quick   # the same script, tiny
+
+Writes OUT/device_check.json (every check and figure) and OUT/RESULTS-gpu.md (a summary). Needs torch,
+safetensors and sentencepiece only (no pytest, no server packages); transformers is optional (part c).
+
+a. correctness: greedy tokens of the engine (fp32) equal models/reference.py's full-recompute greedy on
+   the same device, for std / Block (3 of 5 layers) / Full AttnRes, batched, with chunked prefill +
+   prefix hits, with preemption, with one-token chunks; bf16 runs and the sampling paths give valid tokens.
+b. benchmarks (bf16, random weights): AttnRes (Block, N=8) vs standard residual at the SmolLM2-135M and
+   Llama-3.2-1B shapes, interleaved, decode step latency at batch 1/32/128 and a 2,048-token prefill
+   (loadtest.bench_latency.compare); batch-1 decode of the 1B shape as a fraction of the HBM roofline.
+c. optional: offline throughput vs transformers generate() when transformers is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SERVER_ONLY = ("fastapi", "pydantic", "prometheus_client", "gguf", "transformers", "pytest")
+
+# (mode, block size, layers): standard, a block size that does not divide the layers, Full AttnRes
+CASES = [("none", 0, 4), ("block", 3, 5), ("full", 0, 4)]
+PROMPTS = [
+    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17],  # shares 10 tokens with the first
+    [1, 20, 30],
+    [1, 5, 6, 7, 8, 9, 10, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48],
+]
+MAX_TOKENS = 10
+# engine settings of tests/engine/test_engine_vs_reference.py: name -> (LLM keywords, what must have happened)
+SETTINGS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "batched": ({}, None),
+    "chunked_prefill_prefix_hits": ({"max_num_batched_tokens": 5, "block_size": 4}, "prefix_cache_hits"),
+    "preemption": ({"block_size": 4, "num_kv_blocks": 16, "max_num_batched_tokens": 16}, "num_preemptions"),
+    "one_token_chunks_no_prefix_cache": ({"max_num_batched_tokens": 3, "block_size": 2,
+                                          "enable_prefix_caching": False}, None),
+}
+SHAPES = {  # SmolLM2-135M and Llama-3.2-1B (tied embeddings, head_dim 64)
+    "smollm2-135m": dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152),
+    "llama3.2-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256),
+}
+QUICK_SHAPES = {"tiny": dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512)}
+QUICK_SETTINGS = ("batched", "preemption")  # --quick: two of the engine settings
+
+
+class Report:
+    def __init__(self) -> None:
+        self.checks: list[dict[str, Any]] = []
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            detail = fn()
+            ok, err = True, None
+        except Exception as e:  # noqa: BLE001 - every check reports, the script goes on
+            detail, ok = None, False
+            err = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        secs = time.perf_counter() - t
+        self.checks.append({"name": name, "ok": ok, "seconds": round(secs, 2), "error": err,
+                            "detail": detail if isinstance(detail, dict | list | str | int | float) else None})
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({secs:.1f}s){'' if ok else ': ' + str(err)}", flush=True)
+        return detail
+
+
+# ---- a. correctness --------------------------------------------------------------------------------------
+def check_imports() -> dict:
+    """engine / models import none of the server-only or optional packages (the GPU machine lacks them)."""
+    import engine.llm_engine  # noqa: F401
+    import models.llama  # noqa: F401
+    import models.loader  # noqa: F401
+
+    loaded = [m for m in SERVER_ONLY if m in sys.modules]
+    assert not loaded, f"importing engine/models pulled in {loaded}"
+    return {"not_imported": list(SERVER_ONLY)}
+
+
+@torch.no_grad()
+def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int, device: str) -> list[int]:
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, quick: bool = False) -> dict:
+    from engine import LLM, SamplingParams
+
+    ref = ref.to(device)
+    expected = [reference_greedy(ref, p, MAX_TOKENS, device) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    done = {}
+    for name, (kw, stat) in SETTINGS.items():
+        if quick and name not in QUICK_SETTINGS:
+            continue
+        with LLM(str(folder), max_model_len=64, device=device, dtype="float32", **kw) as llm:
+            eng = llm.engine
+            assert eng.runner.kv_caches[0][0].device.type == torch.device(device).type, "KV cache not on device"
+            assert next(eng.model.parameters()).device.type == torch.device(device).type, "model not on device"
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)
+            got = [o.outputs[0].token_ids for o in outs]
+            assert got == expected, f"{name}: engine {got} != reference {expected}"
+            if stat is not None:
+                assert getattr(eng.scheduler.stats, stat) > 0, f"{name}: no {stat}"
+            assert eng.kv_blocks_held_by_requests() == 0 and not eng.has_unfinished_requests()
+        done[name] = "equal"
+    return done
+
+
+def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: bool) -> dict:
+    from engine import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(str(folder), max_model_len=64, device=device, dtype="bfloat16") as llm:
+        greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        mixed = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, max_tokens=8, ignore_eos=True,
+                                seed=7, logprobs=3, repetition_penalty=1.2, presence_penalty=0.5,
+                                depth_attention=attn_res),
+                 SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),  # engine generator
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={5: 2.0}),
+                 SamplingParams(temperature=0.7, max_tokens=8, ignore_eos=True, seed=11, min_tokens=4)]
+        a = llm.generate(prompts, mixed)
+        b = llm.generate(prompts, mixed)
+    for o in greedy + a:
+        toks = o.outputs[0].token_ids
+        assert toks and all(0 <= t < vocab for t in toks), f"invalid tokens {toks}"
+    for i in (0, 3):  # seeded requests replay on the device generators
+        assert a[i].outputs[0].token_ids == b[i].outputs[0].token_ids, "seeded sampling did not replay"
+    assert a[0].outputs[0].logprobs and len(a[0].outputs[0].logprobs) == 8, "logprobs missing"
+    return {"bf16_greedy": [o.outputs[0].token_ids for o in greedy]}
+
+
+def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> None:
+    from models.checkpoint import save_checkpoint
+    from tests.tiny import random_model, tiny_config
+
+    for mode, bs, layers in CASES:
+        label = f"{mode}{bs or ''}-L{layers}"
+        cfg = tiny_config(mode, bs, layers=layers)
+        ref = random_model(cfg)
+        folder = save_checkpoint(ref.state_dict(), cfg, tmp / label, dtype=torch.float32)
+        (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+        report.run(f"engine_vs_reference[{label}] fp32 {device}",
+                   lambda f=folder, r=ref: check_engine_vs_reference(f, r, device, quick))
+        report.run(f"bf16_and_sampling[{label}] {device}",
+                   lambda f=folder, c=cfg: check_bf16_and_sampling(f, c.vocab_size, device, c.is_attn_res))
+
+
+# ---- b. benchmarks ---------------------------------------------------------------------------------------
+def weight_bytes(shape: dict, dtype: torch.dtype) -> int:
+    from models.config import ModelConfig
+    from models.llama import LlamaForServing
+
+    with torch.device("meta"):
+        model = LlamaForServing(ModelConfig(**shape), dtype=dtype, max_positions=16)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def benchmarks(report: Report, device: str, quick: bool) -> dict:
+    from loadtest.bench_latency import compare, model_shape
+    from loadtest.bench_throughput import copy_bandwidth
+
+    prefill, batch, repeats, steps = ([32], [1, 2], 1, 3) if quick else ([2048], [1, 32, 128], 2, 8)
+    results: dict[str, Any] = {}
+    bw = report.run("copy_bandwidth", lambda: copy_bandwidth(1 << (24 if quick else 30), 5, device))
+    results["copy_bandwidth_gb_s"] = bw / 1e9 if bw else None
+    shapes = QUICK_SHAPES if quick else SHAPES
+    for name, s in shapes.items():
+        shape = model_shape(s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"], s["vocab"],
+                            max(prefill) + 128)
+        res = report.run(f"bench[{name}] AttnRes N=8 vs standard, bf16 {device}",
+                         lambda sh=shape: compare(sh, 8, "bfloat16", prefill, batch, repeats, device, steps))
+        if res:
+            res["weight_bytes_standard"] = wb = weight_bytes(shape, torch.bfloat16)
+            dec1 = next(r for r in res["rows"] if r["kind"] == "decode" and r["n"] == 1)
+            if bw:
+                res["roofline_b1_ms"] = roof = wb / bw * 1e3
+                res["b1_fraction_of_roofline"] = {"standard": roof / dec1["standard_ms"],
+                                                  "attnres": roof / dec1["attnres_ms"]}
+            results[name] = res
+    return results
+
+
+def hf_throughput(report: Report, device: str, quick: bool, tmp: Path) -> dict | None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("NOTE transformers is not importable: offline throughput vs generate() skipped", flush=True)
+        return None
+    import random
+
+    from loadtest.bench_latency import model_shape, write_random
+    from loadtest.bench_throughput import run_depthserve, run_hf
+    from models.config import ModelConfig
+
+    s = QUICK_SHAPES["tiny"] if quick else SHAPES["smollm2-135m"]
+    n, lo, hi = (2, 4, 8) if quick else (64, 32, 128)
+    rng = random.Random(0)
+    cfg = ModelConfig(**model_shape(s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"], s["vocab"], 512))
+    prompts = [[rng.randrange(3, s["vocab"]) for _ in range(rng.randint(lo, hi * 2))] for _ in range(n)]
+    outs = [rng.randint(lo, hi) for _ in range(n)]
+
+    def run() -> dict:
+        folder = write_random(tmp / "hf", cfg, device)
+        ds = run_depthserve(folder, "bfloat16", prompts, outs, 512, device)
+        hf = run_hf(folder, "bfloat16", prompts, outs, 4 if quick else 32, device)
+        return {"shape": s, "num_prompts": n, "depthserve_tok_s": ds, "hf_tok_s": hf, "speedup": ds / hf}
+
+    return report.run(f"throughput vs transformers generate() {device}", run)
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+def markdown(out: dict) -> str:
+    env = out["environment"]
+    lines = ["# Device check", "",
+             f"{env['device_name']} | torch {env['torch']} | CUDA {env['cuda']} | {env['date']} | "
+             f"{'quick' if out['quick'] else 'full'} run, {out['seconds']:.0f} s", "",
+             f"**{sum(c['ok'] for c in out['checks'])}/{len(out['checks'])} checks passed**", "",
+             "| check | result | s |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {'PASS' if c['ok'] else 'FAIL: ' + str(c['error'])[:200]} | {c['seconds']} |"
+              for c in out["checks"]]
+    bench = out.get("bench") or {}
+    if bench.get("copy_bandwidth_gb_s"):
+        lines += ["", f"Device copy bandwidth (read + write): {bench['copy_bandwidth_gb_s']:.0f} GB/s"]
+    for name, res in bench.items():
+        if not isinstance(res, dict) or "rows" not in res:
+            continue
+        lines += ["", f"## {name} (bf16, random weights; AttnRes Block N={res['config']['num_depth_blocks']})", "",
+                  "| case | standard ms | AttnRes ms | overhead |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['standard_ms']:.2f} | {r['attnres_ms']:.2f} | {r['overhead_pct']:+.1f}% |"
+                  for r in res["rows"]]
+        if "b1_fraction_of_roofline" in res:
+            f = res["b1_fraction_of_roofline"]
+            lines += ["", f"Batch-1 decode vs HBM roofline ({res['weight_bytes_standard'] / 1e6:.0f} MB weights, "
+                          f"{res['roofline_b1_ms']:.3f} ms): standard {f['standard'] * 100:.1f}%, "
+                          f"AttnRes {f['attnres'] * 100:.1f}%"]
+    hf = out.get("hf_throughput")
+    lines += ["", "## Throughput vs transformers generate()", ""]
+    lines += [f"depthserve {hf['depthserve_tok_s']:.0f} tok/s, transformers {hf['hf_tok_s']:.0f} tok/s "
+              f"({hf['speedup']:.2f}x)" if hf else "skipped (transformers not importable, or the run failed)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for device_check.json and RESULTS-gpu.md")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of the script: two engine settings per "
+                    "model, one tiny benchmark shape")
+    ap.add_argument("--skip-bench", action="store_true", help="correctness checks only")
+    a = ap.parse_args(argv)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("FAIL torch.cuda.is_available() is False", flush=True)
+        return 2
+    t0 = time.perf_counter()
+    report = Report()
+    report.run("imports: engine/models need no server-only package", check_imports)
+    out: dict[str, Any] = {
+        "environment": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                        "device_name": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor()
+                        or "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "device": a.device, "quick": a.quick}
+    with tempfile.TemporaryDirectory() as tmp:
+        correctness(report, a.device, Path(tmp), a.quick)
+        out["bench"] = None if a.skip_bench else benchmarks(report, a.device, a.quick)
+        out["hf_throughput"] = None if a.skip_bench else hf_throughput(report, a.device, a.quick, Path(tmp))
+    out["checks"] = report.checks
+    out["seconds"] = time.perf_counter() - t0
+    out["passed"] = all(c["ok"] for c in report.checks)
+    (out_dir / "device_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    md = markdown(out)
+    (out_dir / "RESULTS-gpu.md").write_text(md)
+    print(md)
+    return 0 if out["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
