@@ -276,17 +276,25 @@ def main(argv: list[str] | None = None) -> int:
                         "device_name": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor()
                         or "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "device": a.device, "quick": a.quick}
+
+    def write() -> str:  # after every phase, so a run stopped at its time limit still leaves what it measured
+        out["checks"] = report.checks
+        out["seconds"] = time.perf_counter() - t0
+        out["passed"] = all(c["ok"] for c in report.checks)
+        (out_dir / "device_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+        md = markdown(out)
+        (out_dir / "RESULTS-gpu.md").write_text(md)
+        return md
+
+    out["bench"] = out["hf_throughput"] = None
     with tempfile.TemporaryDirectory() as tmp:
         correctness(report, a.device, Path(tmp), a.quick)
-        out["bench"] = None if a.skip_bench else benchmarks(report, a.device, a.quick)
-        out["hf_throughput"] = None if a.skip_bench else hf_throughput(report, a.device, a.quick, Path(tmp))
-    out["checks"] = report.checks
-    out["seconds"] = time.perf_counter() - t0
-    out["passed"] = all(c["ok"] for c in report.checks)
-    (out_dir / "device_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    md = markdown(out)
-    (out_dir / "RESULTS-gpu.md").write_text(md)
-    print(md)
+        write()
+        if not a.skip_bench:
+            out["bench"] = benchmarks(report, a.device, a.quick)
+            write()
+            out["hf_throughput"] = hf_throughput(report, a.device, a.quick, Path(tmp))
+    print(write())
     return 0 if out["passed"] else 1
 
 
