@@ -90,3 +90,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)
+    kernels: str = "auto"  # op backend (kernels.ops): auto | native | reference
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "native", "reference"):
+            raise ValueError(f"kernels must be one of auto, native, reference; got {self.kernels!r}")
