@@ -35,6 +35,7 @@ WORKDIR /src
 COPY .ci/constraints.txt ./constraints.txt
 COPY pyproject.toml README.md ./
 COPY engine ./engine
+COPY kernels ./kernels
 COPY kvcache ./kvcache
 COPY models ./models
 COPY server ./server

@@ -108,6 +108,9 @@ class EngineArgs(CliArgs):
     depth_stats: bool = option(False, "aggregate the AttnRes depth weights of every sampled token and export "
                                       "per-site means and entropies as metrics (costs a little per step)",
                                flags=["--depth-stats", "--depth-metrics"])
+    kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load), "
+                                  "reference (plain PyTorch) or auto (native where its ops work on this "
+                                  "machine, else reference with a warning)", choices=["auto", "native", "reference"])
     # scheduler
     max_model_len: int | None = option(None, "prompt + output tokens per request (None: the model's "
                                              "max_position_embeddings)", type=int)
@@ -184,11 +187,13 @@ class EngineArgs(CliArgs):
         for name in ("enable_prefix_caching", "depth_stats"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.kernels not in ("auto", "native", "reference"):
+            errors.append(f"kernels must be one of auto, native, reference; got {self.kernels!r} (--kernels)")
         if errors:
             raise ValueError("; ".join(errors))
         return EngineConfig(
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
-            depth_stats=self.depth_stats, device=device,
+            depth_stats=self.depth_stats, device=device, kernels=self.kernels,
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=kv_bytes, depth_cache_memory=depth_bytes,
                               enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,

@@ -92,3 +92,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)
     device: str = "cpu"  # where the model, KV cache, depth pool, step inputs and sampler live: cpu or cuda
+    kernels: str = "auto"  # op backend (kernels.ops): auto | native | reference
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "native", "reference"):
+            raise ValueError(f"kernels must be one of auto, native, reference; got {self.kernels!r}")

@@ -21,6 +21,7 @@ from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampling_params import SamplingParams, seed_for_sample
 from engine.scheduler import EngineCoreOutput, RunnerOutput, Scheduler
+from kernels.ops import select_backend
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
@@ -52,16 +53,19 @@ class LLMEngine:
         tp = config.parallel.tensor_parallel_size
         shard_sizes(mcfg, tp)  # ValueError unless the model splits evenly over tp ranks
         self.kv, self.depth, self.max_step_tokens = self._size_caches(tp)
+        self.kernels = select_backend(config.kernels, (config.dtype,))  # one warning if native is unusable
+        logger.info("%s", self.kernels.describe())
         self.tp_group: TPGroup | None = None
         if tp > 1:
             spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
-                              self.max_step_tokens, config.num_threads, self.max_model_len)
+                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels.name)
             self.tp_group = TPGroup(tp, spec)
         try:
             # The rotary table covers the positions served, not max_position_embeddings (which a
             # checkpoint may set to billions).
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
                                     cfg=mcfg, max_model_len=self.max_model_len, device=config.device)
+            self.model.prepare_for_inference(self.kernels)  # weights packed once, after the loaders ran
             if self.tp_group is not None:
                 self.tp_group.ready()
         except BaseException:

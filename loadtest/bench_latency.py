@@ -4,6 +4,9 @@ Random weights (speed does not depend on them). Runs are interleaved A B A B ...
 compared per pair, since this machine is noisy. Prints a Markdown table and writes JSON.
 
     python -m loadtest.bench_latency --layers 12 --hidden 512 --dtype bfloat16 --out bench_out/latency.json
+
+With `--kernels native reference` it times each model on each op backend instead (four engines per dtype,
+interleaved), and `--dtype` may name several dtypes, run one after the other.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ def write_random(folder: Path, cfg: ModelConfig, device: str = "cpu") -> Path:
 
 
 def make_engine(folder: Path, dtype: torch.dtype, max_len: int, device: str = "cpu",
-                max_num_seqs: int = 64) -> LLMEngine:
+                max_num_seqs: int = 64, kernels: str = "auto") -> LLMEngine:
     return LLMEngine(EngineArgs(model=str(folder), dtype=dtype, kv_cache_memory="2GiB", depth_cache_memory="1GiB",
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
-                                max_model_len=max_len, device=device).create_engine_config())
+                                max_model_len=max_len, device=device, kernels=kernels).create_engine_config())
 
 
 def sync(eng: LLMEngine) -> None:
@@ -119,6 +122,69 @@ def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: lis
             "depth_cache_bytes_per_token": depth_bytes, "rows": rows}
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth in GB/s, as torch sums a buffer far larger than the caches."""
+    buf = torch.ones(mib << 18)  # fp32
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def compare_kernels(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: list[int], repeats: int = 3,
+                    kernels: tuple[str, ...] = ("native", "reference")) -> dict:
+    """Standard and AttnRes models of `shape`, each on every backend in `kernels`: all engines interleaved."""
+    torch_dtype = parse_dtype(dtype)
+    layers = shape["num_hidden_layers"]
+    bs = max(1, -(-layers // blocks)) if blocks else 0
+    cfgs = {"standard": ModelConfig(**shape),
+            "attnres": ModelConfig(**shape, attn_res_mode="block" if blocks else "full", attn_res_block_size=bs)}
+    max_len = shape["max_position_embeddings"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {m: write_random(Path(tmp) / m, cfg) for m, cfg in cfgs.items()}
+        engines = {(m, k): make_engine(folders[m], torch_dtype, max_len, kernels=k) for m in cfgs for k in kernels}
+        ran = {k: engines["standard", k].kernels.name for k in kernels}  # what each request resolved to
+        rows = []
+        for kind, n in [("prefill", n) for n in prefill] + [("decode", b) for b in batch]:
+            samples: dict[tuple[str, str], list[float]] = {key: [] for key in engines}
+            for rep in range(repeats + 1):
+                for key, eng in engines.items():  # interleaved; the first round warms up
+                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, 16)
+                    if rep:
+                        samples[key].append(t)
+            ms = {f"{m}/{k}": statistics.median(v) * 1e3 for (m, k), v in samples.items()}
+            rows.append({"kind": kind, "n": n, "case": f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}",
+                         "ms": ms})
+        del engines
+    return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks, "dtype": dtype,
+                       "threads": torch.get_num_threads(), "kernels": list(kernels), "resolved": ran},
+            "rows": rows}
+
+
+def markdown_kernels(result: dict) -> str:
+    """One row per case: ms per model and backend, and each model's reference/native speed-up."""
+    c = result["config"]
+    ks, res = c["kernels"], c["resolved"]
+    label = {k: k if res[k] == k else f"{k}->{res[k]}" for k in ks}
+    head = [f"{m} {label[k]} ms" for m in ("standard", "attnres") for k in ks]
+    speed = len(ks) == 2
+    if speed:
+        head += [f"standard {ks[1]}/{ks[0]}", f"attnres {ks[1]}/{ks[0]}"]
+    lines = [f"| {c['dtype']} case | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for r in result["rows"]:
+        ms = r["ms"]
+        cells = [f"{ms[f'{m}/{k}']:.2f}" for m in ("standard", "attnres") for k in ks]
+        if speed:
+            cells += [f"{ms[f'{m}/{ks[1]}'] / ms[f'{m}/{ks[0]}']:.2f}x" for m in ("standard", "attnres")]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     c = result["config"]
     label = f"N={c['num_depth_blocks']}" if c["blocks"] else "Full"
@@ -164,17 +230,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap)
     ap.add_argument("--blocks", type=int, default=8, help="N: number of AttnRes blocks (0: Full AttnRes)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16"], help="one or more dtypes, run one after the other")
+    ap.add_argument("--kernels", nargs="+", choices=["auto", "native", "reference"], default=None,
+                    help="op backends to compare on each model (e.g. native reference); default: one engine per "
+                         "model on auto")
     ap.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_out/latency.json")
     a = ap.parse_args(argv)
     shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(*a.prefill, 128) + 64)
-    result = compare(shape, a.blocks, a.dtype, a.prefill, a.batch, a.repeats)
-    print(markdown(result))
-    print(f"depth cache bytes per in-flight token: {result['depth_cache_bytes_per_token']}")
-    write_json(a.out, result)
+    if a.kernels:
+        results = {"read_bandwidth_gbs": read_bandwidth(), "runs": []}
+        print(f"memory read bandwidth: {results['read_bandwidth_gbs']:.1f} GB/s; torch threads: "
+              f"{torch.get_num_threads()}")
+        for dtype in a.dtype:
+            result = compare_kernels(shape, a.blocks, dtype, a.prefill, a.batch, a.repeats, tuple(a.kernels))
+            print(markdown_kernels(result))
+            results["runs"].append(result)
+        write_json(a.out, results)
+        return 0
+    results = []
+    for dtype in a.dtype:
+        result = compare(shape, a.blocks, dtype, a.prefill, a.batch, a.repeats)
+        print(markdown(result))
+        print(f"depth cache bytes per in-flight token: {result['depth_cache_bytes_per_token']}")
+        results.append(result)
+    write_json(a.out, results[0] if len(results) == 1 else results)
     return 0
 
 

@@ -245,7 +245,25 @@ def write_report(runs: dict, tp: dict, serving: dict | None, cost: dict, seconds
         s = serving
         lines += ["## Serving (`depthserve bench serving` against `depthserve serve`, built-in model, bf16)", "",
                   "```", json.dumps({k: s[k] for k in s if k not in ("requests", "config")}, indent=1)[:4000], "```", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = HERE / "RESULTS.md"
+    kept = kept_sections(path.read_text(encoding="utf-8")) if path.exists() else []
+    path.write_text("\n".join(lines + kept) + "\n", encoding="utf-8")
+
+
+# Hand-written sections (measured with their own command, quoted in them) that a regeneration keeps.
+KEPT_SECTIONS = ("## Kernels: prepacked oneDNN linears",)
+
+
+def kept_sections(text: str) -> list[str]:
+    """The lines of each KEPT_SECTIONS section of an existing RESULTS.md, up to the next '## ' heading."""
+    out: list[str] = []
+    keep = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith(KEPT_SECTIONS)
+        if keep:
+            out.append(line)
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops, reference
 from models.context import AttentionMetadata, Communicator, ForwardBatch
 from models.parallel_plan import ShardSizes, TensorSource, as_source
 
@@ -51,12 +52,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ w[out, in]^T. One row (batch-1 decode) goes through mv: on CPU, bf16 GEMV streams
-    weights from memory about 1.5x faster than the GEMM path F.linear takes for a single row."""
-    if x.shape[0] == 1:
-        return torch.mv(w, x[0]).unsqueeze(0)
-    return F.linear(x, w)
+linear = reference.linear  # x [T, in] @ w[out, in]^T on the plain weight (kernels/reference.py)
+
+
+class PackedWeight:
+    """Mixin for a module whose `weight` a linear reads: `prepare_weights(backend)` packs it once after
+    loading (kernels.ops); until then, and on the reference backend, the plain weight is used."""
+
+    packed: ops.PackedLinear | None = None
+
+    def prepare_weights(self, backend: ops.Backend) -> None:
+        self.packed = ops.pack_linear(self.weight, backend)  # type: ignore[attr-defined]
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return linear(x, self.weight)  # type: ignore[attr-defined]
+        return ops.linear(x, self.packed)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -95,7 +106,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackedWeight, nn.Module):
     """y = x W^T with W's output rows split over ranks; each rank keeps its own columns of y (no collective).
 
     `parts` stacks several checkpoint tensors into one matmul (Q/K/V, gate/up): shard_id -> (local rows,
@@ -122,7 +133,7 @@ class ColumnParallelLinear(nn.Module):
         param[off:off + n].copy_(as_source(loaded).read(rows(self.rank)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return self._linear(x)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -142,7 +153,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(hidden, {0: part, 1: part}, rank, dtype)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackedWeight, nn.Module):
     """y = x W^T with W's input columns split over ranks: each rank's partial product is all-reduced."""
 
     def __init__(self, local_in: int, out_features: int, cols: Callable[[int], slice], rank: int,
@@ -161,7 +172,7 @@ class RowParallelLinear(nn.Module):
         param.copy_(as_source(loaded).read(None, self.cols(self.rank)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = self._linear(x)
         return self.comm.all_reduce(out) if self.comm else out
 
 
@@ -211,7 +222,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:])
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(PackedWeight, nn.Module):
     """Embedding (and tied or untied lm_head) split by vocabulary rows over TP ranks."""
 
     def __init__(self, shards: ShardSizes, hidden: int, dtype: torch.dtype, comm: Communicator | None) -> None:
@@ -242,7 +253,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [S, d] -> fp32 logits [S, vocab]."""
-        out = linear(h, self.weight).float()
+        out = self._linear(h).float()
         if self.comm is not None:
             out = self.comm.all_gather_last_dim(out)
         return out[:, :self.vocab]

@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from kernels import ops
 from models.attn_res import BlockSchedule, key_of, mix_sources, phase1, phase2_fused
 from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
-from models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
+from models.layers import Attention, PackedWeight, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
 from models.parallel_plan import ShardSizes, TensorSource, as_source, default_weight_loader, shard_sizes
 
 
@@ -325,6 +326,14 @@ class LlamaForServing(nn.Module):
         param_name, shard_id = self.param_for(name)
         param = self._params[param_name]
         getattr(param, "weight_loader", default_weight_loader)(param, src, shard_id)
+
+    @torch.no_grad()
+    def prepare_for_inference(self, backend: ops.Backend) -> None:
+        """Once, after load_weights: pack every linear's weight for the kernels backend (kernels.ops).
+        The plain weights stay (the embedding, the reference op and tests read them)."""
+        for module in self.modules():
+            if isinstance(module, PackedWeight):
+                module.prepare_weights(backend)
 
     @torch.no_grad()
     def fold_queries(self) -> None:

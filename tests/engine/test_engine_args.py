@@ -27,6 +27,7 @@ NON_DEFAULT = {
     "seed": (["--seed", "7"], 7),
     "num_threads": (["--num-threads", "3"], 3),
     "depth_stats": (["--depth-stats"], True),
+    "kernels": (["--kernels", "reference"], "reference"),
     "max_model_len": (["--max-model-len", "99"], 99),
     "max_num_seqs": (["--max-num-seqs", "5"], 5),
     "max_num_batched_tokens": (["--max-num-batched-tokens", "77"], 77),

@@ -20,6 +20,17 @@ def test_bench_latency_writes_pairs(tmp_path: Path) -> None:
     assert res["depth_cache_bytes_per_token"] > 0
 
 
+def test_bench_latency_compares_kernel_backends(tmp_path: Path) -> None:
+    out = tmp_path / "kern.json"
+    assert bench_latency.main([*TINY, "--blocks", "2", "--prefill", "16", "--batch", "1", "--repeats", "1",
+                               "--dtype", "float32", "--kernels", "native", "reference", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["read_bandwidth_gbs"] > 0
+    (run,) = res["runs"]
+    assert run["config"]["resolved"]["reference"] == "reference"
+    assert all(len(r["ms"]) == 4 and min(r["ms"].values()) > 0 for r in run["rows"])
+
+
 def test_bench_throughput_compares_with_transformers(tmp_path: Path) -> None:
     out = tmp_path / "tp.json"
     assert bench_throughput.main([*TINY, "--num-prompts", "4", "--input-len", "4", "8", "--output-len", "4", "6",

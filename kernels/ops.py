@@ -1,0 +1,123 @@
+"""The op registry: which implementation of each op runs, chosen once at start-up.
+
+    backend = select_backend("auto")            # or "native" / "reference"
+    pw = pack_linear(weight, backend)           # once, after the weight_loaders ran
+    y = linear(x, pw)                           # every step
+
+Backends:
+
+- `reference` (kernels/reference.py): plain PyTorch on the unpacked weight. The oracle for tests and
+  the fallback.
+- `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load.
+
+`auto` means native where it works. `select_backend` probes the native ops once per dtype on a small odd
+shape; when they are missing or fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs
+ONE warning and returns the reference backend: a start-up never fails over a kernel. Native ops apply only
+to CPU tensors; a weight on another device keeps the reference op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import cpu, reference
+
+__all__ = ["BACKENDS", "Backend", "PackedLinear", "linear", "pack_linear", "select_backend"]
+
+logger = logging.getLogger("depthserve.kernels")
+
+BACKENDS = ("auto", "native", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The implementation chosen for this process: `name` is "native" or "reference"."""
+
+    name: str
+    requested: str = "auto"
+    reason: str = ""  # why the reference runs although native was requested (empty otherwise)
+
+    @property
+    def native(self) -> bool:
+        return self.name == "native"
+
+    def describe(self) -> str:
+        s = f"kernels: {self.name} (requested {self.requested})"
+        return f"{s}; native unavailable: {self.reason}" if self.reason else s
+
+
+REFERENCE = Backend("reference", "reference")
+
+
+@dataclass
+class PackedLinear:
+    """A linear weight prepared for one backend. `weight` is the plain [out, in] parameter (kept for the
+    reference path and tests); `packed` its native copy, None when the reference op runs."""
+
+    weight: torch.Tensor
+    packed: torch.Tensor | None = None
+
+
+def _probe(dtype: torch.dtype) -> str | None:
+    """None if the native linear runs and matches the reference for `dtype`, else what went wrong."""
+    if not cpu.available():
+        return "this torch build has no oneDNN linear ops"
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(19, 23, generator=g).to(dtype)
+        b = torch.randn(19, generator=g).to(dtype)
+        x = torch.randn(3, 23, generator=g).to(dtype)
+        got = cpu.linear(x, cpu.pack_linear(w), b)
+        want = reference.linear(x, w, b)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.allclose(got.float(), want.float(),
+                                                                                    rtol=tol, atol=tol):
+            return f"{dtype}: the native linear disagrees with the reference"
+    except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use the reference
+        return f"{dtype}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+AUTO_BF16_MAX_THREADS = 4  # "auto" packs bf16 linears only up to this many torch threads (see select_backend)
+
+
+def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.float32,)) -> Backend:
+    """The backend for `name` ("auto" | "native" | "reference") and the weight `dtypes` the model uses.
+
+    Native (for "auto" and "native") when its ops run for every dtype; otherwise the reference, with one
+    warning naming the problem. ValueError only for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "reference":
+        return REFERENCE
+    dtypes = list(dict.fromkeys(dtypes))
+    if name == "auto" and torch.bfloat16 in dtypes and torch.get_num_threads() > AUTO_BF16_MAX_THREADS:
+        # measured on a 16-core Xeon: packed bf16 linears at batch >= 8 ran 2-4x slower than F.linear at 16
+        # threads (2x faster at 2): auto keeps the reference there until a per-shape choice exists
+        return Backend("reference", name, f"bf16 at {torch.get_num_threads()} threads: packed linears measured slower")
+    for dtype in dtypes:
+        problem = _probe(dtype)
+        if problem is not None:
+            logger.warning("native kernels unavailable, using the reference ops (%s)", problem)
+            return Backend("reference", name, problem)
+    return Backend("native", name)
+
+
+def pack_linear(weight: torch.Tensor, backend: Backend) -> PackedLinear:
+    """Prepare a [out, in] weight once for `backend` (a packed copy on native CPU; the weight itself otherwise)."""
+    if backend.native and weight.device.type == "cpu":
+        return PackedLinear(weight, cpu.pack_linear(weight))
+    return PackedLinear(weight)
+
+
+def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ W^T (+ bias) on whichever form `pw` holds."""
+    if pw.packed is None or (x.shape[0] == 1 and x.dtype == torch.float32):
+        # fp32 at one row: the reference's GEMV on the plain weight streams it at least as fast as the
+        # packed inner product (Xeon, 2 and 16 threads: 1.5x and 1.4x faster; see loadtest/RESULTS.md).
+        return reference.linear(x, pw.weight, bias)
+    return cpu.linear(x if x.is_contiguous() else x.contiguous(), pw.packed, bias)
