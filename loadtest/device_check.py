@@ -34,13 +34,6 @@ SERVER_ONLY = ("fastapi", "pydantic", "prometheus_client", "gguf", "transformers
 
 # (mode, block size, layers): standard, a block size that does not divide the layers, Full AttnRes
 CASES = [("none", 0, 4), ("block", 3, 5), ("full", 0, 4)]
-PROMPTS = [
-    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
-    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17],  # shares 10 tokens with the first
-    [1, 20, 30],
-    [1, 5, 6, 7, 8, 9, 10, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48],
-]
-MAX_TOKENS = 10
 # engine settings of tests/engine/test_engine_vs_reference.py: name -> (LLM keywords, what must have happened)
 SETTINGS: dict[str, tuple[dict[str, Any], str | None]] = {
     "batched": ({}, None),
@@ -89,19 +82,12 @@ def check_imports() -> dict:
     return {"not_imported": list(SERVER_ONLY)}
 
 
-@torch.no_grad()
-def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int, device: str) -> list[int]:
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, quick: bool = False) -> dict:
     from engine import LLM, SamplingParams
+    from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy
 
     ref = ref.to(device)
-    expected = [reference_greedy(ref, p, MAX_TOKENS, device) for p in PROMPTS]
+    expected = [reference_greedy(ref, p, MAX_TOKENS, device=device) for p in PROMPTS]
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     done = {}
     for name, (kw, stat) in SETTINGS.items():
@@ -123,6 +109,7 @@ def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, q
 
 def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: bool) -> dict:
     from engine import LLM, SamplingParams
+    from tests.tiny import MAX_TOKENS, PROMPTS
 
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     with LLM(str(folder), max_model_len=64, device=device, dtype="bfloat16") as llm:

@@ -20,6 +20,17 @@ CORPUS = (
 )
 
 
+# Prompts of the engine-vs-reference checks (tests and loadtest.device_check): different lengths, two that
+# share a 10-token prefix (prefix-cache hits with small blocks), one short.
+PROMPTS = [
+    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17],  # shares 10 tokens with the first
+    [1, 20, 30],
+    [1, 5, 6, 7, 8, 9, 10, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48],
+]
+MAX_TOKENS = 10
+
+
 def train_tokenizer(folder: Path, vocab_size: int = 400) -> None:
     import sentencepiece as spm
 
@@ -67,13 +78,13 @@ def write_tiny(folder: Path, cfg: ModelConfig, seed: int = 0, tokenizer_from: Pa
 
 
 @torch.no_grad()
-def reference_greedy(model: ReferenceLlama, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...] = ()
-                     ) -> list[int]:
-    """Greedy decoding by full recompute: the oracle for the engine."""
+def reference_greedy(model: ReferenceLlama, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...] = (),
+                     device: str = "cpu") -> list[int]:
+    """Greedy decoding by full recompute: the oracle for the engine (the model on `device`)."""
     ids = list(prompt)
     out: list[int] = []
     for _ in range(max_tokens):
-        tok = int(model(torch.tensor([ids]))[0, -1].argmax())
+        tok = int(model(torch.tensor([ids], device=device))[0, -1].argmax())
         out.append(tok)
         ids.append(tok)
         if tok in stop_ids:

@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.tiny import reference_greedy, tiny_config, write_tiny
+from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy, tiny_config, write_tiny
 
 # (mode, block size, layers): a block size that does not divide the layers, one block, Full AttnRes.
 CASES = [("none", 0, 4), ("block", 2, 5), ("block", 3, 5), ("block", 5, 5), ("block", 1, 3), ("full", 0, 4)]
-PROMPTS = [
-    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
-    [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17],  # shares 10 tokens with the first
-    [1, 20, 30],
-    [1, 5, 6, 7, 8, 9, 10, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48],
-]
-MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}{c[1] or ''}-L{c[2]}")
