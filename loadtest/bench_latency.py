@@ -90,34 +90,49 @@ def model_shape(layers: int = 12, hidden: int = 512, heads: int = 8, kv_heads: i
                 tie_word_embeddings=True)
 
 
+def model_pair(shape: dict, blocks: int) -> tuple[dict[str, ModelConfig], int]:
+    """The standard model of `shape` and its AttnRes twin (N=`blocks` blocks, 0: Full), and the block size."""
+    bs = max(1, -(-shape["num_hidden_layers"] // blocks)) if blocks else 0
+    return {"standard": ModelConfig(**shape),
+            "attnres": ModelConfig(**shape, attn_res_mode="block" if blocks else "full", attn_res_block_size=bs)}, bs
+
+
+def interleaved(engines: dict, prefill: list[int], batch: list[int], repeats: int,
+                steps: int) -> list[tuple[str, int, dict]]:
+    """Per case (kind, n), each engine's median seconds; engines run in turn (A B A B), the first round warms up."""
+    rows = []
+    for kind, n in [("prefill", n) for n in prefill] + [("decode", b) for b in batch]:
+        samples: dict = {key: [] for key in engines}
+        for rep in range(repeats + 1):
+            for key, eng in engines.items():
+                t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, steps)
+                if rep:
+                    samples[key].append(t)
+        rows.append((kind, n, {key: statistics.median(v) for key, v in samples.items()}))
+    return rows
+
+
+def _case(kind: str, n: int) -> str:
+    return f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}"
+
+
 def compare(shape: dict, blocks: int, dtype: str, prefill: list[int], batch: list[int], repeats: int = 3,
             device: str = "cpu", steps: int = 16) -> dict:
     """AttnRes (N=`blocks` blocks, 0: Full AttnRes) vs the standard model of `shape`, interleaved A B A B."""
     torch_dtype = parse_dtype(dtype)
-    layers = shape["num_hidden_layers"]
-    bs = max(1, -(-layers // blocks)) if blocks else 0
-    cfg_ar = ModelConfig(**shape, attn_res_mode="block" if blocks else "full", attn_res_block_size=bs)
-    cfg_std = ModelConfig(**shape)
+    cfgs, bs = model_pair(shape, blocks)
     max_len = shape["max_position_embeddings"]
     with tempfile.TemporaryDirectory() as tmp:
         seqs = max(64, *batch)
         engines = {name: make_engine(write_random(Path(tmp) / name, cfg, device), torch_dtype, max_len, device, seqs)
-                   for name, cfg in (("standard", cfg_std), ("attnres", cfg_ar))}
-        rows = []
-        cases = [("prefill", n) for n in prefill] + [("decode", b) for b in batch]
-        for kind, n in cases:
-            samples: dict[str, list[float]] = {"standard": [], "attnres": []}
-            for rep in range(repeats + 1):
-                for name, eng in engines.items():  # interleaved A B A B; the first round warms up
-                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, steps)
-                    if rep:
-                        samples[name].append(t)
-            std, ar = statistics.median(samples["standard"]), statistics.median(samples["attnres"])
-            rows.append({"kind": kind, "n": n, "case": f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}",
-                         "standard_ms": std * 1e3, "attnres_ms": ar * 1e3, "overhead_pct": (ar / std - 1) * 100})
+                   for name, cfg in cfgs.items()}
+        rows = [{"kind": kind, "n": n, "case": _case(kind, n), "standard_ms": t["standard"] * 1e3,
+                 "attnres_ms": t["attnres"] * 1e3, "overhead_pct": (t["attnres"] / t["standard"] - 1) * 100}
+                for kind, n, t in interleaved(engines, prefill, batch, repeats, steps)]
         depth = engines["attnres"].depth
         depth_bytes = depth.spec.bytes_per_token if depth is not None else 0
-    return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks, "num_depth_blocks": cfg_ar.num_depth_blocks,
+    return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks,
+                       "num_depth_blocks": cfgs["attnres"].num_depth_blocks,
                        "dtype": dtype, "threads": torch.get_num_threads(), "device": device},
             "depth_cache_bytes_per_token": depth_bytes, "rows": rows}
 
@@ -140,26 +155,15 @@ def compare_kernels(shape: dict, blocks: int, dtype: str, prefill: list[int], ba
                     kernels: tuple[str, ...] = ("native", "reference")) -> dict:
     """Standard and AttnRes models of `shape`, each on every backend in `kernels`: all engines interleaved."""
     torch_dtype = parse_dtype(dtype)
-    layers = shape["num_hidden_layers"]
-    bs = max(1, -(-layers // blocks)) if blocks else 0
-    cfgs = {"standard": ModelConfig(**shape),
-            "attnres": ModelConfig(**shape, attn_res_mode="block" if blocks else "full", attn_res_block_size=bs)}
+    cfgs, bs = model_pair(shape, blocks)
     max_len = shape["max_position_embeddings"]
     with tempfile.TemporaryDirectory() as tmp:
         folders = {m: write_random(Path(tmp) / m, cfg) for m, cfg in cfgs.items()}
         engines = {(m, k): make_engine(folders[m], torch_dtype, max_len, kernels=k) for m in cfgs for k in kernels}
         ran = {k: engines["standard", k].kernels.name for k in kernels}  # what each request resolved to
-        rows = []
-        for kind, n in [("prefill", n) for n in prefill] + [("decode", b) for b in batch]:
-            samples: dict[tuple[str, str], list[float]] = {key: [] for key in engines}
-            for rep in range(repeats + 1):
-                for key, eng in engines.items():  # interleaved; the first round warms up
-                    t = time_prefill(eng, n) if kind == "prefill" else time_decode(eng, n, 16)
-                    if rep:
-                        samples[key].append(t)
-            ms = {f"{m}/{k}": statistics.median(v) * 1e3 for (m, k), v in samples.items()}
-            rows.append({"kind": kind, "n": n, "case": f"{kind} {'tokens' if kind == 'prefill' else 'batch'}={n}",
-                         "ms": ms})
+        rows = [{"kind": kind, "n": n, "case": _case(kind, n),
+                 "ms": {f"{m}/{k}": sec * 1e3 for (m, k), sec in t.items()}}
+                for kind, n, t in interleaved(engines, prefill, batch, repeats, 16)]
         del engines
     return {"config": {**shape, "attn_res_block_size": bs, "blocks": blocks, "dtype": dtype,
                        "threads": torch.get_num_threads(), "kernels": list(kernels), "resolved": ran},
@@ -213,7 +217,7 @@ def add_shape_args(ap: argparse.ArgumentParser) -> None:
 
 def depth_attention_cost(shape: dict, blocks: int, dtype: str, batch: int, repeats: int = 3) -> dict:
     """Decode step time of an AttnRes model with no request asking for depth weights vs all asking."""
-    cfg = ModelConfig(**shape, attn_res_mode="block", attn_res_block_size=max(1, -(-shape["num_hidden_layers"] // blocks)))
+    cfg = model_pair(shape, blocks)[0]["attnres"]
     with tempfile.TemporaryDirectory() as tmp:
         eng = make_engine(write_random(Path(tmp) / "ar", cfg), parse_dtype(dtype), shape["max_position_embeddings"])
         samples: dict[bool, list[float]] = {False: [], True: []}

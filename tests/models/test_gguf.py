@@ -39,7 +39,7 @@ TEXTS = ["To be, or not to be, that is the question.", "  two  spaces\tand a tab
 
 
 # ---- writing GGUF files the way llama.cpp's convert_hf_to_gguf.py does ---------------------------
-def _gguf_name(hf: str) -> str:
+def gguf_name(hf: str) -> str:
     inv = {v: k for k, v in GLOBAL_TENSOR_NAMES.items()}
     if hf in inv:
         return inv[hf]
@@ -66,7 +66,7 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
     for hf, t in state.items():
         if cfg.tie_word_embeddings and hf == "lm_head.weight":
             continue
-        name = _gguf_name(hf)
+        name = gguf_name(hf)
         t = t.detach().float()
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             t = permute_rotary(t, cfg.head_dim)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from engine.arg_utils import EngineArgs
 from engine.llm_engine import LLMEngine
-from models.gguf import GLOBAL_TENSOR_NAMES, LAYER_TENSOR_NAMES
 from models.llama import LlamaForServing
 from models.loader import load_config, load_model
+from tests.models.test_gguf import gguf_name
 from tests.tiny import random_model, tiny_config, write_tiny
 
 gguf = pytest.importorskip("gguf")
@@ -201,14 +201,6 @@ GOOD_META: dict[str, Any] = {
 }
 
 
-def _gguf_name(hf: str) -> str:
-    inv = {v: k for k, v in GLOBAL_TENSOR_NAMES.items()}
-    if hf in inv:
-        return inv[hf]
-    _, _, i, rest = hf.split(".", 3)
-    return f"blk.{i}.{next(k for k, v in LAYER_TENSOR_NAMES.items() if v == rest)}"
-
-
 def write_gguf(path: Path, meta: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
                tensors: dict[str, np.ndarray] | None = None) -> Path:
     """The tiny model as GGUF with metadata `meta` laid over GOOD_META (None: leave the key out)."""
@@ -226,7 +218,7 @@ def write_gguf(path: Path, meta: dict[str, Any] | None = None, drop: tuple[str, 
             w.add_int32(key, v)
         else:
             (w.add_uint64 if v >= 2**32 else w.add_uint32)(key, v)
-    arrays = {_gguf_name(k): t.detach().float().numpy() for k, t in random_model(CFG).state_dict().items()}
+    arrays = {gguf_name(k): t.detach().float().numpy() for k, t in random_model(CFG).state_dict().items()}
     arrays.update(tensors or {})
     for name, arr in arrays.items():
         if name not in drop:
