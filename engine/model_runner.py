@@ -140,11 +140,13 @@ class ModelRunner:
         inputs.input_ids[:t].copy_(torch.tensor(rows.ids, dtype=torch.long))
         input_ids, positions_d, slots_d = inputs.upload(t)
         one = counts == 1
-        meta = AttentionMetadata(slot_mapping=slots_d)
+        meta = AttentionMetadata(slot_mapping=slots_d, block_size=bs)
         decode = one.nonzero().squeeze(1)
         if len(decode):
             lens = ends[decode]  # [B_d]
             meta.num_decode = len(decode)
+            meta.decode_block_table = table[table_rows[decode], :-(-int(lens.max()) // bs)].to(dev, non_blocking=True)
+            meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
             gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
             meta.decode_gather = gather.to(dev, non_blocking=True)
             meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)

@@ -3,6 +3,10 @@
     backend = select_backend("auto")            # or "native" / "reference"
     pw = pack_linear(weight, backend)           # once, after the weight_loaders ran
     y = linear(x, pw)                           # every step
+    k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
+
+The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
+add_rms_norm, attnres_site, attnres_phase1, decode_attention. The model calls these, never a backend.
 
 Backends:
 
@@ -19,14 +23,15 @@ to CPU tensors; a weight on another device keeps the reference op.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 
 import torch
 
 from kernels import cpu, reference
 
-__all__ = ["BACKENDS", "Backend", "PackedLinear", "linear", "pack_linear", "select_backend"]
+__all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
+           "select_backend"]
 
 logger = logging.getLogger("depthserve.kernels")
 
@@ -121,3 +126,28 @@ def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) 
         # packed inner product (Xeon, 2 and 16 threads: 1.5x and 1.4x faster; see loadtest/RESULTS.md).
         return reference.linear(x, pw.weight, bias)
     return cpu.linear(x if x.is_contiguous() else x.contiguous(), pw.packed, bias)
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The non-linear ops of one backend, each with kernels/reference.py's signature and semantics.
+    A backend that lacks an op (or cannot run it on the given tensors) uses the reference for it."""
+
+    rms_norm: Callable[..., torch.Tensor] = reference.rms_norm
+    add_rms_norm: Callable[..., torch.Tensor] = reference.add_rms_norm
+    attnres_site: Callable[..., torch.Tensor] = reference.attnres_site
+    attnres_phase1: Callable[..., None] = reference.attnres_phase1
+    decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
+
+    def native_ops(self) -> list[str]:
+        """Names of the ops this set runs with something other than the reference (for logs and tests)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not getattr(reference, f.name)]
+
+
+REFERENCE_OPS = KernelSet()
+
+
+def kernel_set(backend: Backend) -> KernelSet:
+    """The ops `backend` runs (the reference set for the reference backend)."""
+    del backend  # native non-linear ops: kernels/cpu_ext (issue 13), triton: kernels/triton (issue 14)
+    return REFERENCE_OPS

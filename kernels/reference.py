@@ -1,10 +1,17 @@
-"""Reference implementations: plain PyTorch, on the unpacked weight. The oracle for the native ops and
-the fallback when those are unavailable."""
+"""Reference implementations: plain PyTorch. The oracle every other backend is tested against, and the
+fallback when a backend cannot run an op.
+
+The AttnRes math (docs/attnres.md §3-§5) is written here once; models/attn_res.py re-exports it.
+Keys: w · (g ⊙ v̂) = (w ⊙ g) · v̂, so with the key norm's gain folded into the query at load, a
+source's key is its plain RMS-normalised value v̂ = v / rms(v), computed once when the source completes.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from models.context import AttentionMetadata
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -19,3 +26,105 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.mv(weight, x[0]).unsqueeze(0)
         return out + bias if bias is not None else out
     return F.linear(x, weight, bias)
+
+
+# ---- norms ---------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm in Hugging Face's order: normalise in fp32, cast to the weight's dtype, scale.
+    x [T, d] (any float dtype, any row stride) -> [T, d] in weight.dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(weight.dtype) * weight
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The standard residual step: residual += x (in place, in the residual's dtype), then rms_norm of it.
+    x, residual [T, d] -> the normalised [T, d] in weight.dtype."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps)
+
+
+# ---- AttnRes -------------------------------------------------------------------------------------------
+def key_of(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A source's key: RMS-normalised without gain (folded into the queries), fp32: [..., d] -> [..., d]."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+def phase1(states: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every query of a block against all completed blocks in one batched matmul.
+
+    states: [T, n, d] completed blocks; keys: [T, n, d] their keys; queries: [Q, d] fp32 (gains folded).
+    Returns per query the log-sum-exp of its scores lse [T, Q] and its normalised mix of the blocks
+    xo [T, Q, d] (fp32), written into `out` (depth-pool views) when given. These are the paper's
+    (m, l, o) statistics in normalised form: lse = m + log l, xo = o / l.
+    """
+    s = states.float()
+    scores = torch.matmul(keys, queries.t()).transpose(1, 2)  # [T, Q, n]
+    lse, xo = out if out is not None else (None, None)
+    lse = torch.logsumexp(scores, -1, out=lse)  # [T, Q]
+    p = torch.exp(scores - lse.unsqueeze(-1))  # softmax over the blocks, [T, Q, n]
+    xo = torch.bmm(p, s, out=xo)  # [T, Q, d]
+    return lse, xo
+
+
+def phase2_fused(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, query: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """Merge Phase-1 statistics with the current partial sum (online softmax over two groups).
+
+    lse1: [T]; xo1: [T, d]; partial: [T, d] fp32; query: [d] fp32 (gain folded). With s2 the partial's
+    score, softmax over {blocks, partial} gives the partial the weight e^s2 / (e^lse1 + e^s2) =
+    sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so x = lerp(xo1, partial, w): the
+    same result as M = max(m1, m2) rescaling, in the fewest kernels. Returns x [T, d] fp32.
+    """
+    w = torch.sigmoid_((key_of(partial, eps) @ query).sub_(lse1))  # [T]
+    return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
+
+
+def mix_sources(states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot mix over n sources with precomputed keys: states, keys [T, n, d] -> (x [T, d] fp32, alpha [T, n])."""
+    s = states.float()
+    scores = torch.matmul(keys, query)  # [T, n]
+    alpha = torch.softmax(scores, dim=-1)
+    return torch.bmm(alpha.unsqueeze(1), s).squeeze(1), alpha
+
+
+def attnres_site(partial: torch.Tensor, delta: torch.Tensor | None, lse1: torch.Tensor, xo1: torch.Tensor,
+                 query: torch.Tensor, weight: torch.Tensor, eps: float, accumulate: bool = True) -> torch.Tensor:
+    """One Block-AttnRes mixing site that has a partial sum (Phase 2), with the sublayer's input norm.
+
+    partial: [T, d] fp32, updated in place first: partial += delta (accumulate) or partial = delta (a block's
+    first sublayer output); delta None leaves it. Then x = phase2_fused(lse1, xo1, partial, query) and the
+    result is rms_norm(x, weight): the sublayer's input, [T, d] in weight.dtype.
+    lse1: [T], xo1: [T, d] fp32 (strided views of the depth pool are fine); query: [d] fp32, gain folded.
+    """
+    if delta is not None:
+        if accumulate:
+            partial.add_(delta)
+        else:
+            partial.copy_(delta)
+    return rms_norm(phase2_fused(lse1, xo1, partial, query, eps), weight, eps)
+
+
+def attnres_phase1(states: torch.Tensor, keys: torch.Tensor, n: int, queries: torch.Tensor, lse: torch.Tensor,
+                   xo: torch.Tensor, eps: float) -> None:
+    """A block opens: source n-1 (the partial just closed) gets its key, then Phase 1 of the new block.
+
+    states, keys: [T, n_src, d] fp32 depth pool (n <= n_src completed sources are read); queries: [Q, d] the
+    block's stacked queries; lse [T, Q], xo [T, Q, d] written in place."""
+    keys[:, n - 1] = key_of(states[:, n - 1], eps)
+    phase1(states[:, :n], keys[:, :n], queries, out=(lse, xo))
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """Attention of the decode rows (one query each) over their paged context.
+
+    q: [B, H, hd] (B = meta.num_decode); caches: [num_slots, KV, hd]. The reference gathers each row's
+    context through meta.decode_gather ([B, C] slots, padded) and masks the padding: [B, H, hd]."""
+    b, c = meta.decode_gather.shape
+    flat = meta.decode_gather.reshape(-1)  # index_select is much faster than advanced indexing here
+    kk = k_cache.index_select(0, flat).view(b, c, *k_cache.shape[1:]).transpose(1, 2)  # [B, KV, C, hd]
+    vv = v_cache.index_select(0, flat).view(b, c, *v_cache.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, hd]
+    return o.squeeze(2)

@@ -6,7 +6,8 @@ Keys: w · (g ⊙ v̂) = (w ⊙ g) · v̂, so with the gain g folded into the qu
 is its plain RMS-normalised value v̂ = v / rms(v). The depth pool keeps each completed source and its
 key, computed once (one fused rms_norm) when the source is completed.
 
-The plain reference `naive_mix` lives in models.reference; tests hold these functions to it.
+The mixing math itself (key_of, phase1, phase2_fused, mix_sources) is kernels/reference.py's, re-exported
+here; the plain reference `naive_mix` lives in models.reference, and tests hold the two to each other.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from kernels.reference import key_of, mix_sources, phase1, phase2_fused
 from models.config import ModelConfig
 from models.context import DepthBuffers
+
+__all__ = ["BlockSchedule", "DepthPoolSpec", "depth_pool_spec", "key_of", "mix_sources", "phase1", "phase2_fused"]
 
 
 @dataclass(frozen=True)
@@ -55,50 +58,6 @@ def depth_pool_spec(cfg: ModelConfig, dtype: torch.dtype) -> DepthPoolSpec | Non
         return None
     q = 2 * cfg.attn_res_block_size if cfg.attn_res_mode == "block" else 0
     return DepthPoolSpec(cfg.num_depth_sources, cfg.hidden_size, q, torch.float32)
-
-
-def key_of(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """A source's key: RMS-normalised without gain (folded into the queries), fp32: [..., d] -> [..., d]."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-
-
-def phase1(states: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor,
-           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score every query of a block against all completed blocks in one batched matmul.
-
-    states: [T, n, d] completed blocks; keys: [T, n, d] their keys; queries: [Q, d] fp32 (gains folded).
-    Returns per query the log-sum-exp of its scores lse [T, Q] and its normalised mix of the blocks
-    xo [T, Q, d] (fp32), written into `out` (depth-pool views) when given. These are the paper's
-    (m, l, o) statistics in normalised form: lse = m + log l, xo = o / l.
-    """
-    s = states.float()
-    scores = torch.matmul(keys, queries.t()).transpose(1, 2)  # [T, Q, n]
-    lse, xo = out if out is not None else (None, None)
-    lse = torch.logsumexp(scores, -1, out=lse)  # [T, Q]
-    p = torch.exp(scores - lse.unsqueeze(-1))  # softmax over the blocks, [T, Q, n]
-    xo = torch.bmm(p, s, out=xo)  # [T, Q, d]
-    return lse, xo
-
-
-def phase2_fused(lse1: torch.Tensor, xo1: torch.Tensor, partial: torch.Tensor, query: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    """Merge Phase-1 statistics with the current partial sum (online softmax over two groups).
-
-    lse1: [T]; xo1: [T, d]; partial: [T, d] fp32; query: [d] fp32 (gain folded). With s2 the partial's
-    score, softmax over {blocks, partial} gives the partial the weight e^s2 / (e^lse1 + e^s2) =
-    sigmoid(s2 - lse1), and the blocks keep their Phase-1 proportions, so x = lerp(xo1, partial, w): the
-    same result as M = max(m1, m2) rescaling, in the fewest kernels. Returns x [T, d] fp32.
-    """
-    w = torch.sigmoid_((key_of(partial, eps) @ query).sub_(lse1))  # [T]
-    return torch.lerp(xo1, partial, w.unsqueeze(-1))  # [T, d]
-
-
-def mix_sources(states: torch.Tensor, keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-shot mix over n sources with precomputed keys: states, keys [T, n, d] -> (x [T, d] fp32, alpha [T, n])."""
-    s = states.float()
-    scores = torch.matmul(keys, query)  # [T, n]
-    alpha = torch.softmax(scores, dim=-1)
-    return torch.bmm(alpha.unsqueeze(1), s).squeeze(1), alpha
 
 
 class BlockSchedule:

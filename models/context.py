@@ -29,6 +29,11 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int = 0
+    # Decode rows' context, two views: block table + lengths (kernels that read K/V blocks in place) and
+    # the per-position slots + mask (the reference's gather and SDPA).
+    block_size: int = 0  # tokens per KV block
+    decode_block_table: torch.Tensor | None = None  # [B_d, nb] KV block ids of each decode sequence
+    decode_context_lens: torch.Tensor | None = None  # [B_d] int32 context length (this step's token included)
     decode_gather: torch.Tensor | None = None  # [B_d, C] KV slots of each decode sequence, padded
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, C] bool, True for real context positions
     prefills: list[PrefillSpan] = field(default_factory=list)

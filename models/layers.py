@@ -71,25 +71,23 @@ class PackedWeight:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    decode_attention: Callable[..., torch.Tensor] = reference.decode_attention) -> torch.Tensor:
     """Write this step's K/V into the paged cache, then attend each row to its own sequence.
 
     q: [T, H, hd]; k, v: [T, KV, hd]; caches: [num_slots, KV, hd]. Returns [T, H, hd].
-    Decode rows (one query per sequence) are attended in one batched call; prompt chunks one call each.
+    Decode rows (one query per sequence) go to the kernel set's decode_attention in one call; prompt
+    chunks through SDPA one call each.
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
     nd = meta.num_decode
+    if nd == q.shape[0]:
+        return decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
     if nd:
-        b, c = meta.decode_gather.shape
-        flat = meta.decode_gather.reshape(-1)  # index_select is much faster than advanced indexing here
-        kk = k_cache.index_select(0, flat).view(b, c, *k_cache.shape[1:]).transpose(1, 2)  # [B, KV, C, hd]
-        vv = v_cache.index_select(0, flat).view(b, c, *v_cache.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kk, vv, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=gqa)  # [B, H, 1, hd]
-        out[:nd] = o.squeeze(2)
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     for p in meta.prefills:
         # 4-D [1, H, T, hd] inputs: CPU SDPA takes its flash kernel only with a batch dim (3-D inputs
         # fall back to the math path, ~25x slower at 2048 tokens).
@@ -193,6 +191,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.qkv_proj = QKVParallelLinear(hidden, shards, _rank(comm), dtype)
         self.o_proj = RowParallelLinear(self.heads * self.head_dim, hidden, shards.q_rows, _rank(comm), dtype, comm)
+        self.decode_attention: Callable[..., torch.Tensor] = reference.decode_attention  # the kernel set's
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer: int, cos_sin: tuple) -> torch.Tensor:
         t = x.shape[0]
@@ -204,7 +203,7 @@ class Attention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = batch.kv_caches[layer]
-        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale, self.decode_attention)
         return self.o_proj(o.reshape(t, -1))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kernels import ops
-from models.attn_res import BlockSchedule, key_of, mix_sources, phase1, phase2_fused
+from models.attn_res import BlockSchedule, key_of, mix_sources
 from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
 from models.layers import Attention, PackedWeight, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
@@ -155,6 +155,7 @@ class LlamaForServing(nn.Module):
             self.block_queries: list[torch.Tensor] = []  # per block: [2 * block_size, d]
         self.schedule = (BlockSchedule(n_layers, cfg.attn_res_block_size)
                          if cfg.attn_res_mode == "block" else None)
+        self.k: ops.KernelSet = ops.REFERENCE_OPS  # the non-linear ops; prepare_for_inference picks the backend's
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,61 +169,76 @@ class LlamaForServing(nn.Module):
         cos_sin = self.rope(batch.positions)
         mode = self.cfg.attn_res_mode
         if mode == "none":
-            for i, layer in enumerate(self.layers):
-                h = h + layer.self_attn(layer.input_layernorm(h), batch, i, cos_sin)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            return self.norm(h[batch.logits_indices])
+            return self._forward_standard(h, batch, cos_sin)
         if batch.depth is None:
             raise RuntimeError("AttnRes model run without depth buffers")
         if mode == "block":
             x = self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
         else:
             x = self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
-        return self.norm(x.to(self.dtype))
+        return self.k.rms_norm(x.to(self.dtype), self.norm.weight, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
         return self.lm_head.logits(hidden)
 
+    def _forward_standard(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple) -> torch.Tensor:
+        """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm)."""
+        k, eps, layers = self.k, self.cfg.rms_norm_eps, self.layers
+        x = k.rms_norm(h, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn(x, batch, i, cos_sin)
+            x = k.add_rms_norm(a, h, layer.post_attention_layernorm.weight, eps)  # h += a
+            m = layer.mlp(x)
+            if i + 1 < len(layers):
+                x = k.add_rms_norm(m, h, layers[i + 1].input_layernorm.weight, eps)
+            else:
+                h.add_(m)
+        return k.rms_norm(h[batch.logits_indices], self.norm.weight, eps)
+
     def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers, cos_sin: tuple,
                        out: list[torch.Tensor] | None) -> torch.Tensor:
+        """Two-phase Block AttnRes. Each sublayer output is added to the partial sum by the next mixing site
+        (`pending`), so one op per site does the add, the Phase-2 merge and the sublayer's input norm."""
         sched = self.schedule
         assert sched is not None and depth.lse is not None and depth.xo is not None
-        eps = self.cfg.rms_norm_eps
+        k, eps = self.k, self.cfg.rms_norm_eps
         states, keys = depth.states, depth.keys  # [T, N+1, d] fp32 each
         lse, xo = depth.lse, depth.xo  # [T, Q], [T, Q, d]
         n = 0  # completed blocks; the partial sum lives in states[:, n]
         record = batch.depth_rows if out is not None else None
         states[:, 0] = emb
+        pending: torch.Tensor | None = None  # the last sublayer's output, not yet in the partial
         for i, layer in enumerate(self.layers):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
             if opens:  # close the partial as block n, then Phase 1 for every query of the new block
-                keys[:, n] = key_of(states[:, n], eps)
+                if pending is not None:
+                    states[:, n].add_(pending)
                 n += 1
-                phase1(states[:, :n], keys[:, :n], self.block_queries[sched.block_of(i)], out=(lse, xo))
-                x = xo[:, qa]
+                k.attnres_phase1(states, keys, n, self.block_queries[sched.block_of(i)], lse, xo, eps)
+                x = k.rms_norm(xo[:, qa], layer.input_layernorm.weight, eps)
                 if record is not None:
                     self._record(out, states[record, :n], keys[record, :n], self.queries[i, 0])
             else:
-                x = phase2_fused(lse[:, qa], xo[:, qa], states[:, n], self.queries[i, 0], eps)
+                x = k.attnres_site(states[:, n], pending, lse[:, qa], xo[:, qa], self.queries[i, 0],
+                                   layer.input_layernorm.weight, eps)
                 if record is not None:
                     self._record_with_partial(out, states, keys, n, record, self.queries[i, 0])
-            a = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)  # the norm casts to dt
-            if opens:
-                states[:, n] = a
-            else:
-                states[:, n] += a
-            x = phase2_fused(lse[:, qm], xo[:, qm], states[:, n], self.queries[i, 1], eps)
+            a = layer.self_attn(x, batch, i, cos_sin)
+            # a block's first attention output starts the new partial; later ones add to it
+            x = k.attnres_site(states[:, n], a, lse[:, qm], xo[:, qm], self.queries[i, 1],
+                               layer.post_attention_layernorm.weight, eps, accumulate=not opens)
             if record is not None:
                 self._record_with_partial(out, states, keys, n, record, self.queries[i, 1])
-            states[:, n] += layer.mlp(layer.post_attention_layernorm(x))
+            pending = layer.mlp(x)
+        states[:, n].add_(pending)
         if record is not None:
             self._record_with_partial(out, states, keys, n, record, self.out_query)
         rows = batch.logits_indices
         srcs = states[rows, :n + 1]  # [S, n+1, d]
-        k = torch.cat([keys[rows, :n], key_of(srcs[:, n:], eps)], dim=1)  # the final partial's key, too
-        return mix_sources(srcs, k, self.out_query)[0]
+        keys_out = torch.cat([keys[rows, :n], key_of(srcs[:, n:], eps)], dim=1)  # the final partial's key, too
+        return mix_sources(srcs, keys_out, self.out_query)[0]
 
     # ---- depth-attention introspection (only when asked: batch.depth_rows and a list to fill) -------------------------
     @staticmethod
@@ -249,12 +265,12 @@ class LlamaForServing(nn.Module):
             x, alpha = mix_sources(states[:, :k], keys[:, :k], self.queries[i, 0])
             if record is not None:
                 out.append(alpha[record])
-            states[:, k] = layer.self_attn(layer.input_layernorm(x), batch, i, cos_sin)
+            states[:, k] = layer.self_attn(self.k.rms_norm(x, layer.input_layernorm.weight, eps), batch, i, cos_sin)
             keys[:, k] = key_of(states[:, k], eps)
             x, alpha = mix_sources(states[:, :k + 1], keys[:, :k + 1], self.queries[i, 1])
             if record is not None:
                 out.append(alpha[record])
-            states[:, k + 1] = layer.mlp(layer.post_attention_layernorm(x))
+            states[:, k + 1] = layer.mlp(self.k.rms_norm(x, layer.post_attention_layernorm.weight, eps))
             keys[:, k + 1] = key_of(states[:, k + 1], eps)
         if record is not None:
             self._record(out, states[record], keys[record], self.out_query)
@@ -334,6 +350,9 @@ class LlamaForServing(nn.Module):
         for module in self.modules():
             if isinstance(module, PackedWeight):
                 module.prepare_weights(backend)
+        self.k = ops.kernel_set(backend)
+        for layer in self.layers:
+            layer.self_attn.decode_attention = self.k.decode_attention
 
     @torch.no_grad()
     def fold_queries(self) -> None:
