@@ -21,7 +21,14 @@ import torch
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import parse_dtype
-from loadtest.bench_latency import add_shape_args, make_engine, model_shape, write_json, write_random
+from loadtest.bench_latency import (
+    add_shape_args,
+    make_engine,
+    model_shape,
+    read_bandwidth,
+    write_json,
+    write_random,
+)
 from models.config import ModelConfig
 
 
@@ -88,9 +95,9 @@ def decode_profile(eng: LLMEngine, batch: int, steps: int = 12) -> dict[str, flo
 
 
 def run_depthserve(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], max_len: int,
-                   device: str = "cpu") -> float:
-    llm = LLM(str(folder), dtype=dtype, max_model_len=max_len, max_num_seqs=32, max_num_batched_tokens=2048,
-              device=device)
+                   device: str = "cpu", max_num_seqs: int = 32) -> float:
+    llm = LLM(str(folder), dtype=dtype, max_model_len=max_len, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=2048, device=device)
     params = [SamplingParams(temperature=0.8, max_tokens=o, ignore_eos=True, seed=i) for i, o in enumerate(outs)]
     llm.generate({"prompt_token_ids": prompts[0]}, params[0])  # warm-up
     t = time.perf_counter()
@@ -120,6 +127,30 @@ def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], 
     return sum(outs) / (time.perf_counter() - t)
 
 
+def prefill_vs_hf(folder: Path, dtype: str, n_tokens: int, max_len: int, repeats: int = 3) -> dict:
+    """Time to first token of one `n_tokens` prompt through the engine vs transformers' single forward of the
+    same ids (no generate() overhead), interleaved; medians in ms."""
+    from transformers import LlamaForCausalLM
+
+    from loadtest.bench_latency import time_prefill
+
+    eng = make_engine(folder, parse_dtype(dtype), max_len)
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=parse_dtype(dtype)).eval()
+    ids = torch.randint(3, eng.model_config.vocab_size, (1, n_tokens))
+    ds_t, hf_t = [], []
+    for rep in range(repeats + 1):
+        t_ds = time_prefill(eng, n_tokens)
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+        t_hf = time.perf_counter() - t
+        if rep:
+            ds_t.append(t_ds)
+            hf_t.append(t_hf)
+    ds_ms, hf_ms = statistics.median(ds_t) * 1e3, statistics.median(hf_t) * 1e3
+    return {"tokens": n_tokens, "depthserve_ttft_ms": ds_ms, "hf_forward_ms": hf_ms, "ratio": ds_ms / hf_ms}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap)
@@ -127,38 +158,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
-    ap.add_argument("--hf-batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--hf-batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[32, 128],
+                    help="depthserve batch caps to run (its best is compared; 32 is reported too)")
+    ap.add_argument("--prefill-tokens", type=int, default=2048, help="TTFT vs transformers' forward (0: skip)")
     ap.add_argument("--out", default="bench_out/throughput.json")
     a = ap.parse_args(argv)
     rng = random.Random(0)
-    max_len = max(a.input_len[1] + a.output_len[1] + 8, 128)  # decode_profile uses 64-token prompts
+    max_len = max(a.input_len[1] + a.output_len[1] + 8, 128, a.prefill_tokens + 8)  # decode_profile: 64-token prompts
     cfg = ModelConfig(**model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max_len))
     prompts = [[rng.randrange(3, a.vocab) for _ in range(rng.randint(*a.input_len))] for _ in range(a.num_prompts)]
     outs = [rng.randint(*a.output_len) for _ in range(a.num_prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_random(Path(tmp) / "std", cfg)
-        ds = run_depthserve(folder, a.dtype, prompts, outs, max_len)
+        ds_all = {m: run_depthserve(folder, a.dtype, prompts, outs, max_len, max_num_seqs=m) for m in a.max_num_seqs}
         hf = {b: run_hf(folder, a.dtype, prompts, outs, b) for b in a.hf_batch}
         eng = make_engine(folder, parse_dtype(a.dtype), max_len)
         bw = copy_bandwidth()
+        read_bw = read_bandwidth() * 1e9
         wbytes = weight_bytes(eng)
         b1 = decode_profile(eng, 1)
         b32 = decode_profile(eng, 32)
+        del eng
+        prefill = prefill_vs_hf(folder, a.dtype, a.prefill_tokens, max_len) if a.prefill_tokens else None
     roofline_ms = wbytes / bw * 1e3
+    read_roofline_ms = wbytes / read_bw * 1e3
     best_b = max(hf, key=hf.get)
+    best_m = max(ds_all, key=ds_all.get)
+    ds = ds_all[best_m]
     result = {
         "config": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads, "ffn": a.ffn,
                    "vocab": a.vocab, "dtype": a.dtype, "num_prompts": a.num_prompts, "input_len": a.input_len,
                    "output_len": a.output_len, "threads": torch.get_num_threads()},
-        "depthserve_tok_s": ds, "hf_tok_s": hf, "hf_best_batch": best_b, "speedup_vs_hf_best": ds / hf[best_b],
-        "copy_bandwidth_gb_s": bw / 1e9, "weight_mb": wbytes / 1e6, "roofline_step_ms": roofline_ms,
+        "depthserve_tok_s": ds, "depthserve_best_max_num_seqs": best_m,
+        "depthserve_tok_s_by_max_num_seqs": ds_all, "hf_tok_s": hf, "hf_best_batch": best_b,
+        "speedup_vs_hf_best": ds / hf[best_b],
+        "copy_bandwidth_gb_s": bw / 1e9, "read_bandwidth_gb_s": read_bw / 1e9, "weight_mb": wbytes / 1e6,
+        "roofline_step_ms": roofline_ms, "read_roofline_step_ms": read_roofline_ms,
         "decode_b1": b1, "decode_b32": b32, "b1_fraction_of_roofline": roofline_ms / b1["step_ms"],
+        "b1_fraction_of_read_roofline": read_roofline_ms / b1["step_ms"], "prefill_vs_hf": prefill,
     }
-    print(f"depthserve: {ds:.1f} tok/s | transformers generate best (batch {best_b}): {hf[best_b]:.1f} tok/s "
-          f"| speed-up {ds / hf[best_b]:.2f}x  (all HF batches: "
+    print(f"depthserve (best cap {best_m} sequences): {ds:.1f} tok/s | transformers generate best (batch {best_b}): "
+          f"{hf[best_b]:.1f} tok/s | speed-up {ds / hf[best_b]:.2f}x  (depthserve by cap: "
+          + ", ".join(f"{m}: {v:.1f}" for m, v in ds_all.items()) + "; HF by batch: "
           + ", ".join(f"{b}: {v:.1f}" for b, v in hf.items()) + ")")
-    print(f"batch-1 decode {b1['step_ms']:.2f} ms/step vs roofline {roofline_ms:.2f} ms "
-          f"({wbytes / 1e6:.0f} MB weights at {bw / 1e9:.1f} GB/s): {roofline_ms / b1['step_ms'] * 100:.0f}% of roofline")
+    print(f"batch-1 decode {b1['step_ms']:.2f} ms/step vs roofline {roofline_ms:.2f} ms at copy bandwidth "
+          f"{bw / 1e9:.1f} GB/s ({roofline_ms / b1['step_ms'] * 100:.0f}%), {read_roofline_ms:.2f} ms at read "
+          f"bandwidth {read_bw / 1e9:.1f} GB/s ({read_roofline_ms / b1['step_ms'] * 100:.0f}%); {wbytes / 1e6:.0f} MB "
+          "of weights")
+    if prefill:
+        print(f"{prefill['tokens']}-token prompt: depthserve TTFT {prefill['depthserve_ttft_ms']:.0f} ms, "
+              f"transformers forward {prefill['hf_forward_ms']:.0f} ms ({prefill['ratio']:.2f}x)")
     print(f"batch-32 decode {b32['step_ms']:.2f} ms/step, of which outside the model (scheduler, batch, sampler) "
           f"{b32['overhead_ms']:.2f} ms ({b32['overhead_pct']:.1f}%)")
     write_json(a.out, result)
