@@ -12,7 +12,8 @@ Backends:
 
 - `reference` (kernels/reference.py): plain PyTorch on the unpacked weight. The oracle for tests and
   the fallback.
-- `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load.
+- `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load; decode attention
+  through kernels/cpu_attention.py (K/V read in place via the block table) once its op is loaded.
 
 `auto` means native where it works. `select_backend` probes the native ops once per dtype on a small odd
 shape; when they are missing or fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs
@@ -28,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels import cpu, reference
+from kernels import cpu, cpu_attention, reference
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
            "select_backend"]
@@ -149,5 +150,12 @@ REFERENCE_OPS = KernelSet()
 
 def kernel_set(backend: Backend) -> KernelSet:
     """The ops `backend` runs (the reference set for the reference backend)."""
-    del backend  # native non-linear ops: kernels/cpu_ext (issue 13), triton: kernels/triton (issue 14)
+    # native non-linear ops: kernels/cpu_ext (issue 13), triton: kernels/triton (issue 14)
+    if not backend.native:
+        return REFERENCE_OPS
+    # ---- issue 13: decode attention in place over the paged cache (kernels/cpu_attention.py) ----------------
+    # The op is used once some loader registered torch.ops.depthserve.decode_attention; the wrapper falls back
+    # to the reference per call for tensors the op does not take (another device, another dtype).
+    if cpu_attention.available():
+        return KernelSet(decode_attention=cpu_attention.native_decode_attention)
     return REFERENCE_OPS
