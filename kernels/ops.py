@@ -17,8 +17,8 @@ Backends:
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
   Linears stay on the reference (torch) path.
 
-`auto` means triton on a CUDA device (when triton imports and its probe op runs), native elsewhere where it
-works. `select_backend` probes the native ops once per dtype on a small odd
+`auto` means triton on a CUDA device (when triton imports and its start-up probe of every op passes), native
+elsewhere where it works. `select_backend` probes the native ops once per dtype on a small odd
 shape; when they are missing or fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs
 ONE warning and returns the reference backend: a start-up never fails over a kernel. Native ops apply only
 to CPU tensors; a weight on another device keeps the reference op. `triton` on a CPU device without the
