@@ -25,6 +25,7 @@ from engine.config import (
     parse_bytes,
     parse_dtype,
 )
+from kernels.ops import BACKENDS
 from models.loader import DEFAULT_MODEL
 
 __all__ = ["EngineArgs", "flag_name", "option"]
@@ -109,8 +110,10 @@ class EngineArgs(CliArgs):
                                       "per-site means and entropies as metrics (costs a little per step)",
                                flags=["--depth-stats", "--depth-metrics"])
     kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load), "
-                                  "reference (plain PyTorch) or auto (native where its ops work on this "
-                                  "machine, else reference with a warning)", choices=["auto", "native", "reference"])
+                                  "triton (Triton kernels for norms, AttnRes mixing and paged decode attention; "
+                                  "CUDA, or CPU under TRITON_INTERPRET=1), reference (plain PyTorch) or auto "
+                                  "(triton on a CUDA device, else native where its ops work on this machine; "
+                                  "the reference with a warning when they do not)", choices=list(BACKENDS))
     # scheduler
     max_model_len: int | None = option(None, "prompt + output tokens per request (None: the model's "
                                              "max_position_embeddings)", type=int)
@@ -187,8 +190,8 @@ class EngineArgs(CliArgs):
         for name in ("enable_prefix_caching", "depth_stats"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.kernels not in ("auto", "native", "reference"):
-            errors.append(f"kernels must be one of auto, native, reference; got {self.kernels!r} (--kernels)")
+        if self.kernels not in BACKENDS:
+            errors.append(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r} (--kernels)")
         if errors:
             raise ValueError("; ".join(errors))
         return EngineConfig(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.ops import BACKENDS
 from models.config import ModelConfig
 
 __all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes"]
@@ -92,8 +93,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)
     device: str = "cpu"  # where the model, KV cache, depth pool, step inputs and sampler live: cpu or cuda
-    kernels: str = "auto"  # op backend (kernels.ops): auto | native | reference
+    kernels: str = "auto"  # op backend (kernels.ops.BACKENDS): auto | native | reference | triton
 
     def __post_init__(self) -> None:
-        if self.kernels not in ("auto", "native", "reference"):
-            raise ValueError(f"kernels must be one of auto, native, reference; got {self.kernels!r}")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r}")

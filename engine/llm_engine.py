@@ -53,7 +53,8 @@ class LLMEngine:
         tp = config.parallel.tensor_parallel_size
         shard_sizes(mcfg, tp)  # ValueError unless the model splits evenly over tp ranks
         self.kv, self.depth, self.max_step_tokens = self._size_caches(tp)
-        self.kernels = select_backend(config.kernels, (config.dtype,))  # one warning if native is unusable
+        # one warning if the backend asked for is unusable; triton needs to know where the tensors live
+        self.kernels = select_backend(config.kernels, (config.dtype,), config.device)
         logger.info("%s", self.kernels.describe())
         self.tp_group: TPGroup | None = None
         if tp > 1:

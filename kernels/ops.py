@@ -1,6 +1,6 @@
 """The op registry: which implementation of each op runs, chosen once at start-up.
 
-    backend = select_backend("auto")            # or "native" / "reference"
+    backend = select_backend("auto", device=d)  # or "native" / "triton" / "reference"
     pw = pack_linear(weight, backend)           # once, after the weight_loaders ran
     y = linear(x, pw)                           # every step
     k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
@@ -14,11 +14,16 @@ Backends:
   the fallback.
 - `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load; decode attention
   through kernels/cpu_attention.py (K/V read in place via the block table) once its op is loaded.
+- `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites and Phase 1, paged
+  decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
+  Linears stay on the reference (torch) path.
 
-`auto` means native where it works. `select_backend` probes the native ops once per dtype on a small odd
+`auto` means triton on a CUDA device (when triton imports and its start-up probe of every op passes), native
+elsewhere where it works. `select_backend` probes the native ops once per dtype on a small odd
 shape; when they are missing or fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs
 ONE warning and returns the reference backend: a start-up never fails over a kernel. Native ops apply only
-to CPU tensors; a weight on another device keeps the reference op.
+to CPU tensors; a weight on another device keeps the reference op. `triton` on a CPU device without the
+interpreter, or without an importable triton, is likewise one warning and the reference.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from types import ModuleType
 
 import torch
 
@@ -36,16 +42,16 @@ __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "li
 
 logger = logging.getLogger("depthserve.kernels")
 
-BACKENDS = ("auto", "native", "reference")
+BACKENDS = ("auto", "native", "reference", "triton")
 
 
 @dataclass(frozen=True)
 class Backend:
-    """The implementation chosen for this process: `name` is "native" or "reference"."""
+    """The implementation chosen for this process: `name` is "native", "triton" or "reference"."""
 
     name: str
     requested: str = "auto"
-    reason: str = ""  # why the reference runs although native was requested (empty otherwise)
+    reason: str = ""  # why the reference runs although native/triton was requested (empty otherwise)
 
     @property
     def native(self) -> bool:
@@ -53,7 +59,7 @@ class Backend:
 
     def describe(self) -> str:
         s = f"kernels: {self.name} (requested {self.requested})"
-        return f"{s}; native unavailable: {self.reason}" if self.reason else s
+        return f"{s}; reference ops because: {self.reason}" if self.reason else s
 
 
 REFERENCE = Backend("reference", "reference")
@@ -91,16 +97,54 @@ def _probe(dtype: torch.dtype) -> str | None:
 AUTO_BF16_MAX_THREADS = 4  # "auto" packs bf16 linears only up to this many torch threads (see select_backend)
 
 
-def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.float32,)) -> Backend:
-    """The backend for `name` ("auto" | "native" | "reference") and the weight `dtypes` the model uses.
+def _import_triton_ops() -> ModuleType:
+    """kernels.triton (imports triton itself: only the triton backend, or auto on CUDA, pays for it)."""
+    from kernels import triton as tk
 
-    Native (for "auto" and "native") when its ops run for every dtype; otherwise the reference, with one
-    warning naming the problem. ValueError only for an unknown name."""
+    return tk
+
+
+def _triton_problem(device: torch.device, dtypes: list[torch.dtype]) -> str | None:
+    """None if the triton ops can run on `device` (CUDA, or CPU under TRITON_INTERPRET=1) and each of them
+    compiles and matches the reference for every dtype (kernels/triton/probe.py); else what went wrong."""
+    try:
+        tk = _import_triton_ops()
+    except Exception as e:  # noqa: BLE001 - no triton (or a broken one) means: use the reference
+        return f"triton is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if device.type != "cuda" and not (device.type == "cpu" and tk.interpreting()):
+        return f"triton kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU (device: {device.type})"
+    if device.type == "cpu" and not tk.library_interpreted():
+        return "TRITON_INTERPRET=1 was set after triton was imported (set it before the process starts)"
+    try:
+        for dtype in dtypes:
+            problem = tk.probe.problem(device, dtype)
+            if problem is not None:
+                return problem
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or launch means: use the reference
+        return f"triton: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.float32,),
+                   device: str | torch.device | None = None) -> Backend:
+    """The backend for `name` ("auto" | "native" | "triton" | "reference"), the weight `dtypes` the model uses
+    and the `device` its tensors live on (None: CPU).
+
+    "triton": the triton ops when triton imports and runs on the device (CUDA, or CPU under TRITON_INTERPRET=1).
+    "auto": triton on a CUDA device; elsewhere native when its ops run for every dtype. Anything unusable means
+    the reference, with one warning naming the problem. ValueError only for an unknown name."""
     if name not in BACKENDS:
         raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "reference":
         return REFERENCE
+    dev = torch.device(device if device is not None else "cpu")
     dtypes = list(dict.fromkeys(dtypes))
+    if name == "triton" or (name == "auto" and dev.type == "cuda"):
+        problem = _triton_problem(dev, dtypes)
+        if problem is not None:
+            logger.warning("triton kernels unavailable, using the reference ops (%s)", problem)
+            return Backend("reference", name, problem)
+        return Backend("triton", name)
     if name == "auto" and torch.bfloat16 in dtypes and torch.get_num_threads() > AUTO_BF16_MAX_THREADS:
         # measured on a 16-core Xeon: packed bf16 linears at batch >= 8 ran 2-4x slower than F.linear at 16
         # threads (2x faster at 2): auto keeps the reference there until a per-shape choice exists
@@ -149,8 +193,12 @@ REFERENCE_OPS = KernelSet()
 
 
 def kernel_set(backend: Backend) -> KernelSet:
-    """The ops `backend` runs (the reference set for the reference backend)."""
-    # native non-linear ops: kernels/cpu_ext (issue 13), triton: kernels/triton (issue 14)
+    """The ops `backend` runs: the triton ops for the triton backend, native CPU ops for native, the reference
+    set otherwise."""
+    if backend.name == "triton":
+        tk = _import_triton_ops()
+        return KernelSet(rms_norm=tk.rms_norm, add_rms_norm=tk.add_rms_norm, attnres_site=tk.attnres_site,
+                         attnres_phase1=tk.attnres_phase1, decode_attention=tk.decode_attention)
     if not backend.native:
         return REFERENCE_OPS
     # ---- issue 13: decode attention in place over the paged cache (kernels/cpu_attention.py) ----------------

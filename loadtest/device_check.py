@@ -4,11 +4,16 @@
     PYTHONPATH=. python -m loadtest.device_check --out OUT --device cpu --quick   # the same script, tiny
 
 Writes OUT/device_check.json (every check and figure) and OUT/RESULTS-gpu.md (a summary). Needs torch,
-safetensors and sentencepiece only (no pytest, no server packages); transformers is optional (part c).
+safetensors and sentencepiece only (no server packages); pytest and triton (part a2) and transformers (part c)
+are optional.
 
 a. correctness: greedy tokens of the engine (fp32) equal models/reference.py's full-recompute greedy on
    the same device, for std / Block (3 of 5 layers) / Full AttnRes, batched, with chunked prefill +
    prefix hits, with preemption, with one-token chunks; bf16 runs and the sampling paths give valid tokens.
+   (On CUDA the engine's `auto` kernels are the triton ones: each check names the backend that ran.)
+a2. the triton kernels: tests/kernels/test_triton_ops.py (every op vs the reference, the engine on the triton
+   backend) compiled on the GPU (TRITON_INTERPRET unset); with --device cpu, in triton's interpreter (--quick:
+   a few of them). Needs pytest and triton; skipped with a NOTE when either is missing.
 b. benchmarks (bf16, random weights): AttnRes (Block, N=8) vs standard residual at the SmolLM2-135M and
    Llama-3.2-1B shapes, interleaved, decode step latency at batch 1/32/128 and a 2,048-token prefill
    (loadtest.bench_latency.compare); batch-1 decode of the 1B shape as a fraction of the HBM roofline.
@@ -18,8 +23,12 @@ c. optional: offline throughput vs transformers generate() when transformers is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,6 +113,7 @@ def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, q
                 assert getattr(eng.scheduler.stats, stat) > 0, f"{name}: no {stat}"
             assert eng.kv_blocks_held_by_requests() == 0 and not eng.has_unfinished_requests()
         done[name] = "equal"
+        done["kernels"] = eng.kernels.describe()
     return done
 
 
@@ -145,6 +155,43 @@ def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> 
                    lambda f=folder, r=ref: check_engine_vs_reference(f, r, device, quick))
         report.run(f"bf16_and_sampling[{label}] {device}",
                    lambda f=folder, c=cfg: check_bf16_and_sampling(f, c.vocab_size, device, c.is_attn_res))
+
+
+# ---- a2. the triton kernels -------------------------------------------------------------------------------
+TRITON_TESTS = "tests/kernels/test_triton_ops.py"
+QUICK_TRITON_TESTS = "test_rms_norm or test_decode_attention"  # --quick on a CPU: the interpreter is slow
+TRITON_TESTS_TIMEOUT = 300  # seconds; the GPU run compiles each kernel variant once (tens of seconds)
+
+
+def check_triton_kernels(device: str, quick: bool, out_dir: Path) -> dict:
+    """Run the triton kernel tests in a fresh process: compiled on CUDA (TRITON_INTERPRET unset), interpreted on
+    CPU (TRITON_INTERPRET=1). The pytest output goes to OUT/triton_tests.log."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TRITON_TESTS]
+    if quick and device == "cpu":
+        cmd += ["-k", QUICK_TRITON_TESTS]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TRITON_TESTS_TIMEOUT)
+    log = r.stdout + r.stderr
+    (out_dir / "triton_tests.log").write_text(log)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", log)}
+    summary = next((ln.strip("= ") for ln in reversed(log.splitlines()) if re.search(r"\d+ (passed|failed)", ln)),
+                   log.strip().splitlines()[-1] if log.strip() else "no output")
+    assert r.returncode == 0, f"pytest exit {r.returncode}: {summary} (OUT/triton_tests.log)"
+    assert counts.get("passed", 0) > 0, f"no triton test ran on {device}: {summary}"  # e.g. all skipped
+    return {"mode": "compiled" if device == "cuda" else "interpreted", "summary": summary, **counts}
+
+
+def triton_kernels(report: Report, device: str, quick: bool, out_dir: Path) -> None:
+    missing = [m for m in ("pytest", "triton") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"NOTE {' and '.join(missing)} not importable: the triton kernel tests are skipped", flush=True)
+        return
+    mode = "compiled" if device == "cuda" else "interpreted"
+    report.run(f"triton kernel tests ({mode}) {device}", lambda: check_triton_kernels(device, quick, out_dir))
 
 
 # ---- b. benchmarks ---------------------------------------------------------------------------------------
@@ -244,7 +291,7 @@ def markdown(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for device_check.json and RESULTS-gpu.md")
+    ap.add_argument("--out", required=True, help="folder for device_check.json, RESULTS-gpu.md and triton_tests.log")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="a smoke run of the script: two engine settings per "
                     "model, one tiny benchmark shape")
@@ -276,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     out["bench"] = out["hf_throughput"] = None
     with tempfile.TemporaryDirectory() as tmp:
         correctness(report, a.device, Path(tmp), a.quick)
+        write()
+        triton_kernels(report, a.device, a.quick, out_dir)
         write()
         if not a.skip_bench:
             out["bench"] = benchmarks(report, a.device, a.quick)

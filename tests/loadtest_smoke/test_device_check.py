@@ -1,4 +1,4 @@
-"""loadtest.device_check runs end to end on the CPU (--device cpu --quick) and writes its two files.
+"""loadtest.device_check runs end to end on the CPU (--device cpu --quick) and writes its files.
 
 The benchmarks part is skipped here for time (the CPU allocates multi-GiB caches for them); it is run by
 `python -m loadtest.device_check --device cpu --quick --out DIR` by hand and on the GPU machine.
@@ -6,6 +6,7 @@ The benchmarks part is skipped here for time (the CPU allocates multi-GiB caches
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,5 +26,7 @@ def test_device_check_quick_on_cpu(tmp_path: Path) -> None:
     names = [c["name"] for c in result["checks"]]
     assert any(n.startswith("imports") for n in names)
     assert sum(n.startswith("engine_vs_reference") for n in names) == 3
+    if importlib.util.find_spec("triton") is not None:  # the kernel tests, interpreted (a few with --quick)
+        assert "triton kernel tests (interpreted) cpu" in names and (out / "triton_tests.log").exists()
     md = (out / "RESULTS-gpu.md").read_text()
     assert md.startswith("# Device check") and "checks passed" in md
