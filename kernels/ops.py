@@ -138,10 +138,15 @@ class KernelSet:
     attnres_site: Callable[..., torch.Tensor] = reference.attnres_site
     attnres_phase1: Callable[..., None] = reference.attnres_phase1
     decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
+    # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
+    # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
+    # data-dependent context and is not). The engine captures decode graphs only for such a set.
+    graph_safe_decode: bool = False
 
     def native_ops(self) -> list[str]:
         """Names of the ops this set runs with something other than the reference (for logs and tests)."""
-        return [f.name for f in fields(self) if getattr(self, f.name) is not getattr(reference, f.name)]
+        return [f.name for f in fields(self)
+                if callable(getattr(self, f.name)) and getattr(self, f.name) is not getattr(reference, f.name)]
 
 
 REFERENCE_OPS = KernelSet()
