@@ -123,8 +123,10 @@ def _init(rank: int, world: int, port: int, listener: socket.socket | None = Non
     store = dist.TCPStore(LOOPBACK, port, world, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
                           wait_for_workers=False,  # the store owns a copy of the fd: the caller closes its own
                           master_listen_fd=os.dup(listener.fileno()) if listener is not None else None)
+    # NCCL binds its communicator lazily, to the current device set above (vLLM's pattern: an NCCL device
+    # group for the tensors, a gloo group for Python objects)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT, **({"device_id": dev} if dev.type == "cuda" else {}))
+                            timeout=COLLECTIVE_TIMEOUT)
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
