@@ -102,8 +102,9 @@ class EngineArgs(CliArgs):
                                        "built-in model")
     dtype: str | torch.dtype = option("float32", "weight/activation dtype (float32, bfloat16, float16; "
                                                  "also fp32, bf16, fp16)", choices=list(DTYPES))
-    device: str = option("auto", "where the model, KV cache and sampling run: cpu, cuda (one GPU, eager), or "
-                                 "auto (cuda when torch.cuda.is_available(), else cpu)", choices=list(DEVICES))
+    device: str = option("auto", "where the model, KV cache and sampling run: cpu, cuda, or auto (cuda when "
+                                 "torch.cuda.is_available() and there are at least --tensor-parallel-size GPUs, "
+                                 "else cpu)", choices=list(DEVICES))
     seed: int = option(0, "seed for sampling requests that set none", type=int)
     num_threads: int | None = option(None, "torch intra-op threads (None: torch's default)", type=int)
     depth_stats: bool = option(False, "aggregate the AttnRes depth weights of every sampled token and export "
@@ -125,16 +126,28 @@ class EngineArgs(CliArgs):
                                                type=int)
     # cache
     block_size: int = option(16, "tokens per KV cache block", type=int)
-    kv_cache_memory: str | int = option("1GiB", "bytes for the paged KV cache (all layers, this rank), "
-                                                "e.g. 512MiB")
+    kv_cache_memory: str | int | None = option(
+        None, "bytes for the paged KV cache (all layers, this rank), e.g. 512MiB (None: 1GiB on cpu; on cuda, "
+              "what --gpu-memory-utilization leaves)")
     depth_cache_memory: str | int = option("256MiB", "bytes for the per-step AttnRes depth pool, e.g. 256MiB")
     num_kv_blocks: int | None = option(None, "number of KV blocks, overriding the --kv-cache-memory budget",
                                        type=int)
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompt prefixes already computed",
                                          action=argparse.BooleanOptionalAction)
+    gpu_memory_utilization: float = option(
+        0.9, "cuda: the fraction of the GPU's memory this engine may use; after loading the weights a profile "
+             "step of --max-num-batched-tokens tokens measures the peak, and the KV cache gets the rest "
+             "(unless --kv-cache-memory or --num-kv-blocks is given). Accepted and ignored on cpu, where the "
+             "byte budgets apply", type=float)
+    # CUDA graphs
+    enforce_eager: bool = option(False, "cuda: never capture CUDA graphs (decode steps run eagerly like every "
+                                        "other step)")
+    max_cuda_graph_batch_size: int | None = option(
+        None, "cuda: the largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, then steps of 8; "
+              "larger decode batches run eagerly; None: min(max_num_seqs, 256))", type=int)
     # parallel
-    tensor_parallel_size: int = option(1, "tensor-parallel ranks (processes the model is sharded over)",
-                                       type=int)
+    tensor_parallel_size: int = option(1, "tensor-parallel ranks (processes the model is sharded over; over "
+                                          "NCCL, one GPU each, on cuda, over gloo on cpu)", type=int)
 
     @classmethod
     def from_kwargs(cls, model: str, caller: str = "EngineArgs", /, **kwargs: Any) -> EngineArgs:
@@ -151,17 +164,18 @@ class EngineArgs(CliArgs):
         if self.device not in DEVICES:
             errors.append(f"device must be one of {', '.join(DEVICES)}; got {self.device!r} (--device)")
             return "cpu"
-        tp = self.tensor_parallel_size
+        tp = self.tensor_parallel_size if isinstance(self.tensor_parallel_size, int) else 1
         if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() and tp == 1 else "cpu"
+            return "cuda" if torch.cuda.is_available() and tp <= max(1, torch.cuda.device_count()) else "cpu"
         if self.device == "cuda":
             if not torch.cuda.is_available():
                 errors.append("device='cuda' but torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
                               "build): install a CUDA build of torch or use device='cpu' (--device)")
-            elif isinstance(tp, int) and tp > 1:
-                errors.append(f"device='cuda' with tensor_parallel_size={tp}: NCCL tensor parallelism is not "
-                              "implemented yet; use tensor_parallel_size=1 on cuda, or device='cpu' for gloo "
-                              "tensor parallelism (--device, --tensor-parallel-size)")
+            elif tp > 1 and tp > (gpus := torch.cuda.device_count()):
+                errors.append(f"device='cuda' with tensor_parallel_size={tp} needs {tp} GPUs (one per rank), but "
+                              f"{gpus} {'is' if gpus == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES): lower "
+                              "--tensor-parallel-size, or use device='cpu' for gloo tensor parallelism "
+                              "(--device, --tensor-parallel-size)")
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
@@ -183,11 +197,16 @@ class EngineArgs(CliArgs):
         _at_least(errors, "max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _at_least(errors, "long_prefill_token_threshold", self.long_prefill_token_threshold, 0)
         _at_least(errors, "block_size", self.block_size, 1)
-        kv_bytes = _size(errors, "kv_cache_memory", self.kv_cache_memory)
+        kv_bytes = None if self.kv_cache_memory is None else _size(errors, "kv_cache_memory", self.kv_cache_memory)
         depth_bytes = _size(errors, "depth_cache_memory", self.depth_cache_memory)
         _at_least(errors, "num_kv_blocks", self.num_kv_blocks, 1, optional=True)
         _at_least(errors, "tensor_parallel_size", self.tensor_parallel_size, 1)
-        for name in ("enable_prefix_caching", "depth_stats"):
+        _at_least(errors, "max_cuda_graph_batch_size", self.max_cuda_graph_batch_size, 1, optional=True)
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, int | float) or not 0.0 < u <= 1.0:
+            errors.append(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r} "
+                          "(--gpu-memory-utilization)")
+        for name in ("enable_prefix_caching", "depth_stats", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in BACKENDS:
@@ -196,9 +215,11 @@ class EngineArgs(CliArgs):
             raise ValueError("; ".join(errors))
         return EngineConfig(
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
-            depth_stats=self.depth_stats, device=device, kernels=self.kernels,
+            depth_stats=self.depth_stats, device=device, kernels=self.kernels, enforce_eager=self.enforce_eager,
+            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=kv_bytes, depth_cache_memory=depth_bytes,
-                              enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks),
+                              enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks,
+                              gpu_memory_utilization=float(u)),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len,

@@ -13,11 +13,13 @@ import torch
 from kernels.ops import BACKENDS
 from models.config import ModelConfig
 
-__all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes"]
+__all__ = ["DEFAULT_KV_CACHE_MEMORY", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # the KV budget on the CPU when --kv-cache-memory is not given
+DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE = 256  # the largest decode batch captured, unless max_num_seqs is smaller
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -43,16 +45,21 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    kv_cache_memory: int = 1 << 30  # bytes for the paged token KV cache (all layers, this rank)
+    # bytes for the paged token KV cache (all layers, this rank); None: DEFAULT_KV_CACHE_MEMORY on the CPU, and on
+    # CUDA what gpu_memory_utilization leaves after the weights and a profiled peak step
+    kv_cache_memory: int | None = None
     depth_cache_memory: int = 256 << 20  # bytes for the per-step AttnRes depth pool
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # override the budget (tests)
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of the GPU's memory this engine may use (CPU: unused)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be > 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.depth_cache_memory <= 0:
             raise ValueError("depth_cache_memory must be > 0")
 
@@ -94,7 +101,11 @@ class EngineConfig:
     depth_stats: bool = False  # aggregate AttnRes depth weights of every sampled token (for metrics)
     device: str = "cpu"  # where the model, KV cache, depth pool, step inputs and sampler live: cpu or cuda
     kernels: str = "auto"  # op backend (kernels.ops.BACKENDS): auto | native | reference | triton
+    enforce_eager: bool = False  # never capture CUDA graphs
+    max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (None: min(max_num_seqs, 256))
 
     def __post_init__(self) -> None:
+        if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:
+            raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
         if self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r}")

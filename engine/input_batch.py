@@ -7,6 +7,10 @@ fused kernels and CUDA graphs need: fixed addresses, sizes known at start-up.
 
 The block table and the step's per-token lists are built on the host; on CUDA the per-token buffers are
 pinned staging tensors, copied once per step (non-blocking) into device tensors of the same size.
+
+A padded decode step (engine/cuda_graphs.py) also fills `decode_table` [R, nb] and `context_lens` [R]: the
+block-table rows and context lengths of its decode rows, padded, uploaded into device buffers whose addresses
+never change, so a CUDA graph captured over views of them reads each step's values.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ class InputBatch:
         # their device copies (the same tensors on the CPU)
         self._device_bufs = [torch.zeros(max_step_tokens, dtype=torch.long, device=self.device) if pin else host
                              for host in (self.input_ids, self.positions, self.slot_mapping)]
+        # padded decode steps: block-table rows and context lengths of the decode rows (host, then device)
+        self.decode_table = torch.zeros(max_num_reqs, max_blocks_per_req, dtype=torch.long, pin_memory=pin)
+        self.context_lens = torch.zeros(max_num_reqs, dtype=torch.int32, pin_memory=pin)
+        self._decode_bufs = [torch.zeros_like(host, device=self.device) if pin else host
+                             for host in (self.decode_table, self.context_lens)]
         self._uploaded: torch.cuda.Event | None = None  # recorded after the last step's copies
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
@@ -56,14 +65,26 @@ class InputBatch:
 
     def upload(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, positions, slot_mapping of this step's first `num_tokens` rows, on the device."""
-        hosts = (self.input_ids, self.positions, self.slot_mapping)
+        return self._upload((self.input_ids, self.positions, self.slot_mapping), self._device_bufs,
+                            num_tokens)  # type: ignore[return-value]
+
+    def upload_decode(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_table, context_lens of the first `num_rows` rows, on the device (views at fixed addresses)."""
+        return self._upload((self.decode_table, self.context_lens), self._decode_bufs,
+                            num_rows)  # type: ignore[return-value]
+
+    def device_views(self, n: int) -> tuple[torch.Tensor, ...]:
+        """The first `n` rows of the device buffers, without copying: input_ids, positions, slot_mapping,
+        decode_table, context_lens (what a captured CUDA graph of n decode rows reads)."""
+        return tuple(d[:n] for d in (*self._device_bufs, *self._decode_bufs))
+
+    def _upload(self, hosts: tuple[torch.Tensor, ...], devs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, ...]:
         if self.device.type != "cuda":
-            return tuple(h[:num_tokens] for h in hosts)  # type: ignore[return-value]
-        outs = tuple(d[:num_tokens].copy_(h[:num_tokens], non_blocking=True)
-                     for h, d in zip(hosts, self._device_bufs, strict=True))
-        self._uploaded = torch.cuda.Event()
+            return tuple(h[:n] for h in hosts)
+        outs = tuple(d[:n].copy_(h[:n], non_blocking=True) for h, d in zip(hosts, devs, strict=True))
+        self._uploaded = torch.cuda.Event()  # after every copy so far on this stream
         self._uploaded.record()
-        return outs  # type: ignore[return-value]
+        return outs
 
     def remove(self, req_id: str) -> None:
         """A request that finished, or was preempted (its blocks are gone): free its row."""

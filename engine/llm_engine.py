@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from engine.arg_utils import EngineArgs
-from engine.config import EngineConfig
+from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from engine.cuda_graphs import capture_sizes, graphs_off_reason
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.errors import InvalidParameterError
+from engine.memory import MemoryProfile, kv_blocks_for, no_room_message, profile_step
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput, RequestOutputKind
@@ -52,14 +54,20 @@ class LLMEngine:
                              f"{mcfg.max_position_embeddings}")
         tp = config.parallel.tensor_parallel_size
         shard_sizes(mcfg, tp)  # ValueError unless the model splits evenly over tp ranks
-        self.kv, self.depth, self.max_step_tokens = self._size_caches(tp)
+        self.depth, self.max_step_tokens = self._size_depth()
+        per_block = kv_bytes_per_block(mcfg, config.dtype, config.cache.block_size, tp)
+        num_blocks = self._budget_kv_blocks(per_block)  # None on CUDA: profiled once the weights are loaded
+        if num_blocks is not None:
+            self._check_kv_blocks(num_blocks, per_block)  # before loading anything
         # one warning if the backend asked for is unusable; triton needs to know where the tensors live
         self.kernels = select_backend(config.kernels, (config.dtype,), config.device)
         logger.info("%s", self.kernels.describe())
         self.tp_group: TPGroup | None = None
         if tp > 1:
-            spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
-                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels.name)
+            spec = WorkerSpec(self.model_dir, config.dtype, num_blocks, config.cache.block_size,
+                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels.name,
+                              device=config.device, gpu_memory_utilization=config.cache.gpu_memory_utilization,
+                              max_num_seqs=config.scheduler.max_num_seqs)
             self.tp_group = TPGroup(tp, spec)
         try:
             # The rotary table covers the positions served, not max_position_embeddings (which a
@@ -67,15 +75,24 @@ class LLMEngine:
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
                                     cfg=mcfg, max_model_len=self.max_model_len, device=config.device)
             self.model.prepare_for_inference(self.kernels)  # weights packed once, after the loaders ran
+            profile = None
+            if num_blocks is None:
+                profile, num_blocks = self._profile_kv_blocks(per_block)
             if self.tp_group is not None:
                 self.tp_group.ready()
+            self._check_kv_blocks(num_blocks, per_block, profile)
         except BaseException:
             self.shutdown()
             raise
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group,
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
+        self._setup_cuda_graphs(tp)
+        logger.info("engine ready: device %s, kernels %s, KV cache %d blocks of %d tokens (%.1f MiB), step budget "
+                    "%d tokens, cudagraph: %s", config.device, self.kernels.name, num_blocks, config.cache.block_size,
+                    num_blocks * per_block / 2**20, self.max_step_tokens, self.runner.cudagraph_status)
         self.processor = OutputProcessor(self.tokenizer)
         self.depth_stats: DepthStats | None = None
         if config.depth_stats and mcfg.is_attn_res:
@@ -86,32 +103,77 @@ class LLMEngine:
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
 
     # ---- start-up sizing ---------------------------------------------------------------------
-    def _size_caches(self, tp: int) -> tuple[KVCacheManager, DepthCache | None, int]:
+    def _size_depth(self) -> tuple[DepthCache | None, int]:
+        """The depth pool (AttnRes models) from its byte budget, and the step's token budget it allows."""
         cc, sc = self.config.cache, self.config.scheduler
-        per_block = kv_bytes_per_block(self.model_config, self.config.dtype, cc.block_size, tp)
-        num_blocks = cc.num_kv_blocks or cc.kv_cache_memory // per_block
-        blocks_per_seq = -(-self.max_model_len // cc.block_size)
-        if num_blocks < blocks_per_seq:
-            need = blocks_per_seq * per_block
-            raise ValueError(
-                f"KV cache budget holds {num_blocks} blocks of {cc.block_size} tokens, but one request of "
-                f"max_model_len={self.max_model_len} needs {blocks_per_seq}: raise --kv-cache-memory to at least "
-                f"{need / 2**20:.1f} MiB or lower --max-model-len")
         step_tokens = sc.max_num_batched_tokens
-        depth = None
         spec = depth_pool_spec(self.model_config, self.config.dtype)
-        if spec is not None:
-            fit = max_tokens_for_budget(spec, cc.depth_cache_memory)
-            if fit < 1:
-                raise ValueError(
-                    f"depth cache budget {cc.depth_cache_memory} B holds no token ({spec.bytes_per_token} B per "
-                    f"token): raise --depth-cache-memory")
-            if fit < step_tokens:
-                logger.info("depth cache budget caps the step at %d tokens (max_num_batched_tokens=%d)",
-                            fit, step_tokens)
-            step_tokens = min(step_tokens, fit)
-            depth = DepthCache(spec, step_tokens, device=self.config.device)
-        return KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching), depth, step_tokens
+        if spec is None:
+            return None, step_tokens
+        fit = max_tokens_for_budget(spec, cc.depth_cache_memory)
+        if fit < 1:
+            raise ValueError(
+                f"depth cache budget {cc.depth_cache_memory} B holds no token ({spec.bytes_per_token} B per "
+                f"token): raise --depth-cache-memory")
+        if fit < step_tokens:
+            logger.info("depth cache budget caps the step at %d tokens (max_num_batched_tokens=%d)",
+                        fit, step_tokens)
+        step_tokens = min(step_tokens, fit)
+        return DepthCache(spec, step_tokens, device=self.config.device), step_tokens
+
+    def _budget_kv_blocks(self, per_block: int) -> int | None:
+        """KV blocks from --num-kv-blocks or --kv-cache-memory; None on CUDA without either (profiled)."""
+        cc = self.config.cache
+        if cc.num_kv_blocks:
+            return cc.num_kv_blocks
+        if cc.kv_cache_memory is not None:
+            return cc.kv_cache_memory // per_block
+        if torch.device(self.config.device).type == "cuda":
+            return None  # --gpu-memory-utilization decides, after a profile step
+        return DEFAULT_KV_CACHE_MEMORY // per_block
+
+    def _profile_kv_blocks(self, per_block: int) -> tuple[MemoryProfile, int]:
+        """CUDA: KV blocks that --gpu-memory-utilization leaves after a profiled peak step (the minimum over
+        tensor-parallel ranks, which profile together); checked by _check_kv_blocks."""
+        cc = self.config.cache
+        prof = profile_step(self.model, self.depth, self.max_step_tokens, self.config.scheduler.max_num_seqs,
+                            cc.block_size)
+        num_blocks = kv_blocks_for(prof, cc.gpu_memory_utilization, per_block)
+        if self.tp_group is not None:
+            num_blocks = self.tp_group.min_over_ranks(num_blocks)
+        logger.info("--gpu-memory-utilization %.2f: %d KV blocks (%.2f GiB)", cc.gpu_memory_utilization,
+                    num_blocks, max(num_blocks, 0) * per_block / 2**30)
+        return prof, num_blocks
+
+    def _check_kv_blocks(self, num_blocks: int, per_block: int, profile: MemoryProfile | None = None) -> None:
+        """ValueError unless one request of max_model_len fits (worded for the budget or the profile)."""
+        cc = self.config.cache
+        blocks_per_seq = -(-self.max_model_len // cc.block_size)
+        if num_blocks >= blocks_per_seq:
+            return
+        if profile is not None:
+            u = cc.gpu_memory_utilization
+            if num_blocks < 1:
+                raise ValueError(no_room_message(profile, u, per_block, self.max_step_tokens))
+            raise ValueError(
+                f"--gpu-memory-utilization {u} leaves room for {num_blocks} KV blocks of {cc.block_size} tokens, "
+                f"but one request of max_model_len={self.max_model_len} needs {blocks_per_seq}: increase "
+                "--gpu-memory-utilization, reduce --max-num-batched-tokens or lower --max-model-len")
+        need = blocks_per_seq * per_block
+        raise ValueError(
+            f"KV cache budget holds {num_blocks} blocks of {cc.block_size} tokens, but one request of "
+            f"max_model_len={self.max_model_len} needs {blocks_per_seq}: raise --kv-cache-memory to at least "
+            f"{need / 2**20:.1f} MiB or lower --max-model-len")
+
+    def _setup_cuda_graphs(self, tp: int) -> None:
+        """Capture decode graphs when the device, the options and the kernel set allow; else say why not."""
+        cfg = self.config
+        reason = graphs_off_reason(cfg.device, cfg.enforce_eager, tp, self.model.k, self.kernels.name)
+        if reason is not None:
+            self.runner.cudagraph_status = f"off ({reason})"
+            return
+        self.runner.capture_cuda_graphs(capture_sizes(cfg.scheduler.max_num_seqs, self.max_step_tokens,
+                                                      cfg.max_cuda_graph_batch_size))
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> Request:

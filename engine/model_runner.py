@@ -3,16 +3,21 @@
 Rows are ordered decode-like sequences (one new token) first, then prompt chunks; the attention
 metadata is built once per step here, vectorised over the persistent block tables of the InputBatch,
 and shared by every layer.
+
+Pure-decode steps may instead be padded to a fixed batch size over static buffers (engine/cuda_graphs.py):
+replayed as a CUDA graph when graphs were captured, or run eagerly (use_padded_decode, for tests).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs, padded_size
 from engine.input_batch import InputBatch
 from engine.outputs import DepthEntry, Logprob
 from engine.request import Request
@@ -33,6 +38,12 @@ def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int, tp
     kv_heads = shard_sizes(cfg, tp).kv_heads
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
+
+
+def kv_slots(num_blocks: int, block_size: int) -> int:
+    """KV cache slots for a block pool of `num_blocks`: one scratch block more (block id num_blocks), which the
+    pool never hands out; the pad rows of a padded decode step write there."""
+    return (num_blocks + 1) * block_size
 
 
 def allocate_kv(model: LlamaForServing, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,6 +69,10 @@ class _Rows:
     failed: list[tuple[Request, str, BaseException]] = field(default_factory=list)
     depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
 
+    def is_pure_decode(self) -> bool:
+        """Every row has one new token and no depth weights are recorded: the step can be padded."""
+        return bool(self.reqs) and not self.depth_rows and all(n == 1 for n in self.num_new)
+
 
 class ModelRunner:
     def __init__(self, model: LlamaForServing, kv: KVCacheManager, depth: DepthCache | None,
@@ -69,10 +84,84 @@ class ModelRunner:
         self.depth = depth
         self.group = group  # tensor-parallel workers that run the same batch
         self.record_all = False  # record every sampled row's depth weights (depth metrics on)
-        self.kv_caches = allocate_kv(model, kv.num_blocks * kv.block_size)
+        self.kv_caches = allocate_kv(model, kv_slots(kv.num_blocks, kv.block_size))
+        self.scratch_block = kv.num_blocks  # the extra block: pad rows' K/V, never a request's
         self.inputs = InputBatch(max_num_seqs, kv.blocks_needed(max_model_len), max_step_tokens, kv.block_size,
                                  dev)
+        self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.sampler = Sampler(seed, dev)
+        # padded decode (engine/cuda_graphs.py): the batch sizes pure-decode steps pad to ([] = never pad), and
+        # the captured graphs (CUDA only) when they replay those steps
+        self.pad_sizes: list[int] = []
+        self.graphs: DecodeGraphs | None = None
+        self.cudagraph_status = "off (not requested)"
+        self.padded_steps = 0  # steps run padded (replayed or eager), and of those, graph replays
+        self.graph_replays = 0
+        self._all_rows = torch.arange(max(max_num_seqs, 1), device=dev)  # logits_indices of padded steps
+
+    # ---- padded decode and CUDA graphs ----------------------------------------------------------
+    @property
+    def captured_sizes(self) -> list[int]:
+        """Decode batch sizes with a captured CUDA graph ([] when graphs are off)."""
+        return self.graphs.sizes if self.graphs is not None else []
+
+    def use_padded_decode(self, sizes: Sequence[int]) -> None:
+        """Run pure-decode steps of up to max(sizes) rows padded to the next size in `sizes`, eagerly: the
+        batch a CUDA graph would replay, on any device (the CPU tests check its tokens equal the unpadded ones)."""
+        sizes = sorted(set(sizes))
+        if sizes and (sizes[0] < 1 or sizes[-1] > min(self.max_num_seqs, self.max_step_tokens)):
+            raise ValueError(f"padded sizes must lie in [1, min(max_num_seqs, max_step_tokens)], got {sizes}")
+        self.pad_sizes = sizes
+
+    def capture_cuda_graphs(self, sizes: Sequence[int]) -> None:
+        """Capture the forward + logits of a pure-decode step for each size (CUDA only; the kernel set's
+        decode attention must be graph-safe). On failure, logs why and leaves decode steps eager."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need device cuda")
+        sizes = sorted(set(sizes))
+        if not sizes:
+            self.cudagraph_status = "off (no batch size to capture)"
+            return
+        graphs = DecodeGraphs(self.device, sizes[-1], self.model.cfg.vocab_size)
+        self._fill_pad_rows(0, sizes[-1])  # every static row a pad row while capturing: only scratch is written
+        self.inputs.upload(sizes[-1])
+        self.inputs.upload_decode(sizes[-1])
+
+        def body(batch: ForwardBatch, out: torch.Tensor) -> None:
+            out.copy_(self.model.compute_logits(self.model(batch)))
+
+        try:
+            graphs.capture(sizes, self._static_batch, self._release_depth, body)
+        except Exception as e:  # noqa: BLE001 - serving eagerly beats not serving
+            logger.exception("CUDA graph capture failed; decode steps run eagerly")
+            self.cudagraph_status = f"off (capture failed: {type(e).__name__}: {e})"
+            return
+        self.graphs, self.pad_sizes = graphs, sizes
+        self.cudagraph_status = (f"on ({len(sizes)} decode batch sizes {_ranges(sizes)}, "
+                                 f"{graphs.memory_bytes / 2**20:.0f} MiB)")
+
+    def _release_depth(self) -> None:
+        if self.depth is not None:
+            self.depth.release()
+
+    def _fill_pad_rows(self, lo: int, hi: int) -> None:
+        """Host rows [lo, hi) of the padded static batch become pad rows: token 0 at position 0, K/V written to
+        the scratch block's first slot, a context of that one slot."""
+        inputs = self.inputs
+        inputs.input_ids[lo:hi] = 0
+        inputs.positions[lo:hi] = 0
+        inputs.slot_mapping[lo:hi] = self.scratch_block * self.kv.block_size
+        inputs.decode_table[lo:hi] = self.scratch_block
+        inputs.context_lens[lo:hi] = 1
+
+    def _static_batch(self, p: int) -> ForwardBatch:
+        """The batch over the first p rows of the static device buffers (the addresses a graph of size p reads),
+        with its depth rows lent from the pool (release after the step)."""
+        ids, pos, slots, table, lens = self.inputs.device_views(p)
+        meta = AttentionMetadata(slot_mapping=slots, num_decode=p, block_size=self.kv.block_size,
+                                 decode_block_table=table, decode_context_lens=lens)
+        return ForwardBatch(input_ids=ids, positions=pos, attn=meta, logits_indices=self._all_rows[:p],
+                            kv_caches=self.kv_caches, depth=self.depth.reserve(p) if self.depth is not None else None)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -85,13 +174,23 @@ class ModelRunner:
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
-        batch = self._batch(rows)
+        pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
+        batch = self._batch(rows) if pad is None else self._padded_batch(rows, pad)
+        weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
         try:
             if self.group is not None:
                 self.group.broadcast(batch)
-            weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
-            hidden = self.model(batch, weights)
-            logits = self.model.compute_logits(hidden)  # [S, vocab] fp32, one row per sampled request
+            if pad is not None:
+                self.padded_steps += 1
+            if pad is not None and self.graphs is not None and pad in self.graphs.graphs:
+                logits = self.graphs.replay(pad)  # [pad, vocab]: one row per batch row
+                self.graph_replays += 1
+            else:
+                logits = self.model.compute_logits(self.model(batch, weights))  # [S, vocab] fp32
+            if pad is not None:  # keep the sampled real rows: pad rows (and unsampled chunk rows) drop out
+                sampled = [b for b, s in enumerate(rows.sample) if s]
+                logits = (logits[:len(sampled)] if sampled == list(range(len(sampled)))
+                          else logits[torch.tensor(sampled, dtype=torch.long).to(self.device, non_blocking=True)])
         finally:
             if self.depth is not None and batch.depth is not None:
                 self.depth.release()
@@ -168,12 +267,45 @@ class ModelRunner:
             depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long).to(dev, non_blocking=True)
             if rows.depth_rows else None)
 
+    def _padded_batch(self, rows: _Rows, p: int) -> ForwardBatch:
+        """A pure-decode step of B <= p rows in the static buffers, rows [B, p) pad rows (see _fill_pad_rows).
+
+        Real rows are exactly what _batch builds for them; a graph-safe decode attention reads the block table
+        and lengths in place, the reference one also gets its gather and mask (built here, data-dependent:
+        only the eager padded path uses them)."""
+        inputs, bs = self.inputs, self.kv.block_size
+        b = len(rows.reqs)
+        inputs.wait_for_upload()  # the host buffers are free to rewrite
+        table_rows = torch.tensor([inputs.row_of[r.request_id] for r in rows.reqs], dtype=torch.long)  # [B]
+        positions = torch.tensor([r.num_computed_tokens for r in rows.reqs], dtype=torch.long)  # [B]
+        inputs.positions[:b] = positions
+        torch.index_select(inputs.block_table, 0, table_rows, out=inputs.decode_table[:b])
+        torch.add(inputs.decode_table[:b].gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs, positions % bs,
+                  out=inputs.slot_mapping[:b])
+        inputs.input_ids[:b] = torch.tensor(rows.ids, dtype=torch.long)
+        inputs.context_lens[:b] = positions + 1
+        self._fill_pad_rows(b, p)
+        inputs.upload(p)
+        inputs.upload_decode(p)
+        batch = self._static_batch(p)
+        if not self.model.k.graph_safe_decode:  # the reference decode attention: gather + mask, over the pad too
+            lens = inputs.context_lens[:p].to(torch.long)
+            gather = self._slots_of(inputs.decode_table[:p], int(lens.max()))  # [p, C]
+            dev = self.device
+            batch.attn.decode_gather = gather.to(dev, non_blocking=True)
+            batch.attn.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
+                                      < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+        return batch
+
     def _slots(self, table_rows: torch.Tensor, length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of each given block-table row: [B, length]."""
+        return self._slots_of(self.inputs.block_table[table_rows], length)
+
+    def _slots_of(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """KV slots of positions [0, length) of each row of a [B, >= ceil(length / bs)] block table: [B, length]."""
         bs = self.kv.block_size
-        nb = -(-length // bs)
-        blocks = self.inputs.block_table[table_rows, :nb]  # [B, nb]
-        return (blocks.unsqueeze(-1) * bs + torch.arange(bs)).reshape(len(table_rows), -1)[:, :length]
+        blocks = blocks[:, :-(-length // bs)]  # [B, nb]
+        return (blocks.unsqueeze(-1) * bs + torch.arange(bs)).reshape(len(blocks), -1)[:, :length]
 
     def _plan_depth_records(self, req: Request, start: int, n: int, row0: int,
                             samples: bool) -> list[tuple[Request, int, int]]:
@@ -226,3 +358,11 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001
                 results.append(e)
         return results
+
+
+def _ranges(sizes: Sequence[int]) -> str:
+    """[1, 2, 4, 8, 16, 24] -> '1, 2, 4, 8..24'."""
+    head = [s for s in sizes if s < 8]
+    tail = [s for s in sizes if s >= 8]
+    parts = [str(s) for s in head] + ([f"{tail[0]}..{tail[-1]}" if len(tail) > 1 else str(tail[0])] if tail else [])
+    return ", ".join(parts)

@@ -4,11 +4,18 @@ Each step rank 0 broadcasts the packed batch (token ids, positions, slot mapping
 metadata); every rank runs the same forward on its weight and KV shards, with all-reduce after the
 row-parallel linears and an all-gather of the vocab-parallel logits. Only rank 0 samples.
 
+On the CPU every group is gloo. On CUDA rank r runs on cuda:r and the compute group is NCCL; the batch's
+structure (shapes, dtypes, Python fields) still goes over a gloo control group, and its tensors follow
+over the compute group straight from device to device (no pickling of device tensors, no host copies).
+
 The AttnRes depth pool is replicated: the depth states are sums of sublayer outputs, which are
 already all-reduced, so every rank holds the full [T, N+1, d] pool and needs no extra communication.
 
 A watchdog notices a worker that exits; gloo raises on a dead peer and times out on a hung one, so
 the engine fails fast with WorkerDiedError instead of hanging.
+
+On CUDA with --gpu-memory-utilization every rank profiles the same peak step together (its collectives pair
+up) and the KV cache gets the fewest blocks any rank has room for.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.model_runner import allocate_kv
+from engine.memory import kv_blocks_for, profile_step
+from engine.model_runner import allocate_kv, kv_bytes_per_block, kv_slots
 from kernels.ops import select_backend
 from kvcache.depth_cache import DepthCache
 from models.attn_res import depth_pool_spec
@@ -80,16 +89,26 @@ def _loopback_interface() -> str | None:
 class WorkerSpec:
     model_dir: Path
     dtype: torch.dtype
-    num_kv_blocks: int
+    num_kv_blocks: int | None  # None: profile, with --gpu-memory-utilization, together with rank 0 (CUDA)
     block_size: int
     depth_tokens: int
     num_threads: int | None
     max_model_len: int | None = None  # sizes the rotary table
     kernels: str = "reference"  # the op backend rank 0 resolved (kernels.ops)
+    device: str = "cpu"  # cpu (gloo) or cuda (NCCL, rank r on cuda:r)
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 1  # rows of logits the profile step computes
 
 
-def _init(rank: int, world: int, port: int, listener: socket.socket | None = None) -> dist.ProcessGroup:
-    """Join the default group (compute collectives) and return a control group for batch broadcasts.
+def rank_device(device: str, rank: int) -> torch.device:
+    """Where rank `rank` runs: cuda:rank on CUDA (one GPU per rank), else the CPU."""
+    return torch.device("cuda", rank) if torch.device(device).type == "cuda" else torch.device("cpu")
+
+
+def _init(rank: int, world: int, port: int, listener: socket.socket | None = None,
+          device: str = "cpu") -> dist.ProcessGroup:
+    """Join the default group (compute collectives: NCCL on CUDA, gloo on CPU) and return a gloo control
+    group for batch broadcasts.
 
     The control group has no practical timeout, so an idle server keeps its workers; a dead peer
     still fails it at once (its sockets close). Every rank listens on loopback only: rank 0's store on
@@ -98,31 +117,115 @@ def _init(rank: int, world: int, port: int, listener: socket.socket | None = Non
     """
     if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()) is not None:
         os.environ["GLOO_SOCKET_IFNAME"] = lo  # read when the gloo groups are created, in this process
+    dev = rank_device(device, rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before NCCL: each rank's communicator binds to its own GPU
     store = dist.TCPStore(LOOPBACK, port, world, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
                           wait_for_workers=False,  # the store owns a copy of the fd: the caller closes its own
                           master_listen_fd=os.dup(listener.fileno()) if listener is not None else None)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    # NCCL binds its communicator lazily, to the current device set above (vLLM's pattern: an NCCL device
+    # group for the tensors, a gloo group for Python objects)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+# ---- the batch broadcast: structure over the control group, tensors over the compute group ----------------
+@dataclasses.dataclass(frozen=True)
+class _TensorRef:
+    """A tensor of the broadcast batch, by its place in the list that follows."""
+
+    index: int
+
+
+def pack_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """`obj` with every tensor (in dataclasses, lists, tuples) replaced by a _TensorRef; tensors appended."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _TensorRef(len(tensors) - 1)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: pack_tensors(getattr(obj, f.name), tensors)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, list | tuple):
+        return type(obj)(pack_tensors(x, tensors) for x in obj)
+    return obj
+
+
+def unpack_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """The inverse of pack_tensors, given the received tensors."""
+    if isinstance(obj, _TensorRef):
+        return tensors[obj.index]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: unpack_tensors(getattr(obj, f.name), tensors)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, list | tuple):
+        return type(obj)(unpack_tensors(x, tensors) for x in obj)
+    return obj
+
+
+def send_batch(batch: ForwardBatch | None, control: dist.ProcessGroup | None) -> None:
+    """Rank 0: the batch's structure and tensor shapes over `control`, then each tensor over the default group."""
+    if batch is None:
+        dist.broadcast_object_list([None], src=0, group=control)
+        return
+    tensors: list[torch.Tensor] = []
+    payload = pack_tensors(dataclasses.replace(batch, kv_caches=[], depth=None), tensors)
+    tensors = [t.contiguous() for t in tensors]
+    specs = [(t.dtype, tuple(t.shape)) for t in tensors]
+    dist.broadcast_object_list([(payload, specs)], src=0, group=control)
+    for t in tensors:
+        if t.numel():
+            dist.broadcast(t, src=0)
+
+
+def recv_batch(control: dist.ProcessGroup, device: torch.device) -> ForwardBatch | None:
+    """Ranks > 0: the next batch (its tensors on `device`), or None when rank 0 stops the group."""
+    box: list = [None]
+    dist.broadcast_object_list(box, src=0, group=control)
+    if box[0] is None:
+        return None
+    payload, specs = box[0]
+    tensors = [torch.empty(shape, dtype=dtype, device=device) for dtype, shape in specs]
+    for t in tensors:
+        if t.numel():
+            dist.broadcast(t, src=0)
+    return unpack_tensors(payload, tensors)
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` any rank holds (an all-reduce on the compute group; every rank calls it)."""
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _barrier(device: torch.device) -> None:
+    dist.barrier(**({"device_ids": [device.index]} if device.type == "cuda" else {}))
 
 
 def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     """One TP rank > 0: load its shard, then run every broadcast batch until told to stop."""
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    control = _init(rank, world, port)
+    dev = rank_device(spec.device, rank)
+    control = _init(rank, world, port, device=spec.device)
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
-    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len)
+    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len, device=dev)
     model.prepare_for_inference(select_backend(spec.kernels, (spec.dtype,)))
-    kv = allocate_kv(model, spec.num_kv_blocks * spec.block_size)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
-    depth = DepthCache(pool_spec, spec.depth_tokens) if pool_spec is not None else None
-    dist.barrier()
+    depth = DepthCache(pool_spec, spec.depth_tokens, device=dev) if pool_spec is not None else None
+    num_blocks = spec.num_kv_blocks
+    if num_blocks is None:  # rank 0 profiles the same step now (LLMEngine._profile_kv_blocks)
+        prof = profile_step(model, depth, spec.depth_tokens, spec.max_num_seqs, spec.block_size)
+        per_block = kv_bytes_per_block(cfg, spec.dtype, spec.block_size, world)
+        num_blocks = min_over_ranks(kv_blocks_for(prof, spec.gpu_memory_utilization, per_block), dev)
+    _barrier(dev)
+    # too few blocks: rank 0 reports it and stops the group; one block keeps this rank valid until then
+    kv = allocate_kv(model, kv_slots(max(num_blocks, 1), spec.block_size))
     try:
         while True:
-            box: list = [None]
-            dist.broadcast_object_list(box, src=0, group=control)
-            batch: ForwardBatch | None = box[0]
+            batch = recv_batch(control, dev)
             if batch is None:
                 break
             t = int(batch.input_ids.shape[0])
@@ -151,20 +254,23 @@ class TPGroup:
                                   name=f"depthserve-tp{r}") for r in range(1, world)]
         for p in self.procs:
             p.start()
-        self._rendezvous(world, port)
+        self.device = rank_device(spec.device, 0)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # rank 0 is cuda:0 (the rendezvous thread sets its own, too)
+        self._rendezvous(world, port, spec.device)
         self._listener.close()  # the store listens on its own copy
         self.comm = DistCommunicator(0, world)
         self._watchdog = threading.Thread(target=self._watch, name="depthserve-tp-watchdog", daemon=True)
         self._watchdog.start()
 
-    def _rendezvous(self, world: int, port: int) -> None:
+    def _rendezvous(self, world: int, port: int, device: str) -> None:
         """Join the process group, failing at once (not after the timeout) if a worker dies first."""
         errors: list[BaseException] = []
         self.control: dist.ProcessGroup | None = None
 
         def join() -> None:
             try:
-                self.control = _init(0, world, port, self._listener)
+                self.control = _init(0, world, port, self._listener, device)
             except BaseException as e:  # reported below
                 errors.append(e)
 
@@ -182,8 +288,12 @@ class TPGroup:
             raise WorkerDiedError(f"tensor-parallel workers failed to start: {errors[0]}") from errors[0]
 
     def ready(self) -> None:
-        """Wait until every worker has loaded its shard."""
-        dist.barrier()
+        """Wait until every worker has loaded its shard (and profiled, when the KV cache is sized by profiling)."""
+        _barrier(self.device)
+
+    def min_over_ranks(self, value: int) -> int:
+        """With the workers' own values (they call min_over_ranks in _worker_main): the smallest."""
+        return min_over_ranks(value, self.device)
 
     def _watch(self) -> None:
         while not self._stopping:
@@ -200,8 +310,7 @@ class TPGroup:
 
     def broadcast(self, batch: ForwardBatch) -> None:
         self.check()
-        payload = dataclasses.replace(batch, kv_caches=[], depth=None)
-        dist.broadcast_object_list([payload], src=0, group=self.control)
+        send_batch(batch, self.control)
 
     def shutdown(self) -> None:
         """Stop workers (politely if they are healthy), then make sure none is left behind."""
@@ -211,7 +320,7 @@ class TPGroup:
         if dist.is_initialized():
             if self.dead is None:
                 try:
-                    dist.broadcast_object_list([None], src=0, group=self.control)
+                    send_batch(None, self.control)
                 except Exception:  # a peer is gone: fall through to terminate
                     logger.warning("could not tell TP workers to stop; terminating them")
             with contextlib.suppress(Exception):

@@ -183,10 +183,15 @@ class KernelSet:
     attnres_site: Callable[..., torch.Tensor] = reference.attnres_site
     attnres_phase1: Callable[..., None] = reference.attnres_phase1
     decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
+    # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
+    # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
+    # data-dependent context and is not). The engine captures decode graphs only for such a set.
+    graph_safe_decode: bool = False
 
     def native_ops(self) -> list[str]:
         """Names of the ops this set runs with something other than the reference (for logs and tests)."""
-        return [f.name for f in fields(self) if getattr(self, f.name) is not getattr(reference, f.name)]
+        return [f.name for f in fields(self)
+                if callable(getattr(self, f.name)) and getattr(self, f.name) is not getattr(reference, f.name)]
 
 
 REFERENCE_OPS = KernelSet()
@@ -198,7 +203,8 @@ def kernel_set(backend: Backend) -> KernelSet:
     if backend.name == "triton":
         tk = _import_triton_ops()
         return KernelSet(rms_norm=tk.rms_norm, add_rms_norm=tk.add_rms_norm, attnres_site=tk.attnres_site,
-                         attnres_phase1=tk.attnres_phase1, decode_attention=tk.decode_attention)
+                         attnres_phase1=tk.attnres_phase1, decode_attention=tk.decode_attention,
+                         graph_safe_decode=True)  # fixed launch shapes from the table's width, no host sync
     if not backend.native:
         return REFERENCE_OPS
     # ---- issue 13: decode attention in place over the paged cache (kernels/cpu_attention.py) ----------------

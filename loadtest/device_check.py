@@ -1,6 +1,6 @@
-"""Device check: the engine on one GPU (eager CUDA), against the reference, then a few benchmarks.
+"""Device check: the engine on one GPU (eager and with CUDA graphs), against the reference, then benchmarks.
 
-    PYTHONPATH=. python -m loadtest.device_check --out OUT            # on a CUDA machine, < 6 minutes
+    PYTHONPATH=. python -m loadtest.device_check --out OUT            # on a CUDA machine, < 8 minutes
     PYTHONPATH=. python -m loadtest.device_check --out OUT --device cpu --quick   # the same script, tiny
 
 Writes OUT/device_check.json (every check and figure) and OUT/RESULTS-gpu.md (a summary). Needs torch,
@@ -10,19 +10,28 @@ are optional.
 a. correctness: greedy tokens of the engine (fp32) equal models/reference.py's full-recompute greedy on
    the same device, for std / Block (3 of 5 layers) / Full AttnRes, batched, with chunked prefill +
    prefix hits, with preemption, with one-token chunks; bf16 runs and the sampling paths give valid tokens.
-   (On CUDA the engine's `auto` kernels are the triton ones: each check names the backend that ran.)
+   Each model in three modes: `eager` (--enforce-eager, the default kernels), `graphs(triton)` (kernels
+   "triton": decode steps replayed as CUDA graphs) and `graphs(static-table)` (CUDA graphs around a plain
+   PyTorch capture-safe decode attention, tests.tiny.STATIC_TABLE_OPS: the graph machinery alone). Graph
+   modes must have captured graphs and replayed decode steps: the JSON records the captured sizes, the
+   replays and the start-up `cudagraph` status. On the CPU the graph modes become `padded(static-table)`: the
+   same padded static batch, run eagerly. (On CUDA the engine's `auto` kernels are the triton ones: each check
+   names the backend that ran.)
 a2. the triton kernels: tests/kernels/test_triton_ops.py (every op vs the reference, the engine on the triton
    backend) compiled on the GPU (TRITON_INTERPRET unset); with --device cpu, in triton's interpreter (--quick:
    a few of them). Needs pytest and triton; skipped with a NOTE when either is missing.
 b. benchmarks (bf16, random weights): AttnRes (Block, N=8) vs standard residual at the SmolLM2-135M and
    Llama-3.2-1B shapes, interleaved, decode step latency at batch 1/32/128 and a 2,048-token prefill
    (loadtest.bench_latency.compare); batch-1 decode of the 1B shape as a fraction of the HBM roofline.
+   GPU idle share of a batch-8 decode step (SmolLM2 shape, AttnRes), eager and with graphs: torch.profiler's
+   summed GPU kernel time over the step's wall time (timed without the profiler).
 c. optional: offline throughput vs transformers generate() when transformers is importable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +66,13 @@ SHAPES = {  # SmolLM2-135M and Llama-3.2-1B (tied embeddings, head_dim 64)
 }
 QUICK_SHAPES = {"tiny": dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=512)}
 QUICK_SETTINGS = ("batched", "preemption")  # --quick: two of the engine settings
+# engine-vs-reference modes: eager everywhere; graphs on CUDA (padded eager steps on the CPU)
+MODES = ("eager", "graphs(triton)", "graphs(static-table)")
+GRAPH_SETTINGS = ("batched", "preemption", "one_token_chunks_no_prefix_cache")  # graph modes: these settings
+GRAPH_MAX_BATCH = 16  # graph modes capture sizes 1, 2, 4, 8, 16 (the prompts decode 4 at a time)
+# The correctness engines get a byte budget: sized by --gpu-memory-utilization, each would take most of the GPU
+# while the previous one is still being freed. check_gpu_memory_utilization covers that sizing on its own.
+KV_BUDGET = "64MiB"
 
 
 class Report:
@@ -91,29 +107,82 @@ def check_imports() -> dict:
     return {"not_imported": list(SERVER_ONLY)}
 
 
-def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, quick: bool = False) -> dict:
+@contextlib.contextmanager
+def kernel_override(mode: str) -> Iterator[None]:
+    """`graphs(static-table)`: every engine built inside gets tests.tiny.STATIC_TABLE_OPS as its kernel set."""
+    if mode != "graphs(static-table)":
+        yield
+        return
+    import kernels.ops as ops
+    from tests.tiny import STATIC_TABLE_OPS
+
+    original = ops.kernel_set
+    ops.kernel_set = lambda backend: STATIC_TABLE_OPS
+    try:
+        yield
+    finally:
+        ops.kernel_set = original
+
+
+def mode_options(mode: str, device: str) -> dict[str, Any]:
+    """LLM keywords of an engine-vs-reference mode."""
+    if mode == "eager":
+        return {"enforce_eager": True}
+    opts: dict[str, Any] = {"max_cuda_graph_batch_size": GRAPH_MAX_BATCH}
+    if mode == "graphs(triton)":
+        from kernels.ops import BACKENDS
+
+        if "triton" not in BACKENDS:
+            raise RuntimeError(f"this build has no triton kernel backend (kernels: {', '.join(BACKENDS)})")
+        opts["kernels"] = "triton"
+    return opts
+
+
+def mode_label(mode: str, device: str) -> str:
+    return mode.replace("graphs", "padded") if device == "cpu" else mode
+
+
+def check_engine_vs_reference(folder: Path, ref: torch.nn.Module, device: str, quick: bool = False,
+                              mode: str = "eager") -> dict:
     from engine import LLM, SamplingParams
+    from engine.cuda_graphs import capture_sizes
     from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy
 
     ref = ref.to(device)
     expected = [reference_greedy(ref, p, MAX_TOKENS, device=device) for p in PROMPTS]
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    done = {}
+    graphs = mode != "eager"
+    done: dict[str, Any] = {}
     for name, (kw, stat) in SETTINGS.items():
-        if quick and name not in QUICK_SETTINGS:
+        if (quick and name not in QUICK_SETTINGS) or (graphs and name not in GRAPH_SETTINGS) or (
+                quick and graphs and name != "preemption"):  # --quick: graph modes on the preemption run only
             continue
-        with LLM(str(folder), max_model_len=64, device=device, dtype="float32", **kw) as llm:
+        with kernel_override(mode), LLM(str(folder), max_model_len=64, device=device, dtype="float32",
+                                        kv_cache_memory=KV_BUDGET, **mode_options(mode, device), **kw) as llm:
             eng = llm.engine
-            assert eng.runner.kv_caches[0][0].device.type == torch.device(device).type, "KV cache not on device"
+            runner = eng.runner
+            assert runner.kv_caches[0][0].device.type == torch.device(device).type, "KV cache not on device"
             assert next(eng.model.parameters()).device.type == torch.device(device).type, "model not on device"
+            if graphs and device == "cuda":
+                assert runner.captured_sizes, f"{name}: no CUDA graph captured (cudagraph: {runner.cudagraph_status})"
+            elif graphs:  # the CPU: the padded batch a graph would replay, eagerly
+                runner.use_padded_decode(capture_sizes(runner.max_num_seqs, runner.max_step_tokens, GRAPH_MAX_BATCH))
+            elif device == "cuda":
+                assert not runner.captured_sizes and "enforce-eager" in runner.cudagraph_status
             outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)
             got = [o.outputs[0].token_ids for o in outs]
             assert got == expected, f"{name}: engine {got} != reference {expected}"
             if stat is not None:
                 assert getattr(eng.scheduler.stats, stat) > 0, f"{name}: no {stat}"
             assert eng.kv_blocks_held_by_requests() == 0 and not eng.has_unfinished_requests()
-        done[name] = "equal"
-        done["kernels"] = eng.kernels.describe()
+            if graphs:
+                assert runner.padded_steps > 0, f"{name}: no decode step was padded"
+                if device == "cuda":
+                    assert runner.graph_replays > 0, f"{name}: no decode step replayed a graph"
+            done[name] = {"equal": True, "cudagraph": runner.cudagraph_status,
+                          "captured_sizes": runner.captured_sizes, "padded_steps": runner.padded_steps,
+                          "graph_replays": runner.graph_replays, "kernels": eng.kernels.describe(),
+                          "graph_safe_decode": eng.model.k.graph_safe_decode}
     return done
 
 
@@ -122,7 +191,7 @@ def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: boo
     from tests.tiny import MAX_TOKENS, PROMPTS
 
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    with LLM(str(folder), max_model_len=64, device=device, dtype="bfloat16") as llm:
+    with LLM(str(folder), max_model_len=64, device=device, dtype="bfloat16", kv_cache_memory=KV_BUDGET) as llm:
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
         mixed = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, max_tokens=8, ignore_eos=True,
                                 seed=7, logprobs=3, repetition_penalty=1.2, presence_penalty=0.5,
@@ -141,6 +210,46 @@ def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: boo
     return {"bf16_greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
+def check_gpu_memory_utilization(folder: Path, ref: torch.nn.Module) -> dict:
+    """CUDA: the KV cache sized by --gpu-memory-utilization after the profile step serves correctly and lands
+    near its target; a utilization that leaves no room is the one-line error."""
+    import gc
+
+    from engine import LLM, SamplingParams
+    from engine.model_runner import kv_bytes_per_block
+    from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy
+
+    expected = [reference_greedy(ref.to("cuda"), p, MAX_TOKENS, device="cuda") for p in PROMPTS]
+    gc.collect()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    u = 0.5
+    with LLM(str(folder), max_model_len=64, device="cuda", dtype="float32", gpu_memory_utilization=u,
+             enforce_eager=True) as llm:
+        eng = llm.engine
+        per_block = kv_bytes_per_block(eng.model_config, eng.config.dtype, eng.config.cache.block_size)
+        kv_bytes = eng.kv.num_blocks * per_block
+        used = total - torch.cuda.mem_get_info()[0]
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o.outputs[0].token_ids for o in outs] == expected, "greedy tokens differ from the reference"
+        detail = {"utilization": u, "total_gib": total / 2**30, "kv_blocks": eng.kv.num_blocks,
+                  "kv_gib": kv_bytes / 2**30, "in_use_after_start_gib": used / 2**30}
+    assert 0.3 * total < kv_bytes < u * total, f"KV cache {kv_bytes / 2**30:.2f} GiB is far from {u} of the GPU"
+    del llm, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        LLM(str(folder), max_model_len=64, device="cuda", dtype="float32", gpu_memory_utilization=0.001,
+            max_num_batched_tokens=8192)
+    except ValueError as e:
+        assert "increase --gpu-memory-utilization or reduce --max-num-batched-tokens" in str(e), str(e)
+        detail["no_room_error"] = str(e)
+    else:
+        raise AssertionError("gpu_memory_utilization=0.001 did not fail")
+    return detail
+
+
 def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> None:
     from models.checkpoint import save_checkpoint
     from tests.tiny import random_model, tiny_config
@@ -151,10 +260,16 @@ def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> 
         ref = random_model(cfg)
         folder = save_checkpoint(ref.state_dict(), cfg, tmp / label, dtype=torch.float32)
         (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-        report.run(f"engine_vs_reference[{label}] fp32 {device}",
-                   lambda f=folder, r=ref: check_engine_vs_reference(f, r, device, quick))
+        for run_mode in MODES:
+            if device == "cpu" and run_mode == "graphs(triton)":
+                continue  # no Triton on the CPU; the padded path runs with the static-table ops
+            report.run(f"engine_vs_reference[{label}] fp32 {device} {mode_label(run_mode, device)}",
+                       lambda f=folder, r=ref, m=run_mode: check_engine_vs_reference(f, r, device, quick, m))
         report.run(f"bf16_and_sampling[{label}] {device}",
                    lambda f=folder, c=cfg: check_bf16_and_sampling(f, c.vocab_size, device, c.is_attn_res))
+        if device == "cuda" and mode == "block":
+            report.run(f"gpu_memory_utilization[{label}] cuda",
+                       lambda f=folder, r=ref: check_gpu_memory_utilization(f, r))
 
 
 # ---- a2. the triton kernels -------------------------------------------------------------------------------
@@ -229,6 +344,78 @@ def benchmarks(report: Report, device: str, quick: bool) -> dict:
     return results
 
 
+def gpu_busy_us(prof: Any) -> float:
+    """Microseconds during which the GPU ran anything (kernels, copies, memsets) in a torch.profiler run: the
+    union of the device events' intervals (overlapping streams count once)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def decode_step_gpu_share(device: str, quick: bool, tmp: Path) -> dict:
+    """Batch-8 decode steps of an AttnRes model (Block, N=8, bf16, random weights), eager and with CUDA graphs
+    (the same kernel set): each step's wall time (timed without the profiler, synchronised) and the GPU's
+    busy time in it (torch.profiler over as many steps), so the idle share = 1 - busy / wall."""
+    from engine import LLMEngine, SamplingParams
+    from engine.arg_utils import EngineArgs
+    from kernels.ops import BACKENDS
+    from loadtest.bench_latency import model_pair, model_shape, write_random
+
+    name, s = ("tiny", QUICK_SHAPES["tiny"]) if quick else ("smollm2-135m", SHAPES["smollm2-135m"])
+    cfg = model_pair(model_shape(s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"], s["vocab"], 512),
+                     8)[0]["attnres"]
+    folder = write_random(tmp / "gpu_share", cfg, device)
+    graph_mode = "graphs(triton)" if "triton" in BACKENDS else "graphs(static-table)"
+    steps, batch = (5, 8) if quick else (40, 8)
+    out: dict[str, Any] = {"shape": name, "batch": batch, "steps": steps, "graph_mode": graph_mode}
+    for label, eager in (("eager", True), ("graphs", False)):
+        with kernel_override(graph_mode):
+            eng = LLMEngine(EngineArgs(
+                model=str(folder), dtype="bfloat16", device=device, max_model_len=512, max_num_seqs=batch,
+                max_num_batched_tokens=1024, kv_cache_memory="1GiB", enforce_eager=eager,
+                kernels="triton" if graph_mode == "graphs(triton)" else "auto").create_engine_config())
+        try:
+            if not eager:
+                assert eng.runner.captured_sizes, f"no graph captured: {eng.runner.cudagraph_status}"
+            for i in range(batch):
+                ids = torch.randint(3, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(i)).tolist()
+                eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=3 * steps + 8, ignore_eos=True))
+            for _ in range(4):  # the prefill, then warm decode steps
+                eng.step()
+            torch.cuda.synchronize()
+            walls = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t)
+            replays = eng.runner.graph_replays
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eng.step()
+                torch.cuda.synchronize()
+            busy_ms = gpu_busy_us(prof) / 1e3 / steps
+            wall_ms = sorted(walls)[len(walls) // 2] * 1e3
+            if not eager:
+                assert eng.runner.graph_replays - replays == steps, "not every profiled step replayed a graph"
+            out[label] = {"step_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_idle_share": max(0.0, 1 - busy_ms / wall_ms),
+                          "cudagraph": eng.runner.cudagraph_status, "kernels": eng.kernels.name,
+                          "graph_replays": eng.runner.graph_replays}
+        finally:
+            eng.shutdown()
+            del eng
+    assert out["graphs"]["gpu_busy_ms"] > 0, "the profiler saw no GPU activity in graph replays"
+    return out
+
+
 def hf_throughput(report: Report, device: str, quick: bool, tmp: Path) -> dict | None:
     try:
         import transformers  # noqa: F401
@@ -282,6 +469,13 @@ def markdown(out: dict) -> str:
             lines += ["", f"Batch-1 decode vs HBM roofline ({res['weight_bytes_standard'] / 1e6:.0f} MB weights, "
                           f"{res['roofline_b1_ms']:.3f} ms): standard {f['standard'] * 100:.1f}%, "
                           f"AttnRes {f['attnres'] * 100:.1f}%"]
+    share = out.get("gpu_share")
+    if share:
+        lines += ["", f"## Decode step, batch {share['batch']} ({share['shape']} AttnRes, bf16): GPU busy vs wall", "",
+                  "| mode | step ms | GPU busy ms | GPU idle | cudagraph |", "|---|---|---|---|---|"]
+        lines += [f"| {m} ({share[m]['kernels']}) | {share[m]['step_ms']:.3f} | {share[m]['gpu_busy_ms']:.3f} | "
+                  f"{share[m]['gpu_idle_share'] * 100:.0f}% | {share[m]['cudagraph']} |"
+                  for m in ("eager", "graphs") if m in share]
     hf = out.get("hf_throughput")
     lines += ["", "## Throughput vs transformers generate()", ""]
     lines += [f"depthserve {hf['depthserve_tok_s']:.0f} tok/s, transformers {hf['hf_tok_s']:.0f} tok/s "
@@ -320,13 +514,17 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "RESULTS-gpu.md").write_text(md)
         return md
 
-    out["bench"] = out["hf_throughput"] = None
+    out["bench"] = out["hf_throughput"] = out["gpu_share"] = None
     with tempfile.TemporaryDirectory() as tmp:
         correctness(report, a.device, Path(tmp), a.quick)
         write()
         triton_kernels(report, a.device, a.quick, out_dir)
         write()
         if not a.skip_bench:
+            if a.device == "cuda":
+                out["gpu_share"] = report.run("decode_step_gpu_share batch 8, eager vs graphs",
+                                              lambda: decode_step_gpu_share(a.device, a.quick, Path(tmp)))
+                write()
             out["bench"] = benchmarks(report, a.device, a.quick)
             write()
             out["hf_throughput"] = hf_throughput(report, a.device, a.quick, Path(tmp))

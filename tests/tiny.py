@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from kernels.ops import KernelSet
 from models.checkpoint import save_checkpoint
 from models.config import ModelConfig
+from models.context import AttentionMetadata
 from models.reference import ReferenceLlama
 
 CORPUS = (
@@ -90,3 +93,25 @@ def reference_greedy(model: ReferenceLlama, prompt: list[int], max_tokens: int, 
         if tok in stop_ids:
             break
     return out
+
+
+# ---- a capture-safe decode attention in plain PyTorch, to test the CUDA-graph machinery without Triton ----------
+def static_table_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode attention over the whole block table (every column, whatever the lengths) with the mask built
+    on the device from the context lengths: fixed shapes, no host sync, so a CUDA graph can hold it. It reads
+    max_blocks * block_size slots per row, so it is a test double, not a kernel. q [B, H, hd] -> [B, H, hd]."""
+    table, lens = meta.decode_block_table, meta.decode_context_lens
+    b, nb = table.shape
+    bs = meta.block_size
+    c = nb * bs
+    slots = (table.unsqueeze(-1) * bs + torch.arange(bs, device=table.device)).reshape(-1)  # [B * C]
+    kk = k_cache.index_select(0, slots).view(b, c, *k_cache.shape[1:]).transpose(1, 2)  # [B, KV, C, hd]
+    vv = v_cache.index_select(0, slots).view(b, c, *v_cache.shape[1:]).transpose(1, 2)
+    mask = (torch.arange(c, device=lens.device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k_cache.shape[1])
+    return o.squeeze(2)
+
+
+STATIC_TABLE_OPS = KernelSet(decode_attention=static_table_decode_attention, graph_safe_decode=True)

@@ -32,14 +32,20 @@ def test_auto_resolves(no_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
     assert EngineArgs().create_engine_config().device == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert EngineArgs().create_engine_config().device == "cuda"
-    assert EngineArgs(tensor_parallel_size=2).create_engine_config().device == "cpu"  # TP runs over gloo
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert EngineArgs(tensor_parallel_size=2).create_engine_config().device == "cpu"  # one GPU: gloo on the CPU
     assert EngineArgs(device="cpu").create_engine_config().device == "cpu"
 
 
-def test_cuda_with_tensor_parallelism_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_tensor_parallelism_needs_a_gpu_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ValueError, match="NCCL tensor parallelism is not implemented yet"):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 GPUs \(one per rank\), but 1 is visible"):
         EngineArgs(device="cuda", tensor_parallel_size=2).create_engine_config()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # NCCL, one GPU per rank
+    assert EngineArgs(device="cuda", tensor_parallel_size=2).create_engine_config().device == "cuda"
+    assert EngineArgs(tensor_parallel_size=2).create_engine_config().device == "cuda"
+    assert EngineArgs(tensor_parallel_size=3).create_engine_config().device == "cpu"  # auto: too few GPUs
 
 
 def test_device_cpu_runs_and_matches_the_reference(tmp_path) -> None:
