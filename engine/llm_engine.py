@@ -58,7 +58,7 @@ class LLMEngine:
         self.tp_group: TPGroup | None = None
         if tp > 1:
             spec = WorkerSpec(self.model_dir, config.dtype, self.kv.num_blocks, self.kv.block_size,
-                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels.name)
+                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels)
             self.tp_group = TPGroup(tp, spec)
         try:
             # The rotary table covers the positions served, not max_position_embeddings (which a

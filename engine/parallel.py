@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.model_runner import allocate_kv
-from kernels.ops import select_backend
+from kernels.ops import REFERENCE, Backend
 from kvcache.depth_cache import DepthCache
 from models.attn_res import depth_pool_spec
 from models.context import ForwardBatch
@@ -85,7 +85,7 @@ class WorkerSpec:
     depth_tokens: int
     num_threads: int | None
     max_model_len: int | None = None  # sizes the rotary table
-    kernels: str = "reference"  # the op backend rank 0 resolved (kernels.ops)
+    kernels: Backend = REFERENCE  # the op backend rank 0 resolved (kernels.ops): every rank runs the same ops
 
 
 def _init(rank: int, world: int, port: int, listener: socket.socket | None = None) -> dist.ProcessGroup:
@@ -113,7 +113,7 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
     model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len)
-    model.prepare_for_inference(select_backend(spec.kernels, (spec.dtype,)))
+    model.prepare_for_inference(spec.kernels)
     kv = allocate_kv(model, spec.num_kv_blocks * spec.block_size)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
     depth = DepthCache(pool_spec, spec.depth_tokens) if pool_spec is not None else None
