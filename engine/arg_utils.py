@@ -108,9 +108,10 @@ class EngineArgs(CliArgs):
     depth_stats: bool = option(False, "aggregate the AttnRes depth weights of every sampled token and export "
                                       "per-site means and entropies as metrics (costs a little per step)",
                                flags=["--depth-stats", "--depth-metrics"])
-    kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load), "
-                                  "reference (plain PyTorch) or auto (native where its ops work on this "
-                                  "machine, else reference with a warning)", choices=["auto", "native", "reference"])
+    kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load; "
+                                  "C++ norms and AttnRes ops, compiled once and cached), reference (plain "
+                                  "PyTorch) or auto (native where its ops work on this machine, else reference "
+                                  "with a warning)", choices=["auto", "native", "reference"])
     # scheduler
     max_model_len: int | None = option(None, "prompt + output tokens per request (None: the model's "
                                              "max_position_embeddings)", type=int)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "Extension", "build", "cache_root", "load", "reset"]
+__all__ = ["BuildError", "Extension", "UnsupportedCPU", "build", "cache_root", "load", "reset"]
 
 logger = logging.getLogger("depthserve.kernels")
 
@@ -70,6 +70,10 @@ MARCH_FLAGS = {
 
 class BuildError(RuntimeError):
     """The native library could not be built or loaded (the message says why)."""
+
+
+class UnsupportedCPU(BuildError):
+    """The library was built for an ISA this CPU lacks (a portable -march level)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def _build_dir() -> Path:
 def _check_cpu() -> None:
     missing = sorted(MARCH_FLAGS.get(_march(), set()) - _cpu_flags()) if platform.machine() in ("x86_64", "AMD64") else []
     if missing:
-        raise BuildError(f"this CPU lacks {', '.join(missing)}, which a build for -march={_march()} needs")
+        raise UnsupportedCPU(f"this CPU lacks {', '.join(missing)}, which a build for -march={_march()} needs")
 
 
 def _compiler() -> str:
@@ -210,7 +214,6 @@ def _locked(folder: Path):
 def _ensure_built(force: bool = False) -> tuple[Path, dict, bool, float]:
     """The library of this build key (compiled under the lock unless already cached), its manifest,
     whether this call compiled it and how long that took."""
-    _check_cpu()
     folder = _build_dir()
     lib, manifest_file = folder / f"{LIB_NAME}.so", folder / "manifest.json"
     if lib.exists() and not force:  # the fast path: no lock (a read-only prebuilt cache works)
@@ -243,6 +246,7 @@ def _registered_ops() -> tuple[str, ...]:
 def build(force: bool = False) -> Extension:
     """Build (unless cached, or always with `force`) and load the library; BuildError on failure."""
     lib, manifest, built, seconds = _ensure_built(force)
+    _check_cpu()
     try:
         torch.ops.load_library(str(lib))
     except Exception as e:  # noqa: BLE001 - any failure to load means: no native ops
@@ -285,24 +289,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     args = parser.parse_args(argv)
     try:
-        ext = build(force=args.force)
+        lib, manifest, built, seconds = _ensure_built(force=args.force)
     except BuildError as e:
         print(f"native CPU ops: build failed: {e}", file=sys.stderr)
         return 1
-    how = f"built in {ext.seconds:.1f} s" if ext.built else "cached"
-    print(f"native CPU ops ({how}): {ext.path}")
-    print(f"  sources: {', '.join(ext.sources)}")
-    print(f"  ops: {', '.join(f'torch.ops.depthserve.{op}' for op in ext.ops)}")
-    print(f"  flags: {' '.join(_flags())}")
-    from kernels import ops  # the same check a start-up does: every native op against its reference
-
-    problems = ops.probe_native_ops()
-    for op, problem in problems.items():
-        print(f"  probe: {op}: {problem}", file=sys.stderr)
-    if ext.skipped:
-        print(f"  left out (failed to compile): {', '.join(ext.skipped)}; see {ext.path.parent / 'build.log'}",
+    print(f"native CPU ops ({f'built in {seconds:.1f} s' if built else 'cached'}): {lib}")
+    print(f"  sources: {', '.join(manifest['sources'])}")
+    print(f"  flags: {' '.join(manifest['flags'])}")
+    failed = bool(manifest["skipped"])
+    if failed:
+        print(f"  left out (failed to compile): {', '.join(manifest['skipped'])}; see {lib.parent / 'build.log'}",
               file=sys.stderr)
-    return 1 if ext.skipped or problems else 0
+    try:
+        ext = build()
+    except UnsupportedCPU as e:  # e.g. an image's portable build on a builder without that ISA
+        print(f"  not loaded here: {e}")
+        return int(failed)
+    except BuildError as e:
+        print(f"  {e}", file=sys.stderr)
+        return 1
+    print(f"  ops: {', '.join(f'torch.ops.depthserve.{op}' for op in ext.ops)}")
+    from kernels import ops  # the check a start-up makes: every native op against its reference
+
+    for op, problem in ops.probe_native_ops().items():
+        print(f"  probe: {op}: {problem}", file=sys.stderr)
+        failed = True
+    return int(failed)
 
 
 if __name__ == "__main__":
