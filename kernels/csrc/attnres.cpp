@@ -170,12 +170,16 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
         const float l = std::log(sum) + m;
         lse[t * l0 + q * l1] = l;
         for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - l);
+        // xo = sum_j p_j * source_j, one source at a time (the row stays in L1)
         float* o = xo + t * x0 + q * x1;
+        const float p0 = s[0];
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) {
-          float acc = 0.f;
-          for (int64_t j = 0; j < n; ++j) acc += s[j] * S[j * s1 + i];
-          o[i] = acc;
+        for (int64_t i = 0; i < d; ++i) o[i] = p0 * S[i];
+        for (int64_t j = 1; j < n; ++j) {
+          const float pj = s[j];
+          const float* v = S + j * s1;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] = std::fma(pj, v[i], o[i]);
         }
       }
     }
