@@ -19,57 +19,69 @@ struct Lerp {
   explicit Lerp(float w) : coeff(std::fabs(w) < 0.5f ? w : w - 1.0f), small(std::fabs(w) < 0.5f) {}
 };
 
+// partial += delta (Mode 1), partial = delta (Mode 2) or partial as it is (Mode 0); returns through ss and dot
+// the new partial's sum of squares and its dot product with the query.
+template <int Mode, typename TD>
+inline void site_update(float* __restrict p, const TD* __restrict dl, const float* __restrict q, int64_t d,
+                        float& ss_out, float& dot_out) {
+  float ss = 0.f, dot = 0.f;
+#pragma omp simd reduction(+ : ss, dot)
+  for (int64_t i = 0; i < d; ++i) {
+    float v;
+    if constexpr (Mode == 0) {
+      v = p[i];
+    } else if constexpr (Mode == 1) {
+      v = p[i] + to_f(dl[i]);
+    } else {
+      v = to_f(dl[i]);
+    }
+    if constexpr (Mode != 0) p[i] = v;
+    ss += v * v;
+    dot += v * q[i];
+  }
+  ss_out = ss;
+  dot_out = dot;
+}
+
+// x = lerp(xo, p, w) and out = rms_norm(x, weight): two passes, x recomputed rather than stored.
+template <typename TW>
+inline void site_mix_norm(const float* __restrict p, const float* __restrict xo, float w, const TW* __restrict wt,
+                          TW* __restrict o, int64_t d, double eps) {
+  const Lerp lw(w);
+  const float* __restrict base = lw.small ? xo : p;
+  const float c = lw.coeff;
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) {
+    const float x = std::fma(c, p[i] - xo[i], base[i]);
+    ss += x * x;
+  }
+  const float r = inv_rms(ss, d, eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) o[i] = scale_by(std::fma(c, p[i] - xo[i], base[i]) * r, wt[i]);
+}
+
 // One Phase-2 site: partial += delta (or = delta), w = sigmoid(key(partial) . query - lse1),
 // x = lerp(xo1, partial, w), out = rms_norm(x, weight).
 template <typename TD, typename TW>
 void site_rows(float* partial, int64_t sp, const TD* delta, int64_t sd, bool accumulate, const float* lse1,
                int64_t sl, const float* xo1, int64_t sx, const float* q, const TW* w, TW* out, int64_t rows,
                int64_t d, double eps) {
-  for_rows(rows, 6 * d, [&](int64_t begin, int64_t end) {
+  const int mode = delta == nullptr ? 0 : accumulate ? 1 : 2;
+  for_rows(rows, 6 * d, [=](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float* p = partial + t * sp;
-      const float* xo = xo1 + t * sx;
-      TW* o = out + t * d;
-      float ss = 0.f, dot = 0.f;
-      if (delta == nullptr) {
-#pragma omp simd reduction(+ : ss, dot)
-        for (int64_t i = 0; i < d; ++i) {
-          const float v = p[i];
-          ss += v * v;
-          dot += v * q[i];
-        }
-      } else if (accumulate) {
-        const TD* dl = delta + t * sd;
-#pragma omp simd reduction(+ : ss, dot)
-        for (int64_t i = 0; i < d; ++i) {
-          const float v = p[i] + to_f(dl[i]);
-          p[i] = v;
-          ss += v * v;
-          dot += v * q[i];
-        }
+      const TD* dl = delta == nullptr ? nullptr : delta + t * sd;
+      float ss, dot;
+      if (mode == 0) {
+        site_update<0>(p, dl, q, d, ss, dot);
+      } else if (mode == 1) {
+        site_update<1>(p, dl, q, d, ss, dot);
       } else {
-        const TD* dl = delta + t * sd;
-#pragma omp simd reduction(+ : ss, dot)
-        for (int64_t i = 0; i < d; ++i) {
-          const float v = to_f(dl[i]);
-          p[i] = v;
-          ss += v * v;
-          dot += v * q[i];
-        }
+        site_update<2>(p, dl, q, d, ss, dot);
       }
       const float score = dot * inv_rms(ss, d, eps) - lse1[t * sl];
-      const Lerp lw(1.0f / (1.0f + std::exp(-score)));
-      const float* base = lw.small ? xo : p;
-      const float c = lw.coeff;
-      float ssx = 0.f;
-#pragma omp simd reduction(+ : ssx)
-      for (int64_t i = 0; i < d; ++i) {
-        const float x = std::fma(c, p[i] - xo[i], base[i]);
-        ssx += x * x;
-      }
-      const float r = inv_rms(ssx, d, eps);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = scale_by(std::fma(c, p[i] - xo[i], base[i]) * r, w[i]);
+      site_mix_norm(p, xo1 + t * sx, 1.0f / (1.0f + std::exp(-score)), w, out + t * d, d, eps);
     }
   });
 }
@@ -118,7 +130,7 @@ at::Tensor attnres_site(const at::Tensor& partial, const std::optional<at::Tenso
 void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n,
                  const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0, int64_t l1, float* xo,
                  int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
-  for_rows(rows, 2 * nq * n * d + 2 * d, [&](int64_t begin, int64_t end) {
+  for_rows(rows, 2 * nq * n * d + 2 * d, [=](int64_t begin, int64_t end) {
     std::vector<float> sc(size_t(nq * n));  // scores, then softmax weights, [Q, n]
     for (int64_t t = begin; t < end; ++t) {
       const float* S = states + t * s0;
@@ -170,12 +182,20 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
         const float l = std::log(sum) + m;
         lse[t * l0 + q * l1] = l;
         for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - l);
-        // xo = sum_j p_j * source_j, one source at a time (the row stays in L1)
-        float* o = xo + t * x0 + q * x1;
+        // xo = sum_j p_j * source_j in source order, up to four sources per pass over the row
+        float* __restrict o = xo + t * x0 + q * x1;
         const float p0 = s[0];
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) o[i] = p0 * S[i];
-        for (int64_t j = 1; j < n; ++j) {
+        int64_t j = 1;
+        for (; j + 4 <= n; j += 4) {
+          const float pa = s[j], pb = s[j + 1], pc = s[j + 2], pd = s[j + 3];
+          const float *va = S + j * s1, *vb = va + s1, *vc = vb + s1, *vd = vc + s1;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i)
+            o[i] = std::fma(pd, vd[i], std::fma(pc, vc[i], std::fma(pb, vb[i], std::fma(pa, va[i], o[i]))));
+        }
+        for (; j < n; ++j) {
           const float pj = s[j];
           const float* v = S + j * s1;
 #pragma omp simd

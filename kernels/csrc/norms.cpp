@@ -9,7 +9,7 @@ namespace {
 
 template <typename TX, typename TW>
 void rms_norm_rows(const TX* x, int64_t sx, const TW* w, TW* out, int64_t rows, int64_t d, double eps) {
-  for_rows(rows, 2 * d, [&](int64_t begin, int64_t end) {
+  for_rows(rows, 2 * d, [=](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const TX* xr = x + t * sx;
       TW* o = out + t * d;
@@ -30,7 +30,7 @@ void rms_norm_rows(const TX* x, int64_t sx, const TW* w, TW* out, int64_t rows, 
 template <typename TR, typename TW>
 void add_rms_norm_rows(const TR* x, int64_t sx, TR* res, int64_t sr, const TW* w, TW* out, int64_t rows, int64_t d,
                        double eps) {
-  for_rows(rows, 3 * d, [&](int64_t begin, int64_t end) {
+  for_rows(rows, 3 * d, [=](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const TR* xr = x + t * sx;
       TR* rr = res + t * sr;
