@@ -134,7 +134,10 @@ def _build_dir() -> Path:
 
 
 def _check_cpu() -> None:
-    missing = sorted(MARCH_FLAGS.get(_march(), set()) - _cpu_flags()) if platform.machine() in ("x86_64", "AMD64") else []
+    """UnsupportedCPU if the library's -march level needs ISA flags this CPU lacks (x86-64 levels only)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    missing = sorted(MARCH_FLAGS.get(_march(), set()) - _cpu_flags())
     if missing:
         raise UnsupportedCPU(f"this CPU lacks {', '.join(missing)}, which a build for -march={_march()} needs")
 
@@ -185,8 +188,11 @@ def _compile(folder: Path) -> tuple[Path, list[str], list[str]]:
         if proc.returncode != 0:
             raise BuildError(f"linking failed: {_first_error(log)}")
         return so, built, skipped
-    except OSError as e:
-        raise BuildError(f"{type(e).__name__}: {e}") from e
+    except BaseException as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise BuildError(f"{type(e).__name__}: {e}") from e
+        raise
     finally:
         (folder / "build.log").write_text("\n".join(log))
 
