@@ -10,20 +10,34 @@
 #                    gives a CUDA build. Empty: pip's default index (on x86-64 Linux a CUDA-enabled build,
 #                    which runs on CPU too but makes the image several GB larger).
 #   TORCH_VERSION    the torch pin (keep it equal to pyproject.toml's)
+#   KERNEL_MARCH     the -march of the native CPU ops (kernels/csrc), compiled in the build stage: the runtime
+#                    has no compiler, so the library must run on any CPU the image will: x86-64-v3 (AVX2 + FMA,
+#                    the default) covers x86-64 servers of the last decade; armv8-a for an arm64 image. A CPU
+#                    without it gets the reference ops and one warning at start-up, never a crash.
 #
 # Arguments after the image name replace CMD, e.g. `docker run ... depthserve serve --host 0.0.0.0 --api-key K`
 # (--host 0.0.0.0 is needed inside the container; publish the port on 127.0.0.1 unless you mean otherwise).
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# ---- build: a virtual environment with torch and the package (wheels only, no compiler needed) ----------
+ARG KERNEL_MARCH=x86-64-v3
+
+# ---- build: a virtual environment with torch and the package, and the native CPU ops compiled -----------
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
+ARG KERNEL_MARCH
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    DEPTHSERVE_KERNEL_CACHE=/opt/depthserve-kernels \
+    DEPTHSERVE_KERNEL_MARCH=${KERNEL_MARCH}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# g++ builds kernels/csrc below; it stays in this stage (the runtime copies the built library only).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 # torch first, in a layer of its own: it is most of the image and changes least.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
@@ -44,16 +58,23 @@ COPY loadtest ./loadtest
 # ship as package data.
 RUN pip install --no-cache-dir -c constraints.txt . \
     && python -c "from models.loader import builtin_models; assert builtin_models(), 'no built-in model'"
+# The native CPU ops, from the installed package (-P: not from /src), into $DEPTHSERVE_KERNEL_CACHE: the
+# runtime finds them under the same build key (same sources, torch, flags and -march).
+RUN python -P -m kernels.cpu_ext
 
-# ---- runtime: the venv on a clean base, no sources, no build tools --------------------------------------
+# ---- runtime: the venv and the built kernels on a clean base, no sources, no build tools -----------------
 FROM ${PYTHON_IMAGE} AS runtime
+ARG KERNEL_MARCH
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    DEPTHSERVE_KERNEL_CACHE=/opt/depthserve-kernels \
+    DEPTHSERVE_KERNEL_MARCH=${KERNEL_MARCH}
 RUN groupadd --system --gid 10001 depthserve \
     && useradd --system --uid 10001 --gid depthserve --create-home --home-dir /home/depthserve \
        --shell /usr/sbin/nologin depthserve
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/depthserve-kernels /opt/depthserve-kernels
 USER 10001:10001
 WORKDIR /home/depthserve
 EXPOSE 8000

@@ -110,7 +110,8 @@ class EngineArgs(CliArgs):
     depth_stats: bool = option(False, "aggregate the AttnRes depth weights of every sampled token and export "
                                       "per-site means and entropies as metrics (costs a little per step)",
                                flags=["--depth-stats", "--depth-metrics"])
-    kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load), "
+    kernels: str = option("auto", "op implementations: native (oneDNN linears on weights prepacked at load; "
+                                  "C++ norms, AttnRes ops and paged decode attention, compiled once and cached), "
                                   "triton (Triton kernels for norms, AttnRes mixing and paged decode attention; "
                                   "CUDA, or CPU under TRITON_INTERPRET=1), reference (plain PyTorch) or auto "
                                   "(triton on a CUDA device, else native where its ops work on this machine; "

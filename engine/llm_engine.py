@@ -65,7 +65,7 @@ class LLMEngine:
         self.tp_group: TPGroup | None = None
         if tp > 1:
             spec = WorkerSpec(self.model_dir, config.dtype, num_blocks, config.cache.block_size,
-                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels.name,
+                              self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels,
                               device=config.device, gpu_memory_utilization=config.cache.gpu_memory_utilization,
                               max_num_seqs=config.scheduler.max_num_seqs)
             self.tp_group = TPGroup(tp, spec)

@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 
 from engine.memory import kv_blocks_for, profile_step
 from engine.model_runner import allocate_kv, kv_bytes_per_block, kv_slots
-from kernels.ops import select_backend
+from kernels.ops import REFERENCE, Backend
 from kvcache.depth_cache import DepthCache
 from models.attn_res import depth_pool_spec
 from models.context import ForwardBatch
@@ -94,7 +94,7 @@ class WorkerSpec:
     depth_tokens: int
     num_threads: int | None
     max_model_len: int | None = None  # sizes the rotary table
-    kernels: str = "reference"  # the op backend rank 0 resolved (kernels.ops)
+    kernels: Backend = REFERENCE  # the op backend rank 0 resolved (kernels.ops): every rank runs the same ops
     device: str = "cpu"  # cpu (gloo) or cuda (NCCL, rank r on cuda:r)
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 1  # rows of logits the profile step computes
@@ -212,7 +212,7 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
     model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len, device=dev)
-    model.prepare_for_inference(select_backend(spec.kernels, (spec.dtype,)))
+    model.prepare_for_inference(spec.kernels)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
     depth = DepthCache(pool_spec, spec.depth_tokens, device=dev) if pool_spec is not None else None
     num_blocks = spec.num_kv_blocks

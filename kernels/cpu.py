@@ -1,15 +1,26 @@
-"""Native CPU ops: oneDNN (mkldnn) inner products on weights reordered once into oneDNN's blocked layout.
+"""Native CPU ops.
 
+Linears: oneDNN (mkldnn) inner products on weights reordered once into oneDNN's blocked layout.
 `F.linear` re-reads the plain [out, in] weight through a GEMM that is tuned for large batches; for the
 small M of decode it streams the weight well below memory bandwidth. `torch.ops.mkldnn._reorder_linear_weight`
 packs the weight once (an opaque mkldnn tensor, a copy) and `torch.ops.mkldnn._linear_pointwise` applies
 it: the ops torch.compile's CPU backend (torch/_inductor/fx_passes/mkldnn_fusion.py) emits for frozen
 linears. fp32 and bf16 (bf16 needs avx512bw/vl/dq or avx_ne_convert; oneDNN raises otherwise).
+
+The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1): kernels/csrc/*.cpp, built and loaded by
+kernels/cpu_ext.py as torch.ops.depthserve.*; `extension_ops` wraps them with kernels/reference.py's
+signatures. Each wrapper is one torch.ops call; the C++ op checks its tensors before it writes anything and
+raises for those it does not handle (not on the CPU, an inner dim that is not contiguous, a dtype other than
+float32 / bfloat16), and the wrapper then runs the reference op instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from kernels import reference
 
 
 def available() -> bool:
@@ -24,3 +35,52 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ W^T (+ bias) with W packed by `pack_linear`; same dtype in and out."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _rms_norm(op) -> Callable[..., torch.Tensor]:
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        try:
+            return op(x, weight, eps)
+        except RuntimeError:  # tensors the kernel does not take (NotImplementedError too: off the CPU)
+            return reference.rms_norm(x, weight, eps)
+    return rms_norm
+
+
+def _add_rms_norm(op) -> Callable[..., torch.Tensor]:
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        try:
+            return op(x, residual, weight, eps)
+        except RuntimeError:
+            return reference.add_rms_norm(x, residual, weight, eps)
+    return add_rms_norm
+
+
+def _attnres_site(op) -> Callable[..., torch.Tensor]:
+    def attnres_site(partial: torch.Tensor, delta: torch.Tensor | None, lse1: torch.Tensor, xo1: torch.Tensor,
+                     query: torch.Tensor, weight: torch.Tensor, eps: float, accumulate: bool = True) -> torch.Tensor:
+        try:
+            return op(partial, delta, lse1, xo1, query, weight, eps, accumulate)
+        except RuntimeError:
+            return reference.attnres_site(partial, delta, lse1, xo1, query, weight, eps, accumulate)
+    return attnres_site
+
+
+def _attnres_phase1(op) -> Callable[..., None]:
+    def attnres_phase1(states: torch.Tensor, keys: torch.Tensor, n: int, queries: torch.Tensor, lse: torch.Tensor,
+                       xo: torch.Tensor, eps: float) -> None:
+        try:
+            op(states, keys, n, queries, lse, xo, eps)
+        except RuntimeError:
+            reference.attnres_phase1(states, keys, n, queries, lse, xo, eps)
+    return attnres_phase1
+
+
+_WRAPPERS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "attnres_site": _attnres_site,
+             "attnres_phase1": _attnres_phase1}
+
+
+def extension_ops() -> dict[str, Callable]:
+    """The kernels/csrc ops that torch.ops.depthserve has (the library loaded: kernels.cpu_ext.load()), by name,
+    each with its reference's signature and the reference as its fallback."""
+    ns = torch.ops.depthserve
+    return {name: wrap(getattr(ns, name).default) for name, wrap in _WRAPPERS.items() if hasattr(ns, name)}

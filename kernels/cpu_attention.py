@@ -7,27 +7,20 @@ dim contiguous, the block-table view in `meta`); anything else runs kernels.refe
 op walks each row's context through meta.decode_block_table and meta.decode_context_lens, so the
 reference's gather view (decode_gather, decode_mask) is not read on this path.
 
-This module loads nothing by itself: whoever builds the extension registers the op. Until the shared
-extension loader exists, `build_standalone` compiles this one source (tests and loadtest/bench_decode_attention.py
-use it).
+This module loads nothing by itself: kernels/cpu_ext.py builds every kernels/csrc source into one library
+and registers the op (`ensure_loaded` asks it to).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from kernels import reference
 from models.context import AttentionMetadata
 
-__all__ = ["SOURCE", "available", "build_standalone", "native_decode_attention", "op"]
-
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attention.cpp"
-# -fopenmp in both: at::parallel_for's OpenMP region is compiled into the extension (see the source's header)
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+__all__ = ["available", "ensure_loaded", "native_decode_attention", "op"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _op: Callable[..., torch.Tensor] | None = None
@@ -60,16 +53,14 @@ def native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return f(q, k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens, meta.block_size, scale)
 
 
-def build_standalone(build_directory: str | Path, name: str = "depthserve_decode_attention") -> Callable[..., torch.Tensor]:
-    """Compile kernels/csrc/decode_attention.cpp alone and register its op (a stopgap until the shared loader
-    builds every kernels/csrc source). Raises whatever the build raises (no compiler, no headers, ...)."""
+def ensure_loaded() -> Callable[..., torch.Tensor]:
+    """The op, building and loading the native library (kernels/cpu_ext.py, every kernels/csrc source) if this
+    process has not yet. Raises RuntimeError when the library or the op is unavailable (see its warning)."""
     if op() is None:
-        from torch.utils.cpp_extension import load
+        from kernels import cpu_ext
 
-        Path(build_directory).mkdir(parents=True, exist_ok=True)
-        load(name=name, sources=[str(SOURCE)], is_python_module=False, extra_cflags=CFLAGS,
-             extra_ldflags=LDFLAGS, build_directory=str(build_directory))
+        cpu_ext.load()
     f = op()
     if f is None:
-        raise RuntimeError(f"{SOURCE.name} built but registered no depthserve::decode_attention")
+        raise RuntimeError("the native library did not register depthserve::decode_attention (see its warning)")
     return f

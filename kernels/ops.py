@@ -12,22 +12,33 @@ Backends:
 
 - `reference` (kernels/reference.py): plain PyTorch on the unpacked weight. The oracle for tests and
   the fallback.
-- `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load; decode attention
-  through kernels/cpu_attention.py (K/V read in place via the block table) once its op is loaded.
+- `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load, and the C++ ops of
+  kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, and decode_attention reading K/V in
+  place through the block table, kernels/cpu_attention.py; built and cached by kernels/cpu_ext.py).
 - `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites and Phase 1, paged
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
   Linears stay on the reference (torch) path.
 
 `auto` means triton on a CUDA device (when triton imports and its start-up probe of every op passes), native
-elsewhere where it works. `select_backend` probes the native ops once per dtype on a small odd
-shape; when they are missing or fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs
-ONE warning and returns the reference backend: a start-up never fails over a kernel. Native ops apply only
-to CPU tensors; a weight on another device keeps the reference op. `triton` on a CPU device without the
-interpreter, or without an importable triton, is likewise one warning and the reference.
+elsewhere where it works. On the CPU the linears and the other ops are chosen independently, because they
+fail independently (oneDNN's bf16 linear needs AVX-512 or AVX-NE-CONVERT; the C++ ops need a compiler once):
+
+- `select_backend` probes the native linears once per dtype on a small odd shape; when they are missing or
+  fail (no oneDNN, a CPU without bf16 support, a changed op schema) it logs ONE warning and returns a
+  Backend named "reference": `Backend.name` says which linears run.
+- `kernel_set` gives the native C++ ops whenever the request was not "reference" (`Backend.native_ops`) and
+  the library builds, loads and matches the reference on a probe; otherwise the reference ops, after ONE
+  warning (kernels/cpu_ext.py). So a bf16 model on a CPU without oneDNN bf16 runs reference linears and
+  native norms, AttnRes ops and decode attention.
+
+A start-up never fails over a kernel. Native ops apply only to CPU tensors; a weight on another device keeps
+the reference op. `triton` on a CPU device without the interpreter, or without an importable triton, is
+likewise one warning and the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -35,10 +46,10 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu, cpu_attention, reference
+from kernels import cpu, reference
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
-           "select_backend"]
+           "probe_native_ops", "select_backend"]
 
 logger = logging.getLogger("depthserve.kernels")
 
@@ -47,19 +58,27 @@ BACKENDS = ("auto", "native", "reference", "triton")
 
 @dataclass(frozen=True)
 class Backend:
-    """The implementation chosen for this process: `name` is "native", "triton" or "reference"."""
+    """The implementation chosen for this process: `name` ("native", "triton" or "reference") says which
+    linears run (oneDNN or torch); on the CPU the other ops follow `native_ops` (see the module docstring)."""
 
     name: str
     requested: str = "auto"
-    reason: str = ""  # why the reference runs although native/triton was requested (empty otherwise)
+    reason: str = ""  # why the reference linears/ops run although native/triton was requested (empty otherwise)
 
     @property
     def native(self) -> bool:
+        """The native (oneDNN, prepacked) linears run."""
         return self.name == "native"
+
+    @property
+    def native_ops(self) -> bool:
+        """The native C++ ops are wanted (kernel_set uses them where they load): every request but "reference",
+        whether or not the native linears run."""
+        return self.requested != "reference"
 
     def describe(self) -> str:
         s = f"kernels: {self.name} (requested {self.requested})"
-        return f"{s}; reference ops because: {self.reason}" if self.reason else s
+        return f"{s}; fell back because: {self.reason}" if self.reason else s
 
 
 REFERENCE = Backend("reference", "reference")
@@ -152,7 +171,7 @@ def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.fl
     for dtype in dtypes:
         problem = _probe(dtype)
         if problem is not None:
-            logger.warning("native kernels unavailable, using the reference ops (%s)", problem)
+            logger.warning("native linears unavailable, using the reference linears (%s)", problem)
             return Backend("reference", name, problem)
     return Backend("native", name)
 
@@ -197,19 +216,135 @@ class KernelSet:
 REFERENCE_OPS = KernelSet()
 
 
-def kernel_set(backend: Backend) -> KernelSet:
-    """The ops `backend` runs: the triton ops for the triton backend, native CPU ops for native, the reference
-    set otherwise."""
+# ---- the native C++ ops (kernels/csrc via kernels/cpu_ext) ------------------------------------------------
+def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
+    """Small odd cases for op `name`, each a function that builds its inputs (the same every time), runs the
+    given implementation and returns what it produced: the result and the tensors it wrote. d = 67, strided
+    views of a depth pool, fp32 and bf16."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    t, d, q, eps = 3, 67, 6, 1e-6
+
+    def inputs(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(13)
+        return [torch.randn(*s, generator=g) for s in shapes]
+
+    runs: list[Callable[[Callable], list[torch.Tensor]]] = []
+    for dt in (f32, bf16):
+        def weight(dt=dt) -> torch.Tensor:
+            return (1 + 0.1 * inputs((d,))[0]).to(dt)
+
+        if name == "rms_norm":
+            runs.append(lambda fn, dt=dt: [fn(inputs((t, 2, d))[0].to(dt)[:, 1], weight(dt), eps)])
+            runs.append(lambda fn, dt=dt: [fn(inputs((t, 2, d))[0][:, 1], weight(dt), eps)])  # fp32 rows
+        elif name == "add_rms_norm":
+            def run(fn, dt=dt):
+                x, res = (a.to(dt) for a in inputs((t, d), (t, d)))
+                return [fn(x, res, weight(dt), eps), res]
+            runs.append(run)
+        elif name == "attnres_site":
+            for has_delta, acc in ((True, True), (True, False), (False, True)):
+                def run(fn, dt=dt, has_delta=has_delta, acc=acc):
+                    states, delta, lse, xo, query = inputs((t, 4, d), (t, d), (t, q), (t, q, d), (d,))
+                    out = fn(states[:, 2], delta.to(dt) if has_delta else None, lse[:, 1], xo[:, 1], query,
+                             weight(dt), eps, acc)
+                    return [out, states]
+                runs.append(run)
+        elif name == "attnres_phase1" and dt == f32:
+            def run(fn):
+                states, keys, queries, lse, xo = inputs((t, 4, d), (t, 4, d), (q, d), (t, q), (t, q, d))
+                fn(states, keys, 3, queries, lse, xo, eps)
+                return [keys, lse, xo]
+            runs.append(run)
+    return runs
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    tol = 1e-4 if want.dtype == torch.float32 else 2e-2
+    return (got.shape == want.shape and got.dtype == want.dtype
+            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
+
+
+def _probe_op(name: str) -> str | None:
+    """None if torch.ops.depthserve.<name> matches the reference on every probe case, else what went wrong."""
+    op, ref = getattr(torch.ops.depthserve, name).default, getattr(reference, name)
+    try:
+        for run in _probe_runs(name):
+            if not all(_agrees(g, w) for g, w in zip(run(op), run(ref), strict=True)):
+                return "differs from the reference"
+    except Exception as e:  # noqa: BLE001 - a failing op means: the reference for it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def probe_native_ops() -> dict[str, str]:
+    """What is wrong with each op of the loaded kernels/csrc library, by name ({} when every op matches its
+    reference; {"library": why} when it did not load)."""
+    from kernels import cpu_ext  # lazily: `python -m kernels.cpu_ext` runs that module as __main__
+
+    if cpu_ext.load() is None:
+        return {"library": "not loaded (see the warning)"}
+    problems = {name: _probe_op(name) for name in cpu.extension_ops()}
+    return {name: p for name, p in problems.items() if p is not None}
+
+
+@functools.cache
+def _native_ops() -> KernelSet | None:
+    """The KernelSet with every native op that loaded and passed its probe (once per process); None if none."""
+    from kernels import cpu_ext
+
+    if cpu_ext.load() is None:  # it warned
+        return None
+    found = cpu.extension_ops()
+    problems = {name: p for name in found if (p := _probe_op(name)) is not None}
+    if problems:
+        logger.warning("native CPU ops fail their probe, using the reference for them (%s)",
+                       "; ".join(f"{k}: {v}" for k, v in problems.items()))
+    usable = {k: v for k, v in found.items() if k not in problems}
+    if cpu_attention.available():
+        problem = _probe_decode_attention()
+        if problem is None:
+            usable["decode_attention"] = cpu_attention.native_decode_attention
+        else:
+            logger.warning("native CPU decode attention fails its probe, using the reference for it (%s)", problem)
+    if not usable:
+        return None
+    logger.info("native CPU ops: %s", ", ".join(usable))
+    return KernelSet(**usable)
+
+
+def _probe_decode_attention() -> str | None:
+    """None if the native decode attention matches the reference on a small paged case (GQA 3, odd block size,
+    scattered blocks, two context lengths; fp32 and bf16), else what went wrong."""
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(7)
+            bs, lens, tables = 5, [3, 12], [[4, 1, 6], [0, 5, 2]]
+            q = torch.randn(2, 6, 24, generator=g).to(dt)
+            k_cache, v_cache = (torch.randn(40, 2, 24, generator=g).to(dt) for _ in range(2))
+            table = torch.tensor(tables)
+            gather = (table.unsqueeze(-1) * bs + torch.arange(bs)).reshape(2, -1)[:, :max(lens)]
+            ctx = torch.tensor(lens)
+            meta = AttentionMetadata(slot_mapping=torch.zeros(2, dtype=torch.long), num_decode=2, block_size=bs,
+                                     decode_block_table=table, decode_context_lens=ctx.to(torch.int32),
+                                     decode_gather=gather,
+                                     decode_mask=(torch.arange(max(lens)) < ctx.unsqueeze(1))[:, None, None, :])
+            got = cpu_attention.native_decode_attention(q, k_cache, v_cache, meta, 0.2)
+            if not _agrees(got, reference.decode_attention(q, k_cache, v_cache, meta, 0.2)):
+                return f"{dt}: differs from the reference"
+    except Exception as e:  # noqa: BLE001 - a failing op means: the reference for it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def kernel_set(backend: Backend, device: torch.device | str = "cpu") -> KernelSet:
+    """The non-linear ops for a model on `device` under `backend`: the triton ops for the triton backend; the
+    native C++ ops where the backend wants them (Backend.native_ops), the model is on the CPU and the library
+    loads; the reference set otherwise."""
     if backend.name == "triton":
         tk = _import_triton_ops()
         return KernelSet(rms_norm=tk.rms_norm, add_rms_norm=tk.add_rms_norm, attnres_site=tk.attnres_site,
                          attnres_phase1=tk.attnres_phase1, decode_attention=tk.decode_attention,
                          graph_safe_decode=True)  # fixed launch shapes from the table's width, no host sync
-    if not backend.native:
+    if not backend.native_ops or torch.device(device).type != "cpu":
         return REFERENCE_OPS
-    # ---- issue 13: decode attention in place over the paged cache (kernels/cpu_attention.py) ----------------
-    # The op is used once some loader registered torch.ops.depthserve.decode_attention; the wrapper falls back
-    # to the reference per call for tensors the op does not take (another device, another dtype).
-    if cpu_attention.available():
-        return KernelSet(decode_attention=cpu_attention.native_decode_attention)
-    return REFERENCE_OPS
+    return _native_ops() or REFERENCE_OPS

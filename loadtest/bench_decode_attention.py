@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--min-seconds", type=float, default=0.3, help="timing time per case and implementation")
-    ap.add_argument("--build-dir", default=str(Path(tempfile.gettempdir()) / "depthserve_decode_attention_build"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cpu_attention.build_standalone(a.build_dir)
+    cpu_attention.ensure_loaded()  # the native library (kernels/cpu_ext.py), built once and cached
     rows = []
     print(f"decode attention per call, H {a.heads} KV {a.kv_heads} hd {a.head_dim} block {a.block_size}, "
           f"{torch.get_num_threads()} threads\n")

@@ -345,12 +345,13 @@ class LlamaForServing(nn.Module):
 
     @torch.no_grad()
     def prepare_for_inference(self, backend: ops.Backend) -> None:
-        """Once, after load_weights: pack every linear's weight for the kernels backend (kernels.ops).
-        The plain weights stay (the embedding, the reference op and tests read them)."""
+        """Once, after load_weights (and the move to the serving device): pack every linear's weight for the
+        kernels backend and pick the other ops for this device (kernels.ops). The plain weights stay (the
+        embedding, the reference op and tests read them)."""
         for module in self.modules():
             if isinstance(module, PackedWeight):
                 module.prepare_weights(backend)
-        self.k = ops.kernel_set(backend)
+        self.k = ops.kernel_set(backend, self.norm.weight.device)
         for layer in self.layers:
             layer.self_attn.decode_attention = self.k.decode_attention
 

@@ -7,9 +7,6 @@ where it cannot be compiled)."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,9 +18,9 @@ from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
 
 @pytest.fixture(scope="module")
 def native_op():
-    """torch.ops.depthserve.decode_attention, built from the source when no loader registered it yet."""
+    """torch.ops.depthserve.decode_attention, from the native library (built and cached by kernels/cpu_ext.py)."""
     try:
-        return cpu_attention.build_standalone(Path(tempfile.gettempdir()) / "depthserve_decode_attention_build")
+        return cpu_attention.ensure_loaded()
     except Exception as e:  # noqa: BLE001 - no compiler, no headers, ...: nothing to test here
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         pytest.skip(f"the decode_attention extension cannot be built here: {type(e).__name__}: {last}")

@@ -1,0 +1,247 @@
+// attnres_site and attnres_phase1 (semantics: kernels/reference.py, math: docs/attnres.md §4-§5).
+// Every tensor may be a strided view of the depth pool: rows use stride(0) (and stride(1) for the pool's
+// source / query axis); only the last dim must be contiguous.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace depthserve {
+namespace {
+
+// torch.lerp's rounding: w < 0.5 ? start + w * (end - start) : end + (w - 1) * (end - start), as one fma.
+struct Lerp {
+  float coeff;
+  bool small;
+  explicit Lerp(float w) : coeff(std::fabs(w) < 0.5f ? w : w - 1.0f), small(std::fabs(w) < 0.5f) {}
+};
+
+// partial += delta (Mode 1), partial = delta (Mode 2) or partial as it is (Mode 0); returns through ss and dot
+// the new partial's sum of squares and its dot product with the query.
+template <int Mode, typename TD>
+inline void site_update(float* __restrict p, const TD* __restrict dl, const float* __restrict q, int64_t d,
+                        float& ss_out, float& dot_out) {
+  float ss = 0.f, dot = 0.f;
+#pragma omp simd reduction(+ : ss, dot)
+  for (int64_t i = 0; i < d; ++i) {
+    float v;
+    if constexpr (Mode == 0) {
+      v = p[i];
+    } else if constexpr (Mode == 1) {
+      v = p[i] + to_f(dl[i]);
+    } else {
+      v = to_f(dl[i]);
+    }
+    if constexpr (Mode != 0) p[i] = v;
+    ss += v * v;
+    dot += v * q[i];
+  }
+  ss_out = ss;
+  dot_out = dot;
+}
+
+// x = lerp(xo, p, w) and out = rms_norm(x, weight): two passes, x recomputed rather than stored.
+template <typename TW>
+inline void site_mix_norm(const float* __restrict p, const float* __restrict xo, float w, const TW* __restrict wt,
+                          TW* __restrict o, int64_t d, double eps) {
+  const Lerp lw(w);
+  const float* __restrict base = lw.small ? xo : p;
+  const float c = lw.coeff;
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) {
+    const float x = std::fma(c, p[i] - xo[i], base[i]);
+    ss += x * x;
+  }
+  const float r = inv_rms(ss, d, eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) o[i] = scale_by(std::fma(c, p[i] - xo[i], base[i]) * r, wt[i]);
+}
+
+// One Phase-2 site: partial += delta (or = delta), w = sigmoid(key(partial) . query - lse1),
+// x = lerp(xo1, partial, w), out = rms_norm(x, weight).
+template <typename TD, typename TW>
+void site_rows(float* partial, int64_t sp, const TD* delta, int64_t sd, bool accumulate, const float* lse1,
+               int64_t sl, const float* xo1, int64_t sx, const float* q, const TW* w, TW* out, int64_t rows,
+               int64_t d, double eps) {
+  const int mode = delta == nullptr ? 0 : accumulate ? 1 : 2;
+  for_rows(rows, 6 * d, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* p = partial + t * sp;
+      const TD* dl = delta == nullptr ? nullptr : delta + t * sd;
+      float ss, dot;
+      if (mode == 0) {
+        site_update<0>(p, dl, q, d, ss, dot);
+      } else if (mode == 1) {
+        site_update<1>(p, dl, q, d, ss, dot);
+      } else {
+        site_update<2>(p, dl, q, d, ss, dot);
+      }
+      const float score = dot * inv_rms(ss, d, eps) - lse1[t * sl];
+      site_mix_norm(p, xo1 + t * sx, 1.0f / (1.0f + std::exp(-score)), w, out + t * d, d, eps);
+    }
+  });
+}
+
+at::Tensor attnres_site(const at::Tensor& partial, const std::optional<at::Tensor>& delta, const at::Tensor& lse1,
+                        const at::Tensor& xo1, const at::Tensor& query, const at::Tensor& weight, double eps,
+                        bool accumulate) {
+  check_rows(partial, 2, "partial");
+  check_f32(partial, "partial");
+  const int64_t rows = partial.size(0), d = partial.size(1);
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta) {
+    check_rows(*delta, 2, "delta");
+    check_float_kind(*delta, "delta");
+    TORCH_CHECK(delta->sizes() == partial.sizes(), "depthserve: delta and partial must have one shape");
+  }
+  TORCH_CHECK(lse1.dim() == 1 && lse1.size(0) == rows && lse1.device().is_cpu(), "depthserve: lse1 must be [T]");
+  check_f32(lse1, "lse1");
+  check_rows(xo1, 2, "xo1");
+  check_f32(xo1, "xo1");
+  TORCH_CHECK(xo1.sizes() == partial.sizes(), "depthserve: xo1 and partial must have one shape");
+  check_rows(query, 1, "query");
+  check_f32(query, "query");
+  TORCH_CHECK(query.size(0) == d, "depthserve: query must be [d]");
+  check_rows(weight, 1, "weight");
+  check_float_kind(weight, "weight");
+  TORCH_CHECK(weight.size(0) == d, "depthserve: weight must be [d]");
+
+  at::Tensor out = at::empty({rows, d}, weight.options());
+  const Kind dk = has_delta ? kind_of(*delta) : Kind::F32;
+  with_type(dk, [&](auto td) {
+    using TD = decltype(td);
+    with_type(kind_of(weight), [&](auto tw) {
+      using TW = decltype(tw);
+      site_rows<TD, TW>(ptr<float>(partial), partial.stride(0), has_delta ? ptr<const TD>(*delta) : nullptr,
+                        has_delta ? delta->stride(0) : 0, accumulate, ptr<const float>(lse1), lse1.stride(0),
+                        ptr<const float>(xo1), xo1.stride(0), ptr<const float>(query), ptr<const TW>(weight),
+                        ptr<TW>(out), rows, d, eps);
+    });
+  });
+  return out;
+}
+
+// n sources per row (the pool's first n), Q queries: key of source n-1, then per query the log-sum-exp of
+// its n scores and the softmax-weighted mix of the sources.
+void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n,
+                 const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0, int64_t l1, float* xo,
+                 int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
+  for_rows(rows, 2 * nq * n * d + 2 * d, [=](int64_t begin, int64_t end) {
+    std::vector<float> sc(size_t(nq * n));  // scores, then softmax weights, [Q, n]
+    for (int64_t t = begin; t < end; ++t) {
+      const float* S = states + t * s0;
+      float* K = keys + t * k0;
+      {  // the key of the source that just closed
+        const float* v = S + (n - 1) * s1;
+        float* k = K + (n - 1) * k1;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < d; ++i) ss += v[i] * v[i];
+        const float r = inv_rms(ss, d, eps);
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) k[i] = v[i] * r;
+      }
+      // scores: four queries at a time against one key (four independent accumulators)
+      for (int64_t j = 0; j < n; ++j) {
+        const float* k = K + j * k1;
+        int64_t q = 0;
+        for (; q + 4 <= nq; q += 4) {
+          const float *a = queries + q * q0, *b = a + q0, *c = b + q0, *e = c + q0;
+          float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f;
+#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e)
+          for (int64_t i = 0; i < d; ++i) {
+            s_a += k[i] * a[i];
+            s_b += k[i] * b[i];
+            s_c += k[i] * c[i];
+            s_e += k[i] * e[i];
+          }
+          sc[q * n + j] = s_a;
+          sc[(q + 1) * n + j] = s_b;
+          sc[(q + 2) * n + j] = s_c;
+          sc[(q + 3) * n + j] = s_e;
+        }
+        for (; q < nq; ++q) {
+          const float* a = queries + q * q0;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < d; ++i) s += k[i] * a[i];
+          sc[q * n + j] = s;
+        }
+      }
+      for (int64_t q = 0; q < nq; ++q) {
+        float* s = sc.data() + q * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+        if (!std::isfinite(m)) m = 0.f;  // torch.logsumexp's rule for infinite maxima
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += std::exp(s[j] - m);
+        const float l = std::log(sum) + m;
+        lse[t * l0 + q * l1] = l;
+        for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - l);
+        // xo = sum_j p_j * source_j in source order, up to four sources per pass over the row
+        float* __restrict o = xo + t * x0 + q * x1;
+        const float p0 = s[0];
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) o[i] = p0 * S[i];
+        int64_t j = 1;
+        for (; j + 4 <= n; j += 4) {
+          const float pa = s[j], pb = s[j + 1], pc = s[j + 2], pd = s[j + 3];
+          const float *va = S + j * s1, *vb = va + s1, *vc = vb + s1, *vd = vc + s1;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i)
+            o[i] = std::fma(pd, vd[i], std::fma(pc, vc[i], std::fma(pb, vb[i], std::fma(pa, va[i], o[i]))));
+        }
+        for (; j < n; ++j) {
+          const float pj = s[j];
+          const float* v = S + j * s1;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] = std::fma(pj, v[i], o[i]);
+        }
+      }
+    }
+  });
+}
+
+void attnres_phase1(const at::Tensor& states, const at::Tensor& keys, int64_t n, const at::Tensor& queries,
+                    const at::Tensor& lse, const at::Tensor& xo, double eps) {
+  check_rows(states, 3, "states");
+  check_f32(states, "states");
+  check_rows(keys, 3, "keys");
+  check_f32(keys, "keys");
+  TORCH_CHECK(keys.sizes() == states.sizes(), "depthserve: keys and states must have one shape");
+  const int64_t rows = states.size(0), d = states.size(2);
+  TORCH_CHECK(n >= 1 && n <= states.size(1), "depthserve: n must be in [1, ", states.size(1), "], got ", n);
+  check_rows(queries, 2, "queries");
+  check_f32(queries, "queries");
+  TORCH_CHECK(queries.size(1) == d, "depthserve: queries must be [Q, d]");
+  const int64_t nq = queries.size(0);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == nq && lse.device().is_cpu(),
+              "depthserve: lse must be [T, Q]");
+  check_f32(lse, "lse");
+  check_rows(xo, 3, "xo");
+  check_f32(xo, "xo");
+  TORCH_CHECK(xo.size(0) == rows && xo.size(1) == nq && xo.size(2) == d, "depthserve: xo must be [T, Q, d]");
+  if (rows == 0) return;
+  phase1_rows(ptr<const float>(states), states.stride(0), states.stride(1), ptr<float>(keys), keys.stride(0),
+              keys.stride(1), n, ptr<const float>(queries), queries.stride(0), nq, ptr<float>(lse), lse.stride(0),
+              lse.stride(1), ptr<float>(xo), xo.stride(0), xo.stride(1), rows, d, eps);
+}
+
+}  // namespace
+}  // namespace depthserve
+
+TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+  m.def("attnres_site(Tensor(a!) partial, Tensor? delta, Tensor lse1, Tensor xo1, Tensor query, Tensor weight, "
+        "float eps, bool accumulate=True) -> Tensor");
+  m.def("attnres_phase1(Tensor states, Tensor(a!) keys, int n, Tensor queries, Tensor(b!) lse, Tensor(c!) xo, "
+        "float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
+  m.impl("attnres_site", &depthserve::attnres_site);
+  m.impl("attnres_phase1", &depthserve::attnres_phase1);
+}

@@ -1,0 +1,98 @@
+// Shared helpers of depthserve's native CPU ops (kernels/csrc/*.cpp, built by kernels/cpu_ext.py).
+//
+// Element types: float, or bf16 held as its bit pattern (uint16_t). Every op computes in fp32 and rounds
+// to bf16 exactly where kernels/reference.py rounds (round to nearest even, NaN -> 0x7fc0: c10::BFloat16's
+// rule). The loops are plain C++ under `#pragma omp simd`, which gcc vectorises for whatever -march the
+// build uses (AVX2, AVX-512, NEON): no intrinsics, no at::vec capability macros.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace depthserve {
+
+using bf16_t = uint16_t;  // a bfloat16, as bits
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T> inline T from_f(float f);
+template <> inline float from_f<float>(float f) { return f; }
+template <> inline bf16_t from_f<bf16_t>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = 0u - uint32_t((u & 0x7fffffffu) > 0x7f800000u);  // all ones for a NaN
+  return bf16_t((r & ~nan) | (0x7fc0u & nan));  // branch-free: gcc vectorises it inside reductions too
+}
+
+// `y.to(w.dtype) * w` of the reference: in bf16 the normalised value is rounded, the product rounded again.
+template <typename TW> inline TW scale_by(float y, TW w) { return from_f<TW>(to_f(from_f<TW>(y)) * to_f(w)); }
+
+// 1 / sqrt(mean(v^2) + eps) from the sum of squares of d values.
+inline float inv_rms(float sumsq, int64_t d, double eps) {
+  return 1.0f / std::sqrt(sumsq / float(d) + float(eps));
+}
+
+// Rows below this much work (elements touched) per call run on the calling thread: at::parallel_for's
+// OpenMP fork/join costs more than it saves there (decode steps are almost always below it).
+constexpr int64_t kParallelWork = int64_t(1) << 16;
+
+template <typename F> inline void for_rows(int64_t rows, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_row));
+  if (rows <= grain) {
+    f(int64_t(0), rows);
+  } else {
+    at::parallel_for(0, rows, grain, f);
+  }
+}
+
+enum class Kind { F32, BF16, Other };
+
+inline Kind kind_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Kind::F32;
+    case at::kBFloat16: return Kind::BF16;
+    default: return Kind::Other;
+  }
+}
+
+// A CPU tensor of `dim` dims whose last dim is contiguous (every other stride is free).
+inline void check_rows(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, "depthserve: ", name, " must have ", dim, " dims, got ", t.dim());
+  TORCH_CHECK(t.device().is_cpu(), "depthserve: ", name, " must be on the CPU");
+  TORCH_CHECK(t.size(dim - 1) <= 1 || t.stride(dim - 1) == 1, "depthserve: ", name,
+              " must be contiguous in its last dim");
+}
+
+inline void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "depthserve: ", name, " must be float32, got ", t.scalar_type());
+}
+
+inline void check_float_kind(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(kind_of(t) != Kind::Other, "depthserve: ", name, " must be float32 or bfloat16, got ",
+              t.scalar_type());
+}
+
+template <typename T> inline T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+// Calls f(T{}) with T the element type of a float32 (float) or bfloat16 (bf16_t) tensor.
+template <typename F> inline void with_type(Kind k, const F& f) {
+  if (k == Kind::F32) {
+    f(float{});
+  } else {
+    f(bf16_t{});
+  }
+}
+
+}  // namespace depthserve

@@ -1,0 +1,290 @@
+"""The native C++ CPU ops (kernels/csrc, built by kernels/cpu_ext) against their references.
+
+Each op is called directly (torch.ops.depthserve.*, so a failure cannot hide behind the wrapper's fallback)
+on odd shapes: d not a multiple of any vector width, one row, 33 rows and 700 rows (the parallel path), the
+strided depth-pool views the model passes, fp32 and bf16. Then the wrappers' fallback, the op-set choice, the
+build cache and its failure modes, and the engine's greedy tokens on the native ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from kernels import cpu_ext, ops, reference
+from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy, tiny_config, write_tiny
+
+F32, BF16 = torch.float32, torch.bfloat16
+EPS = 1e-6
+DIMS = [67, 579]
+ROWS = [1, 33, 700]
+NATIVE = ops.Backend("reference", "native")  # native ops whatever the linears (bf16 linears need AVX-512 here)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    """torch.ops.depthserve with the library loaded (a skip only where no compiler could build it)."""
+    if cpu_ext.load() is None:
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler: the native ops cannot be built here")
+        pytest.fail("the native CPU ops did not build or load (see the depthserve.kernels warning)")
+    return torch.ops.depthserve
+
+
+def _gen(*seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(seed) % 2 ** 31)
+
+
+def _rand(g: torch.Generator, *shape: int, dtype: torch.dtype = F32, scale: float = 1.0) -> torch.Tensor:
+    return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+
+def _weight(g: torch.Generator, d: int, dtype: torch.dtype) -> torch.Tensor:
+    return (1 + 0.2 * torch.randn(d, generator=g)).to(dtype)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-6) -> None:
+    """fp32: within `rel` of the tensor's magnitude (summation order is all that differs). bf16: both round an
+    fp32 value that differs by about that much, so a rounding flips now and then (rarely): one bf16 ulp, which
+    rms_norm's product with a bf16 weight rounds once more (2^-7 + 2^-8 relative at most)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g, w = got.float(), want.float()
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    if want.dtype == F32:
+        torch.testing.assert_close(g, w, rtol=rel, atol=rel * scale)
+    else:
+        torch.testing.assert_close(g, w, rtol=2 ** -6, atol=rel * scale)
+        assert (g != w).float().mean() <= 1e-3, f"{int((g != w).sum())} of {g.numel()} bf16 values differ"
+
+
+# ---- each op against its reference --------------------------------------------------------------------
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F32, F32), (BF16, BF16), (F32, BF16)], ids=["f32", "bf16", "f32-bf16w"])
+def test_rms_norm(ds, t, d, x_dtype, w_dtype) -> None:
+    g = _gen(t, d, 1)
+    pool = _rand(g, t, 3, d, dtype=x_dtype, scale=3.0)
+    w = _weight(g, d, w_dtype)
+    for x in (pool[:, 1], pool[:, 0].contiguous()):  # a strided view of a pool, and plain rows
+        assert_matches(ds.rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS))
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_add_rms_norm(ds, t, d, dtype) -> None:
+    g = _gen(t, d, 2)
+    x = _rand(g, t, d, dtype=dtype)
+    pool = _rand(g, t, 2, d, dtype=dtype, scale=3.0)
+    pool_ref = pool.clone()
+    w = _weight(g, d, dtype)
+    got = ds.add_rms_norm(x, pool[:, 1], w, EPS)
+    want = reference.add_rms_norm(x, pool_ref[:, 1], w, EPS)
+    assert torch.equal(pool, pool_ref)  # the same rounded residual, and nothing else written
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("delta", ["accumulate", "assign", "none"])
+def test_attnres_site(ds, t, d, dtype, delta) -> None:
+    """The model's call: partial = states[:, n], lse1 = lse[:, j], xo1 = xo[:, j] (rows of a depth pool)."""
+    g = _gen(t, d, 3)
+    n_src, q, n, j = 5, 6, 2, 3
+    states, lse, xo = _rand(g, t, n_src, d), _rand(g, t, q, scale=4.0), _rand(g, t, q, d)
+    query = _rand(g, d, scale=0.5 / d ** 0.5 * 8)
+    w = _weight(g, d, dtype)
+    dl = _rand(g, t, d, dtype=dtype) if delta != "none" else None
+    ref_states = states.clone()
+    acc = delta != "assign"
+    got = ds.attnres_site(states[:, n], dl, lse[:, j], xo[:, j], query, w, EPS, acc)
+    want = reference.attnres_site(ref_states[:, n], dl, lse[:, j], xo[:, j], query, w, EPS, acc)
+    assert torch.equal(states, ref_states)  # partial += / = delta exactly, nothing else written
+    assert_matches(got, want, rel=1e-5)  # through a sigmoid and a lerp: a few ulps of the magnitude
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("block_size", [3, 4])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_attnres_phase1(ds, t, d, block_size, n) -> None:
+    """Pool of N + 1 = 5 sources; Q = 2 * block_size queries (6: a remainder after groups of four)."""
+    g = _gen(t, d, block_size, n)
+    q = 2 * block_size
+    states = _rand(g, t, 5, d)
+    keys, lse, xo = _rand(g, t, 5, d), _rand(g, t, q), _rand(g, t, q, d)
+    queries = _rand(g, q, d, scale=0.3)
+    queries[-1] = 0  # a short last block's zero-padded query
+    ref = [a.clone() for a in (keys, lse, xo)]
+    assert ds.attnres_phase1(states, keys, n, queries, lse, xo, EPS) is None
+    reference.attnres_phase1(states, ref[0], n, queries, ref[1], ref[2], EPS)
+    assert torch.equal(keys[:, n:], ref[0][:, n:]) and torch.equal(keys[:, :n - 1], ref[0][:, :n - 1])
+    assert_matches(keys[:, n - 1], ref[0][:, n - 1])
+    assert_matches(lse, ref[1])
+    assert_matches(xo, ref[2], rel=1e-5)
+
+
+def test_empty_batch(ds) -> None:
+    w = torch.ones(67)
+    assert ds.rms_norm(torch.randn(0, 67), w, EPS).shape == (0, 67)
+    assert ds.attnres_site(torch.randn(0, 67), None, torch.randn(0), torch.randn(0, 67), w, w, EPS, True).shape == (0, 67)
+
+
+# ---- the wrappers, and which set the model gets ----------------------------------------------------------
+def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
+    native = ops.kernel_set(NATIVE)
+    assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1"}
+    assert native.decode_attention is reference.decode_attention
+    assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
+    assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
+    assert ops.kernel_set(NATIVE, "meta") is ops.REFERENCE_OPS  # off the CPU: the reference (or another backend)
+    assert ops.Backend("reference", "auto", "bf16 linears unavailable").native_ops
+
+
+def test_wrappers_fall_back_on_tensors_the_kernel_does_not_take(ds) -> None:
+    k = ops.kernel_set(NATIVE)
+    g = _gen(4)
+    w = _weight(g, 67, F32)
+    cases = [
+        _rand(g, 67, 5).t(),  # inner dim not contiguous
+        _rand(g, 5, 67, dtype=torch.float16),  # a dtype the kernel does not take
+        _rand(g, 2, 5, 67),  # three dims
+    ]
+    for x in cases:
+        torch.testing.assert_close(k.rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS), rtol=0, atol=0)
+    # in-place ops: the kernel checks everything before it writes, so the reference sees the inputs untouched
+    res, res_ref = _rand(g, 67, 5).t(), None
+    res_ref = res.clone()
+    x = _rand(g, 5, 67)
+    torch.testing.assert_close(k.add_rms_norm(x, res, w, EPS), reference.add_rms_norm(x, res_ref, w, EPS))
+    torch.testing.assert_close(res, res_ref)
+    partial, xo1 = _rand(g, 3, 67), _rand(g, 67, 3).t()  # xo1 with a strided inner dim
+    p_ref = partial.clone()
+    lse1, query, delta = _rand(g, 3), _rand(g, 67, scale=0.1), _rand(g, 3, 67)
+    got = k.attnres_site(partial, delta, lse1, xo1, query, w, EPS)
+    torch.testing.assert_close(got, reference.attnres_site(p_ref, delta, lse1, xo1, query, w, EPS))
+    torch.testing.assert_close(partial, p_ref)
+
+
+# ---- build, cache and failure ------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """An empty kernel cache and a loader that has not run yet in this process (restored afterwards)."""
+    monkeypatch.setenv(cpu_ext.ENV_CACHE, str(tmp_path / "cache"))
+    cpu_ext.reset()
+    ops._native_ops.cache_clear()
+    yield tmp_path / "cache"
+    cpu_ext.reset()
+    ops._native_ops.cache_clear()
+
+
+def _warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "depthserve.kernels" and r.levelno == logging.WARNING]
+
+
+def test_no_build_allowed_means_reference_and_one_warning(fresh_loader, monkeypatch, caplog) -> None:
+    monkeypatch.setenv(cpu_ext.ENV_NO_BUILD, "1")
+    with caplog.at_level(logging.WARNING, logger="depthserve.kernels"):
+        assert ops.kernel_set(NATIVE) is ops.REFERENCE_OPS
+        assert ops.kernel_set(NATIVE) is ops.REFERENCE_OPS  # asked again: no second warning
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and cpu_ext.ENV_NO_BUILD in warnings[0].getMessage()
+
+
+def test_failed_build_means_reference_and_one_warning(fresh_loader, monkeypatch, caplog, tmp_path) -> None:
+    def no_compiler() -> str:
+        raise cpu_ext.BuildError("no C++ compiler found (set CXX, or install g++)")
+
+    monkeypatch.setattr(cpu_ext, "_compiler", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="depthserve.kernels"):
+        assert cpu_ext.load() is None
+        assert ops.kernel_set(NATIVE) is ops.REFERENCE_OPS
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+def test_a_source_that_does_not_compile_is_left_out(fresh_loader, monkeypatch, caplog, tmp_path) -> None:
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "good.cpp").write_text("int depthserve_test_symbol() { return 1; }\n")  # no torch headers: fast
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(cpu_ext, "SRC_DIR", src)
+    with caplog.at_level(logging.WARNING, logger="depthserve.kernels"):
+        ext = cpu_ext.load()
+    assert ext is not None and ext.sources == ("good.cpp",) and ext.skipped == ("broken.cpp",)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "broken.cpp" in warnings[0].getMessage()
+    assert "error" in (ext.path.parent / "build.log").read_text()
+
+
+def test_concurrent_builds_compile_once(fresh_loader, monkeypatch) -> None:
+    """Two builders at once (threads here; the lock is fcntl's, per open file, so processes alike): one
+    compiles, the other waits and loads its library."""
+    calls = []
+
+    def fake_compile(folder: Path):
+        calls.append(folder)
+        time.sleep(0.3)
+        lib = folder / "tmp-fake" / "lib.so"
+        lib.parent.mkdir()
+        lib.write_bytes(b"not really a library")
+        return lib, ["norms.cpp"], []
+
+    monkeypatch.setattr(cpu_ext, "_compile", fake_compile)
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: "c++")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cpu_ext._ensure_built())) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(calls) == 1
+    assert len(results) == 2 and results[0][0] == results[1][0] and results[0][0].read_bytes().startswith(b"not")
+    assert sorted(r[2] for r in results) == [False, True]  # one built it, the other found it
+
+
+def test_build_key_follows_cpu_flags_and_march(fresh_loader, monkeypatch) -> None:
+    base = cpu_ext._key()
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: {"sse2"})
+    assert cpu_ext._key() != base  # a -march=native build never runs on another kind of CPU
+    monkeypatch.setenv(cpu_ext.ENV_MARCH, "x86-64-v3")
+    portable = cpu_ext._key()
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: {"avx2"})
+    assert cpu_ext._key() == portable  # a portable build does not depend on the CPU it was built on ...
+    if cpu_ext.platform.machine() in ("x86_64", "AMD64"):
+        with pytest.raises(cpu_ext.BuildError, match="lacks"):  # ... but only runs where its ISA is
+            cpu_ext._check_cpu()
+
+
+def test_prebuild_command(ds, capsys) -> None:
+    assert cpu_ext.main([]) == 0
+    out = capsys.readouterr().out
+    assert "depthserve_cpu.so" in out and "torch.ops.depthserve.attnres_site" in out
+
+
+# ---- the engine on the native ops ----------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[("none", 0, 4), ("block", 2, 5), ("block", 3, 5), ("full", 0, 4)],
+                ids=["none-L4", "block2-L5", "block3-L5", "full-L4"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    mode, bs, layers = request.param
+    folder, ref = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
+    return folder, [reference_greedy(ref, p, MAX_TOKENS) for p in PROMPTS]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_engine_greedy_equals_reference_on_native_ops(ds, model) -> None:
+    folder, expected = model
+    llm = LLM(str(folder), max_model_len=64, max_num_batched_tokens=5, block_size=4, kernels="native")
+    assert llm.engine.model.k.native_ops()
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected
