@@ -46,7 +46,8 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu, reference
+from kernels import cpu, cpu_attention, reference
+from models.context import AttentionMetadata
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
            "probe_native_ops", "select_backend"]
