@@ -117,7 +117,7 @@ def kernel_override(mode: str) -> Iterator[None]:
     from tests.tiny import STATIC_TABLE_OPS
 
     original = ops.kernel_set
-    ops.kernel_set = lambda backend: STATIC_TABLE_OPS
+    ops.kernel_set = lambda backend, device="cpu": STATIC_TABLE_OPS
     try:
         yield
     finally:

@@ -203,7 +203,7 @@ def test_padded_decode_equals_reference_greedy(model, sizes, kw) -> None:
 def test_padded_decode_with_a_graph_safe_kernel(model, kw, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a graph replays, eagerly: a capture-safe decode attention reads the full-width static block table
     and the lengths in place (no gather built), and the tokens are still the reference's."""
-    monkeypatch.setattr(kernels.ops, "kernel_set", lambda backend: STATIC_TABLE_OPS)
+    monkeypatch.setattr(kernels.ops, "kernel_set", lambda backend, device="cpu": STATIC_TABLE_OPS)
     folder, expected = model
     got, llm, spy = _padded_run(folder, [8], **kw)
     runner = llm.engine.runner

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from kernels import cpu_ext, ops, reference
+from kernels import cpu_attention, cpu_ext, ops, reference
 from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy, tiny_config, write_tiny
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -141,8 +141,9 @@ def test_empty_batch(ds) -> None:
 # ---- the wrappers, and which set the model gets ----------------------------------------------------------
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
-    assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1"}
-    assert native.decode_attention is reference.decode_attention
+    assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1",
+                                        "decode_attention"}
+    assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
     assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
     assert ops.kernel_set(NATIVE, "meta") is ops.REFERENCE_OPS  # off the CPU: the reference (or another backend)
