@@ -1,0 +1,239 @@
+// depthserve::small_m_linear(Tensor x, Tensor w) -> Tensor
+//
+// y[M, N] = x[M, K] @ w[N, K]^T for the small M of decode (1..~16 rows), w in plain row-major layout,
+// fp32 or bf16 (x has w's dtype). Accumulates in fp32; the output has x's dtype, rounded once.
+//
+// At small M a linear is bound by reading the weight once from memory, so the kernel is built around
+// that stream:
+// - every weight row is read from memory exactly once per call, for all M rows of x (the register
+//   tile below re-reads a few rows from L1/L2 when M exceeds one tile, never from memory);
+// - x is converted to fp32 once into a small contiguous buffer (an fp32 x with unit column stride is
+//   used in place); it stays in L1/L2 while the weight streams past it;
+// - bf16 -> fp32 is a zero-extend and a 16-bit shift, fused into the weight load;
+// - a register tile of R weight rows x MB rows of x (R * MB accumulators) hides the FMA latency and
+//   loads each weight vector once per MB rows;
+// - the output rows are split into one big contiguous chunk per thread (at::parallel_for); a call
+//   too small to pay for waking a thread runs on the caller's thread.
+//
+// Any K (the tail past the last full vector is summed in scalar) and any N (the last rows use a
+// smaller tile). Vector paths: AVX-512F, AVX2+FMA, chosen at compile time (-march=native); a scalar
+// fallback elsewhere. Needs -fopenmp at compile time for the threads (without it at::parallel_for runs
+// the whole range on the caller's thread: correct, one core).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace depthserve {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+
+// ---- one vector ISA, chosen at compile time -----------------------------------------------------------
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  static constexpr int W = 16;  // fp32 lanes
+  static constexpr int R = 4;   // weight rows per tile
+  static constexpr int MB = 4;  // x rows per tile: 16 accumulators + 4 weight vectors of 32 registers
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Isa {
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int R = 4;
+  static constexpr int MB = 2;  // 8 accumulators + 4 weight vectors + 1 x vector of 16 registers
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#else
+struct Isa {  // scalar fallback: one lane, the same tiling
+  using V = float;
+  static constexpr int W = 1;
+  static constexpr int R = 4;
+  static constexpr int MB = 2;
+  static V zero() { return 0.f; }
+  static V load(const float* p) { return *p; }
+  static V load(const bf16* p) { return static_cast<float>(*p); }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static float sum(V v) { return v; }
+};
+#endif
+
+// The rows of w that one call of `tile` covers, and where the results go.
+template <typename T>
+struct Args {
+  const T* w;       // first weight row of the tile
+  int64_t ldw;      // weight row stride (elements)
+  const float* x;   // first x row of the tile (fp32)
+  int64_t ldx;      // x row stride (elements)
+  int64_t K;
+  T* y;             // y[m0, n0]
+  int64_t ldy;      // output row stride (N)
+};
+
+// R weight rows x MB rows of x: y[m, r] = sum_k w[r, k] * x[m, k] for r < R, m < MB.
+template <int R, int MB, typename T>
+inline void tile(const Args<T>& a) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  V acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = Isa::zero();
+  const int64_t K = a.K, kv = K - K % W;
+  for (int64_t k = 0; k < kv; k += W) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = Isa::load(a.w + r * a.ldw + k);
+    for (int m = 0; m < MB; ++m) {
+      const V xv = Isa::load(a.x + m * a.ldx + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = Isa::fma(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < MB; ++m) {
+      float s = Isa::sum(acc[r][m]);
+      for (int64_t k = kv; k < K; ++k) s += to_float(a.w[r * a.ldw + k]) * a.x[m * a.ldx + k];
+      a.y[m * a.ldy + r] = static_cast<T>(s);
+    }
+  }
+}
+
+// A tile of R rows and mb <= MB rows of x, mb known only at run time.
+template <int R, int MB, typename T>
+inline void tile_m(int mb, const Args<T>& a) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return tile_m<R, MB - 1, T>(mb, a);
+  }
+  tile<R, MB, T>(a);
+}
+
+// R weight rows (R <= Isa::R) against all M rows of x.
+template <int R, typename T>
+inline void rows(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t K, T* y, int64_t N) {
+  for (int64_t m = 0; m < M; m += Isa::MB) {
+    const int mb = static_cast<int>(std::min<int64_t>(Isa::MB, M - m));
+    tile_m<R, Isa::MB, T>(mb, Args<T>{w, ldw, x + m * ldx, ldx, K, y + m * N, N});
+  }
+}
+
+// The last r < Isa::R weight rows.
+template <int R, typename T>
+inline void rows_tail(int r, const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t K, T* y,
+                      int64_t N) {
+  if constexpr (R > 1) {
+    if (r < R) return rows_tail<R - 1, T>(r, w, ldw, x, ldx, M, K, y, N);
+  }
+  rows<R, T>(w, ldw, x, ldx, M, K, y, N);
+}
+
+// A call smaller than this many weight bytes per thread stays on one thread.
+constexpr int64_t kMinBytesPerThread = 96 * 1024;
+
+template <typename T>
+void run(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, T* y) {
+  constexpr int R = Isa::R;
+  const int64_t groups = (N + R - 1) / R;
+  const int64_t group_bytes = std::max<int64_t>(1, R * K * static_cast<int64_t>(sizeof(T)));
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / group_bytes);
+  // at::parallel_for gives each thread one contiguous chunk of ceil(groups / threads) groups (at least
+  // `grain`): the weight streams sequentially within every thread.
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t n0 = g0 * R, n1 = std::min(N, g1 * R);
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) rows<R, T>(w + n * ldw, ldw, x, ldx, M, K, y + n, N);
+    if (n < n1) rows_tail<R, T>(static_cast<int>(n1 - n), w + n * ldw, ldw, x, ldx, M, K, y + n, N);
+  });
+}
+
+at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "small_m_linear: x [M, K] and w [N, K]; got ", x.sizes(), " and ",
+              w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), "small_m_linear: x ", x.sizes(), " and w ", w.sizes(), " differ in K");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_m_linear: x is ", x.scalar_type(), ", w is ",
+              w.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "small_m_linear: float32 or bfloat16 only; got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_m_linear: CPU tensors only");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor wc = w;
+  if (N > 0 && K > 0 && (w.stride(1) != 1 || w.stride(0) < K)) wc = w.contiguous();  // rows must be unit-stride
+  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+
+  // x in fp32 with unit column stride: in place when it already is, else one small converted copy
+  const float* xp;
+  int64_t ldx;
+  std::vector<float> xbuf;
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1) {
+    xp = x.const_data_ptr<float>();
+    ldx = M > 1 ? x.stride(0) : K;
+  } else {
+    xbuf.resize(static_cast<size_t>(M * K));
+    const int64_t s0 = x.stride(0), s1 = x.stride(1);
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = xbuf.data() + m * K;
+      if (x.scalar_type() == at::kFloat) {
+        const float* src = x.const_data_ptr<float>() + m * s0;
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k * s1];
+      } else {
+        const bf16* src = x.const_data_ptr<bf16>() + m * s0;
+        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k * s1]);
+      }
+    }
+    xp = xbuf.data();
+    ldx = K;
+  }
+
+  const int64_t ldw = wc.stride(0);
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(wc.const_data_ptr<float>(), ldw, xp, ldx, M, N, K, y.data_ptr<float>());
+  } else {
+    run<bf16>(wc.const_data_ptr<bf16>(), ldw, xp, ldx, M, N, K, y.data_ptr<bf16>());
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace depthserve
+
+TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+  m.def("small_m_linear(Tensor x, Tensor w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
+  m.impl("small_m_linear", &depthserve::small_m_linear);
+}
