@@ -28,8 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <vector>
+#include <cstdlib>
+#include <memory>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -44,12 +44,33 @@ inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
 
 // ---- one vector ISA, chosen at compile time -----------------------------------------------------------
+// The AVX2 tile sizes and the prefetch limit can be set with -D for experiments (bench_gemv.py --variant).
+#ifndef DS_GEMV_R1
+#define DS_GEMV_R1 4
+#endif
+#ifndef DS_GEMV_R
+#define DS_GEMV_R 3
+#endif
+#ifndef DS_GEMV_MB
+#define DS_GEMV_MB 4
+#endif
+#ifndef DS_GEMV_LIBRARY  // the op namespace: experiments load several builds side by side
+#define DS_GEMV_LIBRARY depthserve
+#endif
+#ifndef DS_GEMV_BLOCK_BYTES  // weight rows re-read from L2 by the passes over x when M > MB
+#define DS_GEMV_BLOCK_BYTES (128 * 1024)
+#endif
+#ifndef DS_GEMV_PREFETCH_TILE_BYTES
+#define DS_GEMV_PREFETCH_TILE_BYTES (16 * 1024)
+#endif
+
 #if defined(__AVX512F__)
 struct Isa {
   using V = __m512;
   static constexpr int W = 16;  // fp32 lanes
-  static constexpr int R = 4;   // weight rows per tile
-  static constexpr int MB = 4;  // x rows per tile: 16 accumulators + 4 weight vectors of 32 registers
+  static constexpr int R1 = 8;  // weight rows per tile when M == 1: 8 independent accumulators
+  static constexpr int R = 4;   // weight rows per tile when M > 1 ...
+  static constexpr int MB = 4;  // ... times x rows: 16 accumulators + 4 weight vectors of 32 registers
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load(const bf16* p) {
@@ -63,8 +84,9 @@ struct Isa {
 struct Isa {
   using V = __m256;
   static constexpr int W = 8;
-  static constexpr int R = 4;
-  static constexpr int MB = 2;  // 8 accumulators + 4 weight vectors + 1 x vector of 16 registers
+  static constexpr int R1 = DS_GEMV_R1;
+  static constexpr int R = DS_GEMV_R;    // 3 x 4: 12 accumulators + 3 weight vectors + 1 x vector of 16
+  static constexpr int MB = DS_GEMV_MB;  // registers; measured ahead of 4 x 2, 4 x 3 and 2 x 4
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const bf16* p) {
@@ -83,6 +105,7 @@ struct Isa {
 struct Isa {  // scalar fallback: one lane, the same tiling
   using V = float;
   static constexpr int W = 1;
+  static constexpr int R1 = 4;
   static constexpr int R = 4;
   static constexpr int MB = 2;
   static V zero() { return 0.f; }
@@ -106,7 +129,9 @@ struct Args {
 };
 
 // R weight rows x MB rows of x: y[m, r] = sum_k w[r, k] * x[m, k] for r < R, m < MB.
-template <int R, int MB, typename T>
+// PF: the tile's rows are contiguous and short; while they stream, prefetch the next tile's R * K
+// elements at the same pace (the hardware prefetcher ramps up too slowly on rows of a few cache lines).
+template <int R, int MB, bool PF, typename T>
 inline void tile(const Args<T>& a) {
   using V = typename Isa::V;
   constexpr int W = Isa::W;
@@ -114,7 +139,15 @@ inline void tile(const Args<T>& a) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = Isa::zero();
   const int64_t K = a.K, kv = K - K % W;
+  [[maybe_unused]] const char* next = reinterpret_cast<const char*>(a.w + R * a.ldw);
   for (int64_t k = 0; k < kv; k += W) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    if constexpr (PF) {
+      constexpr int64_t step = R * W * static_cast<int64_t>(sizeof(T));  // bytes of w consumed per step
+      for (int64_t b = 0; b < step; b += 64) _mm_prefetch(next + k * R * static_cast<int64_t>(sizeof(T)) + b,
+                                                          _MM_HINT_T0);
+    }
+#endif
     V wv[R];
     for (int r = 0; r < R; ++r) wv[r] = Isa::load(a.w + r * a.ldw + k);
     for (int m = 0; m < MB; ++m) {
@@ -132,50 +165,74 @@ inline void tile(const Args<T>& a) {
 }
 
 // A tile of R rows and mb <= MB rows of x, mb known only at run time.
-template <int R, int MB, typename T>
+template <int R, int MB, bool PF, typename T>
 inline void tile_m(int mb, const Args<T>& a) {
   if constexpr (MB > 1) {
-    if (mb < MB) return tile_m<R, MB - 1, T>(mb, a);
+    if (mb < MB) return tile_m<R, MB - 1, PF, T>(mb, a);
   }
-  tile<R, MB, T>(a);
+  tile<R, MB, PF, T>(a);
 }
 
-// R weight rows (R <= Isa::R) against all M rows of x.
-template <int R, typename T>
-inline void rows(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t K, T* y, int64_t N) {
-  for (int64_t m = 0; m < M; m += Isa::MB) {
-    const int mb = static_cast<int>(std::min<int64_t>(Isa::MB, M - m));
-    tile_m<R, Isa::MB, T>(mb, Args<T>{w, ldw, x + m * ldx, ldx, K, y + m * N, N});
-  }
-}
-
-// The last r < Isa::R weight rows.
-template <int R, typename T>
-inline void rows_tail(int r, const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t K, T* y,
-                      int64_t N) {
+// The last r < R rows of a block: a tile of r rows, r known only at run time.
+template <int R, int MB, typename T>
+inline void tile_rm(int r, int mb, const Args<T>& a) {
   if constexpr (R > 1) {
-    if (r < R) return rows_tail<R - 1, T>(r, w, ldw, x, ldx, M, K, y, N);
+    if (r < R) return tile_rm<R - 1, MB, T>(r, mb, a);
   }
-  rows<R, T>(w, ldw, x, ldx, M, K, y, N);
+  tile_m<R, MB, false, T>(mb, a);
+}
+
+// Weight rows [0, rows) of a block against all M rows of x: MB rows of x at a time, all tiles of the block
+// for each. The first pass reads the block from memory (prefetching the next tile when `pf`), the later
+// ones from L2; the x rows of a pass stay in L1.
+template <int R, int MB, typename T>
+void block(bool pf, const T* w, int64_t ldw, int64_t rows, const float* x, int64_t ldx, int64_t M, int64_t K, T* y,
+           int64_t N) {
+  for (int64_t m = 0; m < M; m += MB) {
+    const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+    int64_t n = 0;
+    for (; n + R <= rows; n += R) {
+      const Args<T> a{w + n * ldw, ldw, x + m * ldx, ldx, K, y + m * N + n, N};
+      if (pf && m == 0) {
+        tile_m<R, MB, true, T>(mb, a);
+      } else {
+        tile_m<R, MB, false, T>(mb, a);
+      }
+    }
+    if (n < rows) tile_rm<R, MB, T>(static_cast<int>(rows - n), mb, {w + n * ldw, ldw, x + m * ldx, ldx, K,
+                                                                     y + m * N + n, N});
+  }
 }
 
 // A call smaller than this many weight bytes per thread stays on one thread.
 constexpr int64_t kMinBytesPerThread = 96 * 1024;
 
-template <typename T>
+// R rows per tile, MB rows of x per tile.
+template <int R, int MB, typename T>
 void run(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, T* y) {
-  constexpr int R = Isa::R;
+  const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
+  const bool pf = ldw == K && R * row_bytes <= DS_GEMV_PREFETCH_TILE_BYTES;
+  // rows per block: as many whole tiles as fit DS_GEMV_BLOCK_BYTES (matters only when M > MB)
+  const int64_t block_rows = std::max<int64_t>(1, DS_GEMV_BLOCK_BYTES / (R * row_bytes)) * R;
   const int64_t groups = (N + R - 1) / R;
-  const int64_t group_bytes = std::max<int64_t>(1, R * K * static_cast<int64_t>(sizeof(T)));
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / group_bytes);
-  // at::parallel_for gives each thread one contiguous chunk of ceil(groups / threads) groups (at least
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (R * row_bytes));
+  // at::parallel_for gives each thread one contiguous chunk of ceil(groups / threads) tiles (at least
   // `grain`): the weight streams sequentially within every thread.
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    const int64_t n0 = g0 * R, n1 = std::min(N, g1 * R);
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) rows<R, T>(w + n * ldw, ldw, x, ldx, M, K, y + n, N);
-    if (n < n1) rows_tail<R, T>(static_cast<int>(n1 - n), w + n * ldw, ldw, x, ldx, M, K, y + n, N);
+    const int64_t n1 = std::min(N, g1 * R);
+    for (int64_t n = g0 * R; n < n1; n += block_rows) {
+      block<R, MB, T>(pf, w + n * ldw, ldw, std::min(block_rows, n1 - n), x, ldx, M, K, y + n, N);
+    }
   });
+}
+
+template <typename T>
+void dispatch(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, T* y) {
+  if (M == 1) {
+    run<Isa::R1, 1, T>(w, ldw, x, ldx, M, N, K, y);
+  } else {
+    run<Isa::R, Isa::MB, T>(w, ldw, x, ldx, M, N, K, y);
+  }
 }
 
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -194,35 +251,42 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
 
-  // x in fp32 with unit column stride: in place when it already is, else one small converted copy
-  const float* xp;
-  int64_t ldx;
-  std::vector<float> xbuf;
-  if (x.scalar_type() == at::kFloat && x.stride(1) == 1) {
+  // x in fp32, unit column stride, every row 64-byte aligned (a misaligned row splits a vector load in two
+  // cache lines): in place when it already is, else one small converted copy
+  const float* xp = nullptr;
+  int64_t ldx = 0;
+  std::unique_ptr<float, decltype(&std::free)> xbuf(nullptr, &std::free);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && aligned(x.const_data_ptr()) &&
+      (M == 1 || x.stride(0) % 16 == 0)) {
     xp = x.const_data_ptr<float>();
     ldx = M > 1 ? x.stride(0) : K;
   } else {
-    xbuf.resize(static_cast<size_t>(M * K));
+    ldx = (K + 15) / 16 * 16;
+    xbuf.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(M * ldx) * sizeof(float))));
+    TORCH_CHECK(xbuf, "small_m_linear: out of memory");
     const int64_t s0 = x.stride(0), s1 = x.stride(1);
     for (int64_t m = 0; m < M; ++m) {
-      float* dst = xbuf.data() + m * K;
+      float* dst = xbuf.get() + m * ldx;
       if (x.scalar_type() == at::kFloat) {
         const float* src = x.const_data_ptr<float>() + m * s0;
         for (int64_t k = 0; k < K; ++k) dst[k] = src[k * s1];
+      } else if (s1 == 1) {
+        const bf16* src = x.const_data_ptr<bf16>() + m * s0;
+        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]);
       } else {
         const bf16* src = x.const_data_ptr<bf16>() + m * s0;
         for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k * s1]);
       }
     }
-    xp = xbuf.data();
-    ldx = K;
+    xp = xbuf.get();
   }
 
   const int64_t ldw = wc.stride(0);
   if (x.scalar_type() == at::kFloat) {
-    run<float>(wc.const_data_ptr<float>(), ldw, xp, ldx, M, N, K, y.data_ptr<float>());
+    dispatch<float>(wc.const_data_ptr<float>(), ldw, xp, ldx, M, N, K, y.data_ptr<float>());
   } else {
-    run<bf16>(wc.const_data_ptr<bf16>(), ldw, xp, ldx, M, N, K, y.data_ptr<bf16>());
+    dispatch<bf16>(wc.const_data_ptr<bf16>(), ldw, xp, ldx, M, N, K, y.data_ptr<bf16>());
   }
   return y;
 }
@@ -230,10 +294,10 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
 }  // namespace
 }  // namespace depthserve
 
-TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+TORCH_LIBRARY_FRAGMENT(DS_GEMV_LIBRARY, m) {
   m.def("small_m_linear(Tensor x, Tensor w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
+TORCH_LIBRARY_IMPL(DS_GEMV_LIBRARY, CPU, m) {
   m.impl("small_m_linear", &depthserve::small_m_linear);
 }

@@ -38,7 +38,7 @@ def _case(m: int, n: int, k: int, dtype: torch.dtype):
     return x, w
 
 
-SHAPES = [(1537, 577), (5, 67), (96, 64), (1, 7), (3, 3), (9, 1024)]  # (N, K)
+SHAPES = [(1537, 577), (5, 67), (96, 64), (1, 7), (3, 3), (11, 33), (10, 130), (9, 1024), (7, 3001)]  # (N, K)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 33])
