@@ -46,7 +46,7 @@ inline float to_float(bf16 v) { return static_cast<float>(v); }
 // ---- one vector ISA, chosen at compile time -----------------------------------------------------------
 // The AVX2 tile sizes and the prefetch limit can be set with -D for experiments (bench_gemv.py --variant).
 #ifndef DS_GEMV_R1
-#define DS_GEMV_R1 4
+#define DS_GEMV_R1 8
 #endif
 #ifndef DS_GEMV_R
 #define DS_GEMV_R 3
@@ -59,6 +59,12 @@ inline float to_float(bf16 v) { return static_cast<float>(v); }
 #endif
 #ifndef DS_GEMV_BLOCK_BYTES  // weight rows re-read from L2 by the passes over x when M > MB
 #define DS_GEMV_BLOCK_BYTES (128 * 1024)
+#endif
+#ifndef DS_GEMV_PREFETCH_AHEAD
+#define DS_GEMV_PREFETCH_AHEAD 1
+#endif
+#ifndef DS_GEMV_PREFETCH_HINT
+#define DS_GEMV_PREFETCH_HINT _MM_HINT_T0
 #endif
 #ifndef DS_GEMV_PREFETCH_TILE_BYTES
 #define DS_GEMV_PREFETCH_TILE_BYTES (16 * 1024)
@@ -84,7 +90,7 @@ struct Isa {
 struct Isa {
   using V = __m256;
   static constexpr int W = 8;
-  static constexpr int R1 = DS_GEMV_R1;
+  static constexpr int R1 = DS_GEMV_R1;  // 8 rows at M == 1: measured ahead of 4 and 12
   static constexpr int R = DS_GEMV_R;    // 3 x 4: 12 accumulators + 3 weight vectors + 1 x vector of 16
   static constexpr int MB = DS_GEMV_MB;  // registers; measured ahead of 4 x 2, 4 x 3 and 2 x 4
   static V zero() { return _mm256_setzero_ps(); }
@@ -139,13 +145,13 @@ inline void tile(const Args<T>& a) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = Isa::zero();
   const int64_t K = a.K, kv = K - K % W;
-  [[maybe_unused]] const char* next = reinterpret_cast<const char*>(a.w + R * a.ldw);
+  [[maybe_unused]] const char* next = reinterpret_cast<const char*>(a.w + DS_GEMV_PREFETCH_AHEAD * R * a.ldw);
   for (int64_t k = 0; k < kv; k += W) {
 #if defined(__AVX2__) || defined(__AVX512F__)
     if constexpr (PF) {
       constexpr int64_t step = R * W * static_cast<int64_t>(sizeof(T));  // bytes of w consumed per step
       for (int64_t b = 0; b < step; b += 64) _mm_prefetch(next + k * R * static_cast<int64_t>(sizeof(T)) + b,
-                                                          _MM_HINT_T0);
+                                                          DS_GEMV_PREFETCH_HINT);
     }
 #endif
     V wv[R];
@@ -211,7 +217,9 @@ constexpr int64_t kMinBytesPerThread = 96 * 1024;
 template <int R, int MB, typename T>
 void run(const T* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K, T* y) {
   const int64_t row_bytes = std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(T)));
-  const bool pf = ldw == K && R * row_bytes <= DS_GEMV_PREFETCH_TILE_BYTES;
+  // Prefetch the next tile when the rows are contiguous, and at M == 1 only for short tiles: there long
+  // rows stream well on the hardware prefetcher alone, which the software prefetch measured to slow down.
+  const bool pf = ldw == K && (MB > 1 || R * row_bytes <= DS_GEMV_PREFETCH_TILE_BYTES);
   // rows per block: as many whole tiles as fit DS_GEMV_BLOCK_BYTES (matters only when M > MB)
   const int64_t block_rows = std::max<int64_t>(1, DS_GEMV_BLOCK_BYTES / (R * row_bytes)) * R;
   const int64_t groups = (N + R - 1) / R;
