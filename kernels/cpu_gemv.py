@@ -2,31 +2,34 @@
 
     y = small_m_linear(x, w)     # x [M, K], w [N, K] row-major, both fp32 or both bf16 -> [M, N] or None
 
-A batch-1..few decode step reads every weight once; this kernel streams a plain row-major weight once
-per call for all M rows (fp32 accumulation, the output rounded once to x's dtype) at a large fraction of
-memory bandwidth, where torch.mv / F.linear read bf16 weights at well under half of it on CPUs without
-AVX-512 (and where oneDNN has no bf16 inner product at all). Numbers: loadtest/bench_gemv.py.
+A decode step at small M reads every weight once; this kernel streams a plain row-major weight once per
+call for all M rows (fp32 accumulation, the output rounded once to x's dtype) close to memory bandwidth.
+On CPUs without AVX-512 oneDNN has no bf16 inner product, and torch.mv / F.linear read bf16 weights at
+about half that rate (M=1) or far below it (F.linear bf16 at M >= 2 is 5-8x slower than this kernel).
+Numbers and method: loadtest/bench_gemv.py.
 
 The op exists only once the C++ extension is loaded (the shared loader compiles every kernels/csrc/*.cpp;
-tests and the bench build linear.cpp alone). Until then `available()` is False and `small_m_linear`
-returns None, so the caller falls back to the reference linear.
+tests and the bench build linear.cpp alone). `available()` says whether it is; `small_m_linear` returns
+None until then. kernels.ops.linear routes to it only after `enable()` (called by whoever loads the
+extension), so the hot path pays one flag test while it is absent.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPES", "MAX_M", "applies", "available", "small_m_linear"]
+__all__ = ["MAX_M", "applies", "available", "enable", "enabled", "small_m_linear"]
 
-# The largest M this kernel takes, measured by loadtest/bench_gemv.py on a 2-core AMD EPYC (AVX2, no
-# AVX-512): for bf16 it beats torch.mv / F.linear at every M up to 32, by 1.1-1.7x at M=1 and 2-4x at M>=4,
-# but past 16 rows the M-times-repeated FMAs make it compute-bound (< 0.4 of the bandwidth roofline) and a
-# GEMM with real blocking should take over; for fp32 it leads F.linear by >= 1.5x up to 8 rows and by
-# little at 16 (see DTYPES).
-MAX_M = 16
+# The largest M per weight dtype for which the kernel is the recommended linear, measured by
+# loadtest/bench_gemv.py and a larger-M sweep on a 2-core AMD EPYC (Zen 3: AVX2+FMA, no AVX-512):
+# - bfloat16: ahead of torch.mv by 1.4-2x at M=1 and of F.linear by 5-8x at every M up to 256; a weight
+#   upcast + fp32 F.linear catches up at M ~ 128, so past 64 rows that (or this kernel) is the choice,
+#   never F.linear in bf16 on such a CPU.
+# - float32: ahead of torch.mv (1.05-1.4x) and oneDNN packed (1.2-1.5x) from M=1 to 16; level with both
+#   at M=32, where a blocked GEMM's efficiency starts to count.
+MAX_M = {torch.bfloat16: 64, torch.float32: 16}
 
-# Weight dtypes the kernel is recommended for, with the largest M for each.
-DTYPES = {torch.bfloat16: MAX_M, torch.float32: 8}
+enabled = False  # set by enable(): kernels.ops.linear consults only this flag
 
 
 def available() -> bool:
@@ -37,11 +40,18 @@ def available() -> bool:
         return False
 
 
+def enable(on: bool = True) -> bool:
+    """Let kernels.ops.linear use the kernel (when `on` and it is loaded); returns whether it now does."""
+    global enabled
+    enabled = bool(on) and available()
+    return enabled
+
+
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the recommended dispatch sends x @ w^T here: CPU, same dtype, M within that dtype's limit."""
-    limit = DTYPES.get(w.dtype)
-    return (limit is not None and x.dtype == w.dtype and x.dim() == 2 and w.dim() == 2
-            and 1 <= x.shape[0] <= limit and x.device.type == "cpu" and w.device.type == "cpu")
+    """The recommended dispatch: CPU tensors of one dtype, 1 <= M <= MAX_M[dtype], a 2-D x and weight."""
+    limit = MAX_M.get(w.dtype, 0)
+    return (x.dtype == w.dtype and x.dim() == 2 and w.dim() == 2 and 1 <= x.shape[0] <= limit
+            and x.device.type == "cpu" and w.device.type == "cpu")
 
 
 def small_m_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels import cpu, reference
+from kernels import cpu, cpu_gemv, reference
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
            "select_backend"]
@@ -121,6 +121,11 @@ def pack_linear(weight: torch.Tensor, backend: Backend) -> PackedLinear:
 
 def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ W^T (+ bias) on whichever form `pw` holds."""
+    # HOOK (issue 13, kernels/cpu_gemv.py): small-M linears on the plain weight, fp32 up to 16 rows and bf16
+    # up to 64. Inert until the extension loader calls cpu_gemv.enable(); the lead integrates it for real.
+    if cpu_gemv.enabled and cpu_gemv.applies(x, pw.weight):
+        y = torch.ops.depthserve.small_m_linear(x, pw.weight)
+        return y if bias is None else y.add_(bias)
     if pw.packed is None or (x.shape[0] == 1 and x.dtype == torch.float32):
         # fp32 at one row: the reference's GEMV on the plain weight streams it at least as fast as the
         # packed inner product (Xeon, 2 and 16 threads: 1.5x and 1.4x faster; see loadtest/RESULTS.md).

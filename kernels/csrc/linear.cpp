@@ -1,24 +1,28 @@
 // depthserve::small_m_linear(Tensor x, Tensor w) -> Tensor
 //
-// y[M, N] = x[M, K] @ w[N, K]^T for the small M of decode (1..~16 rows), w in plain row-major layout,
-// fp32 or bf16 (x has w's dtype). Accumulates in fp32; the output has x's dtype, rounded once.
+// y[M, N] = x[M, K] @ w[N, K]^T for the small M of decode, w in plain row-major layout (any row stride),
+// fp32 or bf16 (x has w's dtype, any strides). Accumulates in fp32; the output has x's dtype, rounded once.
 //
 // At small M a linear is bound by reading the weight once from memory, so the kernel is built around
 // that stream:
-// - every weight row is read from memory exactly once per call, for all M rows of x (the register
-//   tile below re-reads a few rows from L1/L2 when M exceeds one tile, never from memory);
-// - x is converted to fp32 once into a small contiguous buffer (an fp32 x with unit column stride is
-//   used in place); it stays in L1/L2 while the weight streams past it;
+// - every weight row is read from memory exactly once per call, for all M rows of x: a block of rows
+//   (DS_GEMV_BLOCK_BYTES) is streamed by the first pass over x and re-read from L2 by the others;
+// - x is converted once to fp32 into a small 64-byte-aligned buffer (an aligned fp32 x is used in place);
+//   it stays in L1/L2 while the weight streams past it;
 // - bf16 -> fp32 is a zero-extend and a 16-bit shift, fused into the weight load;
-// - a register tile of R weight rows x MB rows of x (R * MB accumulators) hides the FMA latency and
-//   loads each weight vector once per MB rows;
-// - the output rows are split into one big contiguous chunk per thread (at::parallel_for); a call
-//   too small to pay for waking a thread runs on the caller's thread.
+// - register tiles: R1 = 8 rows at M == 1 (8 independent accumulators), R x MB = 3 x 4 above (each weight
+//   vector loaded and converted once per 4 rows of x, each x vector once per 3 weight rows);
+// - while a tile streams, the next tile is prefetched when the rows are contiguous (always for M > 1, for
+//   short tiles at M == 1): rows of a few KB are too short for the hardware prefetcher to ramp up;
+// - the output rows are split into one big contiguous chunk per thread (at::parallel_for); a call too
+//   small to pay for waking a thread runs on the caller's thread.
+// Measured with loadtest/bench_gemv.py on a 2-core Zen 3 (AVX2): bf16 at M=1 streams at ~0.75-0.9 of the
+// read bandwidth (torch.mv: ~0.55); past M ~ 8 the FMAs (M per weight) bound it, at ~85% of FMA peak.
 //
-// Any K (the tail past the last full vector is summed in scalar) and any N (the last rows use a
-// smaller tile). Vector paths: AVX-512F, AVX2+FMA, chosen at compile time (-march=native); a scalar
-// fallback elsewhere. Needs -fopenmp at compile time for the threads (without it at::parallel_for runs
-// the whole range on the caller's thread: correct, one core).
+// Any K (the tail past the last full vector is summed in scalar) and any N (the last rows use a smaller
+// tile). Vector paths: AVX-512F, AVX2+FMA, chosen at compile time (-march=native); a scalar fallback
+// elsewhere. Needs -fopenmp at compile time for the threads (without it at::parallel_for runs the whole
+// range on the caller's thread: correct, one core); GOMP symbols resolve against torch's libgomp.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

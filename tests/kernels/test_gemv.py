@@ -114,6 +114,26 @@ def test_applies_rule() -> None:
     x = torch.ones(1, 8, dtype=torch.bfloat16)
     w = torch.ones(4, 8, dtype=torch.bfloat16)
     assert cpu_gemv.applies(x, w)
-    assert not cpu_gemv.applies(torch.ones(cpu_gemv.MAX_M + 1, 8, dtype=torch.bfloat16), w)
+    assert cpu_gemv.applies(torch.ones(cpu_gemv.MAX_M[torch.bfloat16], 8, dtype=torch.bfloat16), w)
+    assert not cpu_gemv.applies(torch.ones(cpu_gemv.MAX_M[torch.bfloat16] + 1, 8, dtype=torch.bfloat16), w)
+    assert not cpu_gemv.applies(torch.ones(cpu_gemv.MAX_M[torch.float32] + 1, 8), w.float())
+    assert not cpu_gemv.applies(torch.ones(0, 8), w.float())
     assert not cpu_gemv.applies(x.half(), w.half())
     assert not cpu_gemv.applies(x.float(), w)
+
+
+def test_ops_linear_hook(op, monkeypatch) -> None:
+    """kernels.ops.linear leaves the kernel alone until enable(), then routes the small-M cases to it."""
+    from kernels import ops
+
+    x, w = _case(3, 37, 61, torch.bfloat16)
+    b = torch.randn(37).to(torch.bfloat16)
+    pw = ops.PackedLinear(w)
+    monkeypatch.setattr(cpu_gemv, "enabled", False)
+    torch.testing.assert_close(ops.linear(x, pw, b), F.linear(x, w, b))
+    assert cpu_gemv.enable()
+    torch.testing.assert_close(ops.linear(x, pw, b), op(x, w) + b, rtol=0, atol=0)
+    big = torch.randn(cpu_gemv.MAX_M[torch.bfloat16] + 1, 61).to(torch.bfloat16)
+    torch.testing.assert_close(ops.linear(big, pw), F.linear(big, w))  # past MAX_M: the reference
+    cpu_gemv.enable(False)
+    assert not cpu_gemv.enabled
