@@ -5,7 +5,7 @@
 A decode step at small M reads every weight once; this kernel streams a plain row-major weight once per
 call for all M rows (fp32 accumulation, the output rounded once to x's dtype) close to memory bandwidth.
 On CPUs without AVX-512 oneDNN has no bf16 inner product, and torch.mv / F.linear read bf16 weights at
-about half that rate (M=1) or far below it (F.linear bf16 at M >= 2 is 5-8x slower than this kernel).
+~0.6 of the read bandwidth (M=1) or far below it (F.linear bf16 at M >= 4 is 4-7x slower than this kernel).
 Numbers and method: loadtest/bench_gemv.py.
 
 The op exists only once the C++ extension is loaded (the shared loader compiles every kernels/csrc/*.cpp;
@@ -22,11 +22,12 @@ __all__ = ["MAX_M", "applies", "available", "enable", "enabled", "small_m_linear
 
 # The largest M per weight dtype for which the kernel is the recommended linear, measured by
 # loadtest/bench_gemv.py and a larger-M sweep on a 2-core AMD EPYC (Zen 3: AVX2+FMA, no AVX-512):
-# - bfloat16: ahead of torch.mv by 1.4-2x at M=1 and of F.linear by 5-8x at every M up to 256; a weight
-#   upcast + fp32 F.linear catches up at M ~ 128, so past 64 rows that (or this kernel) is the choice,
-#   never F.linear in bf16 on such a CPU.
-# - float32: ahead of torch.mv (1.05-1.4x) and oneDNN packed (1.2-1.5x) from M=1 to 16; level with both
-#   at M=32, where a blocked GEMM's efficiency starts to count.
+# - bfloat16: ahead of torch.mv by 1.3-1.5x at M=1 (2 threads) and of F.linear by 4-7x at every M measured
+#   from 4 to 256; a weight upcast + fp32 F.linear catches up at M ~ 64-128, so past 64 rows that (or this
+#   kernel) is the choice, never F.linear in bf16 on such a CPU.
+# - float32: ahead of torch.mv (1.4-2.4x at 2 threads, 1.05-1.4x at 1), of F.linear (1.6-5x) up to M=16, and
+#   of oneDNN packed by 1.1-1.7x at M=1-4, level to 1.2x at M=8-16 and level at M=32, where a blocked
+#   GEMM's efficiency starts to count.
 MAX_M = {torch.bfloat16: 64, torch.float32: 16}
 
 enabled = False  # set by enable(): kernels.ops.linear consults only this flag

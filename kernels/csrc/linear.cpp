@@ -17,7 +17,7 @@
 // - the output rows are split into one big contiguous chunk per thread (at::parallel_for); a call too
 //   small to pay for waking a thread runs on the caller's thread.
 // Measured with loadtest/bench_gemv.py on a 2-core Zen 3 (AVX2): bf16 at M=1 streams at ~0.75-0.9 of the
-// read bandwidth (torch.mv: ~0.55); past M ~ 8 the FMAs (M per weight) bound it, at ~85% of FMA peak.
+// read bandwidth (torch.mv: ~0.6); past M ~ 8 the FMAs (M per weight element) bound it, not memory.
 //
 // Any K (the tail past the last full vector is summed in scalar) and any N (the last rows use a smaller
 // tile). Vector paths: AVX-512F, AVX2+FMA, chosen at compile time (-march=native); a scalar fallback
