@@ -75,7 +75,7 @@ inline float to_float(bf16 v) { return static_cast<float>(v); }
 #endif
 
 #if defined(__AVX512F__)
-struct Isa {  // compiled and checked for correctness by construction only: no AVX-512 machine timed it yet
+struct Isa {  // compiles (-march=skylake-avx512) but has not run: no AVX-512 machine was at hand
   using V = __m512;
   static constexpr int W = 16;  // fp32 lanes
   static constexpr int R1 = 8;  // weight rows per tile when M == 1: 8 independent accumulators
