@@ -46,7 +46,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu, cpu_attention, reference
+from kernels import cpu, cpu_attention, cpu_gemv, reference
 from models.context import AttentionMetadata
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
@@ -92,6 +92,7 @@ class PackedLinear:
 
     weight: torch.Tensor
     packed: torch.Tensor | None = None
+    small_m_rows: int = 0  # up to this many rows go to the small-M kernel on `weight` (kernels/cpu_gemv.py)
 
 
 def _probe(dtype: torch.dtype) -> str | None:
@@ -178,14 +179,46 @@ def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.fl
 
 
 def pack_linear(weight: torch.Tensor, backend: Backend) -> PackedLinear:
-    """Prepare a [out, in] weight once for `backend` (a packed copy on native CPU; the weight itself otherwise)."""
+    """Prepare a [out, in] weight once for `backend`: a packed oneDNN copy for the native linears, and the
+    number of rows the small-M kernel takes on the plain weight where the native ops run."""
+    small = _small_m_rows(weight, backend)
     if backend.native and weight.device.type == "cpu":
-        return PackedLinear(weight, cpu.pack_linear(weight))
-    return PackedLinear(weight)
+        return PackedLinear(weight, cpu.pack_linear(weight), small)
+    return PackedLinear(weight, None, small)
+
+
+def _small_m_rows(weight: torch.Tensor, backend: Backend) -> int:
+    """Up to how many rows `linear` sends this weight to depthserve::small_m_linear (0: never)."""
+    if not backend.native_ops or weight.device.type != "cpu" or weight.dim() != 2 or not _small_m_linear_ok():
+        return 0
+    return cpu_gemv.MAX_M.get(weight.dtype, 0)
+
+
+@functools.cache
+def _small_m_linear_ok() -> bool:
+    """The native library loaded, registers small_m_linear, and it matches the reference (once per process)."""
+    from kernels import cpu_ext
+
+    if cpu_ext.load() is None or not cpu_gemv.available():  # load() warned
+        return False
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(3)
+            w, x = torch.randn(37, 61, generator=g).to(dt), torch.randn(3, 61, generator=g).to(dt)
+            if not _agrees(torch.ops.depthserve.small_m_linear(x, w), reference.linear(x, w)):
+                raise RuntimeError(f"{dt}: differs from the reference")
+    except Exception as e:  # noqa: BLE001 - a failing op means: the other linears
+        logger.warning("native small-M linear unusable, using the other linears (%s)", e)
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ W^T (+ bias) on whichever form `pw` holds."""
+    """x [T, in] @ W^T (+ bias) on whichever form `pw` holds: the small-M kernel on the plain weight for up to
+    `pw.small_m_rows` rows (kernels/cpu_gemv.py), else the packed oneDNN weight, else the reference."""
+    if x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
+        y = torch.ops.depthserve.small_m_linear(x, pw.weight)  # [T, out]
+        return y if bias is None else y.add_(bias)
     if pw.packed is None or (x.shape[0] == 1 and x.dtype == torch.float32):
         # fp32 at one row: the reference's GEMV on the plain weight streams it at least as fast as the
         # packed inner product (Xeon, 2 and 16 threads: 1.5x and 1.4x faster; see loadtest/RESULTS.md).
