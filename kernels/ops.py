@@ -216,7 +216,7 @@ def _small_m_linear_ok() -> bool:
 def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ W^T (+ bias) on whichever form `pw` holds: the small-M kernel on the plain weight for up to
     `pw.small_m_rows` rows (kernels/cpu_gemv.py), else the packed oneDNN weight, else the reference."""
-    if x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
+    if 0 < x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
         y = torch.ops.depthserve.small_m_linear(x, pw.weight)  # [T, out]
         return y if bias is None else y.add_(bias)
     if pw.packed is None or (x.shape[0] == 1 and x.dtype == torch.float32):

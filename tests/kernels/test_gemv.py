@@ -129,3 +129,4 @@ def test_ops_linear_routes_small_m_to_the_kernel(op) -> None:
     torch.testing.assert_close(ops.linear(x, pw, b), op(x, w) + b, rtol=0, atol=0)
     big = torch.randn(cpu_gemv.MAX_M[torch.bfloat16] + 1, 61).to(torch.bfloat16)
     torch.testing.assert_close(ops.linear(big, pw), F.linear(big, w))  # past MAX_M: the reference
+    assert ops.linear(x[:0], pw).shape == (0, 37)  # no rows (a step that samples nothing): not the kernel
