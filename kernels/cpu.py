@@ -75,8 +75,19 @@ def _attnres_phase1(op) -> Callable[..., None]:
     return attnres_phase1
 
 
+def _rotary(op) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            op(q, k, cos, sin)  # in place (the C++ checks everything before it writes)
+            return q, k
+        except RuntimeError:
+            return reference.rotary(q, k, cos, sin)
+    return rotary
+
+
 _WRAPPERS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "attnres_site": _attnres_site,
-             "attnres_phase1": _attnres_phase1}
+             "attnres_phase1": _attnres_phase1, "rotary": _rotary}
 
 
 def extension_ops() -> dict[str, Callable]:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, fields
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from kernels import cpu, cpu_attention, cpu_gemv, reference
 from models.context import AttentionMetadata
@@ -93,6 +94,7 @@ class PackedLinear:
     weight: torch.Tensor
     packed: torch.Tensor | None = None
     small_m_rows: int = 0  # up to this many rows go to the small-M kernel on `weight` (kernels/cpu_gemv.py)
+    upcast: bool = False  # more rows compute in fp32 (a bf16 weight on a CPU without bf16 GEMM support)
 
 
 def _probe(dtype: torch.dtype) -> str | None:
@@ -184,7 +186,19 @@ def pack_linear(weight: torch.Tensor, backend: Backend) -> PackedLinear:
     small = _small_m_rows(weight, backend)
     if backend.native and weight.device.type == "cpu":
         return PackedLinear(weight, cpu.pack_linear(weight), small)
-    return PackedLinear(weight, None, small)
+    upcast = (backend.native_ops and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+              and not _cpu_bf16_gemm())
+    return PackedLinear(weight, None, small, upcast)
+
+
+@functools.cache
+def _cpu_bf16_gemm() -> bool:
+    """Whether this CPU has native bf16 GEMM (oneDNN's check: AVX-512 BF16 / AMX); without it torch's bf16
+    matmuls emulate the format and measured 4-7x slower than fp32 ones (loadtest/RESULTS.md, small-M linear)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: keep bf16
 
 
 def _small_m_rows(weight: torch.Tensor, backend: Backend) -> int:
@@ -219,6 +233,10 @@ def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) 
     if 0 < x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
         y = torch.ops.depthserve.small_m_linear(x, pw.weight)  # [T, out]
         return y if bias is None else y.add_(bias)
+    if pw.upcast and x.shape[0] > pw.small_m_rows:
+        # bf16 GEMM without CPU bf16 support (no AVX-512 BF16 / AMX) runs ~4-7x slower than fp32's: a prompt
+        # chunk computes in fp32 on an upcast copy of the weight (its cost is amortised over the rows).
+        return F.linear(x.float(), pw.weight.float(), None if bias is None else bias.float()).to(x.dtype)
     if pw.packed is None or (x.shape[0] == 1 and x.dtype == torch.float32):
         # fp32 at one row: the reference's GEMV on the plain weight streams it at least as fast as the
         # packed inner product (Xeon, 2 and 16 threads: 1.5x and 1.4x faster; see loadtest/RESULTS.md).
@@ -236,6 +254,7 @@ class KernelSet:
     attnres_site: Callable[..., torch.Tensor] = reference.attnres_site
     attnres_phase1: Callable[..., None] = reference.attnres_phase1
     decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary
     # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
     # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
     # data-dependent context and is not). The engine captures decode graphs only for such a set.
@@ -283,6 +302,13 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                              weight(dt), eps, acc)
                     return [out, states]
                 runs.append(run)
+        elif name == "rotary":
+            def run(fn, dt=dt):
+                qkv, cs = inputs((t, 5, d + 1), (t, 1, 12))
+                q, k = qkv[:, :3, :24].to(dt), qkv[:, 3:, :24].to(dt)  # strided heads, as the model's views
+                out = fn(q, k, cs.cos(), cs.sin())  # the raw op rotates in place, the reference returns new
+                return [q, k] if out is None else list(out)
+            runs.append(run)
         elif name == "attnres_phase1" and dt == f32:
             def run(fn):
                 states, keys, queries, lse, xo = inputs((t, 4, d), (t, 4, d), (q, d), (t, q), (t, q, d))

@@ -42,6 +42,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(residual, weight, eps)
 
 
+# ---- rotary --------------------------------------------------------------------------------------------
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, hd]; cos, sin [T, 1, hd/2] fp32. Rotate halves in fp32 (Hugging Face Llama convention),
+    return a new tensor in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary of q [T, H, hd] and k [T, KV, hd] with cos, sin [T, 1, hd/2]: the rotated (q, k). Other backends
+    may rotate q and k in place and return them; callers use the returned tensors only."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 # ---- AttnRes -------------------------------------------------------------------------------------------
 def key_of(x: torch.Tensor, eps: float) -> torch.Tensor:
     """A source's key: RMS-normalised without gain (folded into the queries), fp32: [..., d] -> [..., d]."""

@@ -166,7 +166,7 @@ def thread_study_threads() -> list[int]:
     return sorted({cores, max(1, cores - 1)}, reverse=True)
 
 
-def targets(runs: dict, tp: dict) -> list[str]:
+def targets(runs: dict, tp: dict | None) -> list[str]:
     """The issue's targets, each with its measured value and met / missed."""
 
     def row(key: str, kind: str, n: int) -> float | None:
@@ -183,6 +183,8 @@ def targets(runs: dict, tp: dict) -> list[str]:
             if v is not None:
                 out.append(f"| Block AttnRes N=8 {kind} {'b' if kind == 'decode' else 'T'}={n} within 2% ({key}) "
                            f"| {v:+.1f}% | {verdict(v <= 2.0)} |")
+    if tp is None:
+        return out
     frac = tp.get("b1_fraction_of_read_roofline", tp["b1_fraction_of_roofline"]) * 100
     out.append(f"| batch-1 decode >= 70% of the bandwidth roofline | {frac:.0f}% | {verdict(frac >= 70)} |")
     sp = tp["speedup_vs_hf_best"]
@@ -196,38 +198,60 @@ def targets(runs: dict, tp: dict) -> list[str]:
     return out
 
 
-WHERE_TIME_GOES = """## Where the time goes, and what would close the gaps
+WHERE_TIME_GOES = """## Where the time goes, and what is left
 
-Profiles (`torch.profiler` and cProfile over 20 decode steps, 12 layers, d=512, bf16, 2 threads):
+- **AttnRes overhead.** A mixing site is now one native op, `attnres_site`: the pending sublayer output is
+  added to the partial, then its key, score, Phase-2 merge and the input RMSNorm follow, in one pass over d.
+  Phase 1 is one op per block. The standard model gets the same fusion (`add_rms_norm`), so both models make
+  the same number of op calls per sublayer. What remains at batch 1 is:
+  - the site op's extra work (~10 us vs ~3 us for add_rms_norm at d = 576, 60 sites);
+  - 8 Phase-1 calls;
+  - the output mix (reference ops on the sampled rows);
+  - the depth pool's views.
 
-- **AttnRes overhead.** Per sublayer the depth path adds five small kernels (the fused `rms_norm` that
-  gives the partial sum's key, a mat-vec for its score, `sigmoid`, `lerp`, and the in-place add of
-  the sublayer output), plus, once per block, the Phase-1 matmul over all of the block's queries.
-  Each kernel costs a few microseconds of dispatch at decode batch sizes, about 30-40 us per layer,
-  against ~0.5-1 ms of weight GEMVs per layer at d=512: a 5-20% overhead that falls as d grows (the
-  weights grow as d^2, the depth path as d) and as the batch grows. The paper's <2% is for d=7168 on
-  GPUs. Closing it here needs one fused kernel per site (key, score, sigmoid and lerp in one pass over
-  the partial: ~1 us instead of ~15 us); `torch.compile` on this CPU was measured slower than eager
-  for these tiny graphs (guard overhead ~10 us per call), and CUDA graphs do not exist on CPU.
-- **Batch-1 roofline.** Single-row bf16 GEMVs stream weights at 10-15 GB/s with 2 threads (torch.mv;
-  F.linear's GEMM path is 1.5x slower for one row, hence the dispatch in models/layers.py), against
-  ~28 GB/s of copy bandwidth, and each layer adds ~25 small kernels (norms, rotary, KV writes,
-  attention). A hand-written AVX-512/AMX bf16 GEMV (as llama.cpp has) and a fused decoder-layer kernel
-  would close most of it.
-- **Throughput vs transformers.** depthserve's continuous batching keeps ~32 sequences decoding and
-  never pads; transformers' static batches decode every sequence to the batch's longest output and
-  recompute nothing but pad. The gap to 3x: decode attention gathers each sequence's K/V blocks into
-  a padded tensor every layer (an `index_select` copy that grows with context, ~0.3-0.6 ms per layer at
-  batch 32), the per-kernel overhead above, and prompt chunks attended one sequence at a time. A paged
-  attention kernel that reads blocks in place would remove the copy.
-- **Scheduler and sampler.** Outside the model a batch-32 step spends its time building the packed
-  batch (Python lists of slots per sequence), sampling (vectorised top-k/top-p, one uniform draw per
-  seeded request) and stop checks; caching block tables across steps and building slot mappings
-  incrementally would cut it further.
+  That is about 1-2 ms per step against a 15-45 ms step, the +3-8% in the decode b=1 rows above. Full AttnRes
+  still mixes with reference ops (+35%).
+- **bf16 on a CPU without bf16 GEMM** (this EPYC: AVX2 only). oneDNN has no bf16 inner product here, and torch's
+  bf16 matmuls emulate the format, 4-7x slower than fp32 at every batch from 4 to 256. So:
+  - decode linears (up to 64 rows) use the native small-M kernel;
+  - prompt chunks compute in fp32 on an upcast weight (kernels.ops.linear). The bf16 prefill rows above were
+    measured before that change, with bf16 GEMMs, hence 4x slower than fp32.
+- **Batch-1 roofline.** The small-M kernel streams bf16 weights at 0.75-0.84 of the read bandwidth alone (the
+  small-M section below). A whole step adds attention, norms, rotary and the sampler on top.
 """
 
 
-def write_report(runs: dict, tp: dict, serving: dict | None, cost: dict, seconds: float, quick: bool,
+def throughput_lines(tp: dict) -> list[str]:
+    """The offline-throughput section (bench_throughput's JSON)."""
+    lines = ["## Offline throughput vs Hugging Face transformers (`depthserve bench throughput`)", ""]
+    c = tp["config"]
+    lines += [f"Standard-residual model, {c['layers']} layers, d={c['hidden']}, heads {c['heads']}/{c['kv_heads']}, "
+              f"ffn {c['ffn']}, vocab {c['vocab']}, {c['dtype']}; {c['num_prompts']} prompts, input "
+              f"{c['input_len'][0]}-{c['input_len'][1]}, output {c['output_len'][0]}-{c['output_len'][1]} tokens, "
+              "ignore_eos, same random weights for both; transformers decodes each static batch to its longest output.",
+              "", "| engine | output tokens/s |", "|---|---|"]
+    lines += [f"| depthserve, continuous batching, up to {m} sequences | {v:.1f} |"
+              for m, v in tp["depthserve_tok_s_by_max_num_seqs"].items()]
+    lines += [f"| transformers generate(), static batch {b} | {v:.1f} |" for b, v in tp["hf_tok_s"].items()]
+    lines += ["", f"Speed-up of depthserve at its best cap ({tp['depthserve_best_max_num_seqs']}) over transformers at "
+              f"its best batch size ({tp['hf_best_batch']}): **{tp['speedup_vs_hf_best']:.2f}x** (target 3x).", "",
+              f"Batch-1 decode: {tp['decode_b1']['step_ms']:.2f} ms per step for {tp['weight_mb']:.0f} MB of weights: "
+              f"roofline {tp['read_roofline_step_ms']:.2f} ms at the measured {tp['read_bandwidth_gb_s']:.1f} GB/s read "
+              f"bandwidth, **{tp['b1_fraction_of_read_roofline'] * 100:.0f}% of roofline** (target 70%); "
+              f"{tp['b1_fraction_of_roofline'] * 100:.0f}% against the copy bandwidth "
+              f"({tp['copy_bandwidth_gb_s']:.1f} GB/s, read + write counted).", "",
+              f"Batch-32 decode: {tp['decode_b32']['step_ms']:.2f} ms per step, of which "
+              f"{tp['decode_b32']['overhead_ms']:.2f} ms ({tp['decode_b32']['overhead_pct']:.1f}%) is outside the model "
+              "forward and LM head (scheduling, batch building, sampling, detokenisation; target under 10%).", ""]
+    pf = tp.get("prefill_vs_hf")
+    if pf:
+        lines += [f"Time to first token of one {pf['tokens']}-token prompt: depthserve {pf['depthserve_ttft_ms']:.0f} ms, "
+                  f"transformers' single forward of it {pf['hf_forward_ms']:.0f} ms ({pf['ratio']:.2f}x; target <= 1).",
+                  ""]
+    return lines
+
+
+def write_report(runs: dict, tp: dict | None, serving: dict | None, cost: dict, seconds: float, quick: bool,
                  profile: dict | None = None, threads: dict | None = None) -> None:
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m loadtest.results` (this file, `loadtest/results/*.json` and the plots).",
@@ -253,31 +277,9 @@ def write_report(runs: dict, tp: dict, serving: dict | None, cost: dict, seconds
               f"({cost['cost_when_asked_pct']:+.1f}%). With no request asking, the forward runs the same kernels as before "
               "the feature existed (a test spies that no weights are materialised); the latency tables above are "
               "measured that way.", "",
-              "## Offline throughput vs Hugging Face transformers (`depthserve bench throughput`)", ""]
-    c = tp["config"]
-    lines += [f"Standard-residual model, {c['layers']} layers, d={c['hidden']}, heads {c['heads']}/{c['kv_heads']}, "
-              f"ffn {c['ffn']}, vocab {c['vocab']}, {c['dtype']}; {c['num_prompts']} prompts, input "
-              f"{c['input_len'][0]}-{c['input_len'][1]}, output {c['output_len'][0]}-{c['output_len'][1]} tokens, "
-              "ignore_eos, same random weights for both; transformers decodes each static batch to its longest output.",
-              "", "| engine | output tokens/s |", "|---|---|"]
-    lines += [f"| depthserve, continuous batching, up to {m} sequences | {v:.1f} |"
-              for m, v in tp["depthserve_tok_s_by_max_num_seqs"].items()]
-    lines += [f"| transformers generate(), static batch {b} | {v:.1f} |" for b, v in tp["hf_tok_s"].items()]
-    lines += ["", f"Speed-up of depthserve at its best cap ({tp['depthserve_best_max_num_seqs']}) over transformers at "
-              f"its best batch size ({tp['hf_best_batch']}): **{tp['speedup_vs_hf_best']:.2f}x** (target 3x).", "",
-              f"Batch-1 decode: {tp['decode_b1']['step_ms']:.2f} ms per step for {tp['weight_mb']:.0f} MB of weights: "
-              f"roofline {tp['read_roofline_step_ms']:.2f} ms at the measured {tp['read_bandwidth_gb_s']:.1f} GB/s read "
-              f"bandwidth, **{tp['b1_fraction_of_read_roofline'] * 100:.0f}% of roofline** (target 70%); "
-              f"{tp['b1_fraction_of_roofline'] * 100:.0f}% against the copy bandwidth "
-              f"({tp['copy_bandwidth_gb_s']:.1f} GB/s, read + write counted).", "",
-              f"Batch-32 decode: {tp['decode_b32']['step_ms']:.2f} ms per step, of which "
-              f"{tp['decode_b32']['overhead_ms']:.2f} ms ({tp['decode_b32']['overhead_pct']:.1f}%) is outside the model "
-              "forward and LM head (scheduling, batch building, sampling, detokenisation; target under 10%).", ""]
-    pf = tp.get("prefill_vs_hf")
-    if pf:
-        lines += [f"Time to first token of one {pf['tokens']}-token prompt: depthserve {pf['depthserve_ttft_ms']:.0f} ms, "
-                  f"transformers' single forward of it {pf['hf_forward_ms']:.0f} ms ({pf['ratio']:.2f}x; target <= 1).",
-                  ""]
+              ]
+    if tp is not None:
+        lines += throughput_lines(tp)
     if profile is not None:
         lines += ["## Where a decode step's time goes, per op (`python -m loadtest.profile_step`)", "",
                   f"SmolLM2 shape, {profile['config']['dtype']}, batch {profile['config']['batch']}, context "

@@ -46,12 +46,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, hd]; rotate halves in fp32, return in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 linear = reference.linear  # x [T, in] @ w[out, in]^T on the plain weight (kernels/reference.py)
 
 
@@ -192,6 +186,7 @@ class Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, shards, _rank(comm), dtype)
         self.o_proj = RowParallelLinear(self.heads * self.head_dim, hidden, shards.q_rows, _rank(comm), dtype, comm)
         self.decode_attention: Callable[..., torch.Tensor] = reference.decode_attention  # the kernel set's
+        self.rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary  # the kernel set's
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer: int, cos_sin: tuple) -> torch.Tensor:
         t = x.shape[0]
@@ -200,8 +195,7 @@ class Attention(nn.Module):
         q = qkv[:, :nq].view(t, self.heads, self.head_dim)
         k = qkv[:, nq:nq + nk].view(t, self.kv_heads, self.head_dim)
         v = qkv[:, nq + nk:].view(t, self.kv_heads, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, *cos_sin)
         k_cache, v_cache = batch.kv_caches[layer]
         o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale, self.decode_attention)
         return self.o_proj(o.reshape(t, -1))

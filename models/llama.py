@@ -151,6 +151,7 @@ class LlamaForServing(nn.Module):
             for stacked in (self.res_norm, self.res_proj):  # one [d] checkpoint vector per (layer, site)
                 stacked.weight_loader = _stacked_loader  # type: ignore[attr-defined]
             self.queries = torch.zeros(n_layers, 2, d)  # [L, 2(attn, mlp), d] folded
+            self.site_queries: list[tuple[torch.Tensor, ...]] = []  # per layer (attn, mlp) views of `queries`
             self.out_query = torch.zeros(d)
             self.block_queries: list[torch.Tensor] = []  # per block: [2 * block_size, d]
         self.schedule = (BlockSchedule(n_layers, cfg.attn_res_block_size)
@@ -208,29 +209,34 @@ class LlamaForServing(nn.Module):
         n = 0  # completed blocks; the partial sum lives in states[:, n]
         record = batch.depth_rows if out is not None else None
         states[:, 0] = emb
+        # Views made once per step, not per site (a view costs a dispatcher call: ~300 a step otherwise):
+        # each source slot, and each Phase-1 query row (rows repeat in every block; Phase 1 rewrites them).
+        slots = states.unbind(1)  # N+1 x [T, d]
+        lse_rows, xo_rows = lse.unbind(1), xo.unbind(1)  # Q x [T], Q x [T, d]
+        site_q = self.site_queries  # L x (attention, MLP) [d] queries, folded at load
         pending: torch.Tensor | None = None  # the last sublayer's output, not yet in the partial
         for i, layer in enumerate(self.layers):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
             if opens:  # close the partial as block n, then Phase 1 for every query of the new block
                 if pending is not None:
-                    states[:, n].add_(pending)
+                    slots[n].add_(pending)
                 n += 1
                 k.attnres_phase1(states, keys, n, self.block_queries[sched.block_of(i)], lse, xo, eps)
-                x = k.rms_norm(xo[:, qa], layer.input_layernorm.weight, eps)
+                x = k.rms_norm(xo_rows[qa], layer.input_layernorm.weight, eps)
                 if record is not None:
-                    self._record(out, states[record, :n], keys[record, :n], self.queries[i, 0])
+                    self._record(out, states[record, :n], keys[record, :n], site_q[i][0])
             else:
-                x = k.attnres_site(states[:, n], pending, lse[:, qa], xo[:, qa], self.queries[i, 0],
+                x = k.attnres_site(slots[n], pending, lse_rows[qa], xo_rows[qa], site_q[i][0],
                                    layer.input_layernorm.weight, eps)
                 if record is not None:
-                    self._record_with_partial(out, states, keys, n, record, self.queries[i, 0])
+                    self._record_with_partial(out, states, keys, n, record, site_q[i][0])
             a = layer.self_attn(x, batch, i, cos_sin)
             # a block's first attention output starts the new partial; later ones add to it
-            x = k.attnres_site(states[:, n], a, lse[:, qm], xo[:, qm], self.queries[i, 1],
+            x = k.attnres_site(slots[n], a, lse_rows[qm], xo_rows[qm], site_q[i][1],
                                layer.post_attention_layernorm.weight, eps, accumulate=not opens)
             if record is not None:
-                self._record_with_partial(out, states, keys, n, record, self.queries[i, 1])
+                self._record_with_partial(out, states, keys, n, record, site_q[i][1])
             pending = layer.mlp(x)
         states[:, n].add_(pending)
         if record is not None:
@@ -354,11 +360,13 @@ class LlamaForServing(nn.Module):
         self.k = ops.kernel_set(backend, self.norm.weight.device)
         for layer in self.layers:
             layer.self_attn.decode_attention = self.k.decode_attention
+            layer.self_attn.rotary = self.k.rotary
 
     @torch.no_grad()
     def fold_queries(self) -> None:
         """q = w ⊙ g (docs/attnres.md §3): each source's key becomes the scalar 1/rms; stack per-block queries."""
         self.queries = (self.res_proj * self.res_norm).contiguous()  # [L, 2, d]
+        self.site_queries = [tuple(q.unbind(0)) for q in self.queries.unbind(0)]  # views: no per-step indexing
         self.out_query = (self.out_proj * self.out_norm).contiguous()
         if self.schedule is not None:
             q_rows = 2 * self.cfg.attn_res_block_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -78,6 +79,14 @@ def write_tiny(folder: Path, cfg: ModelConfig, seed: int = 0, tokenizer_from: Pa
         (folder / "tokenizer.model").write_bytes((tokenizer_from / "tokenizer.model").read_bytes())
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder, model
+
+
+@functools.cache
+def expected_greedy(mode: str, block_size: int, layers: int) -> tuple[tuple[int, ...], ...]:
+    """reference_greedy of PROMPTS for the write_tiny model of tiny_config(mode, block_size, layers=layers)
+    (seed 0), once per pytest process: several modules check the engine against the same few models."""
+    model = random_model(tiny_config(mode, block_size, layers=layers))
+    return tuple(tuple(reference_greedy(model, p, MAX_TOKENS)) for p in PROMPTS)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy, tiny_config, write_tiny
+from tests.tiny import MAX_TOKENS, PROMPTS, expected_greedy, tiny_config, write_tiny
 
 # (mode, block size, layers): a block size that does not divide the layers, one block, Full AttnRes.
 CASES = [("none", 0, 4), ("block", 2, 5), ("block", 3, 5), ("block", 5, 5), ("block", 1, 3), ("full", 0, 4)]
@@ -22,13 +22,13 @@ CASES = [("none", 0, 4), ("block", 2, 5), ("block", 3, 5), ("block", 5, 5), ("bl
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}{c[1] or ''}-L{c[2]}")
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     mode, bs, layers = request.param
-    return write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
+    folder, _ = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
+    return folder, (mode, bs, layers)
 
 
 @pytest.fixture(scope="module")
 def expected(model) -> list[list[int]]:
-    _, ref = model
-    return [reference_greedy(ref, p, MAX_TOKENS) for p in PROMPTS]
+    return [list(t) for t in expected_greedy(*model[1])]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

@@ -19,7 +19,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from kernels import cpu_attention, cpu_ext, ops, reference
-from tests.tiny import MAX_TOKENS, PROMPTS, reference_greedy, tiny_config, write_tiny
+from tests.tiny import MAX_TOKENS, PROMPTS, expected_greedy, tiny_config, write_tiny
 
 F32, BF16 = torch.float32, torch.bfloat16
 EPS = 1e-6
@@ -74,6 +74,25 @@ def test_rms_norm(ds, t, d, x_dtype, w_dtype) -> None:
     w = _weight(g, d, w_dtype)
     for x in (pool[:, 1], pool[:, 0].contiguous()):  # a strided view of a pool, and plain rows
         assert_matches(ds.rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS))
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("heads,kv_heads,hd", [(9, 3, 64), (4, 4, 38)])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_rotary(ds, t, heads, kv_heads, hd, dtype) -> None:
+    """In place on the q and k views of a packed QKV row (as the model passes them), vs the reference's copies."""
+    g = _gen(t, heads, hd, 7)
+    qkv = _rand(g, t, (heads + 2 * kv_heads) * hd, dtype=dtype, scale=2.0)
+    q = qkv[:, :heads * hd].view(t, heads, hd)
+    k = qkv[:, heads * hd:(heads + kv_heads) * hd].view(t, kv_heads, hd)
+    angles = torch.rand(t, 1, hd // 2, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    want_q, want_k = reference.rotary(q, k, cos, sin)
+    v = qkv[:, (heads + kv_heads) * hd:].clone()
+    assert ds.rotary(q, k, cos, sin) is None
+    assert_matches(q, want_q)
+    assert_matches(k, want_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * hd:], v)  # V untouched
 
 
 @pytest.mark.parametrize("t", ROWS)
@@ -142,7 +161,7 @@ def test_empty_batch(ds) -> None:
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
     assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1",
-                                        "decode_attention"}
+                                        "decode_attention", "rotary"}
     assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
     assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
@@ -276,8 +295,8 @@ def test_prebuild_command(ds, capsys) -> None:
                 ids=["none-L4", "block2-L5", "block3-L5", "full-L4"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     mode, bs, layers = request.param
-    folder, ref = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
-    return folder, [reference_greedy(ref, p, MAX_TOKENS) for p in PROMPTS]
+    folder, _ = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
+    return folder, [list(t) for t in expected_greedy(mode, bs, layers)]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
