@@ -127,6 +127,40 @@ def run_hf(folder: Path, dtype: str, prompts: list[list[int]], outs: list[int], 
     return sum(outs) / (time.perf_counter() - t)
 
 
+def decode_rate_depthserve(folder: Path, dtype: str, batches: list[int], ctx: int, steps: int,
+                           max_len: int) -> dict[int, float]:
+    """Output tok/s of pure decode steps at each batch size (`ctx`-token prompts, median step)."""
+    from loadtest.bench_latency import time_decode
+
+    eng = make_engine(folder, parse_dtype(dtype), max_len, max_num_seqs=max(batches))
+    time_decode(eng, 1, 4, ctx)  # warm-up
+    return {b: b / time_decode(eng, b, steps, ctx) for b in batches}
+
+
+def decode_rate_hf(folder: Path, dtype: str, batches: list[int], ctx: int, steps: int, vocab: int,
+                   repeats: int = 2) -> dict[int, float]:
+    """transformers' decode tok/s at each batch: (generate steps+1 tokens) - (generate 1 token), best of
+    `repeats`, sampling at temperature 0.8 as depthserve does."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=parse_dtype(dtype)).eval()
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.8,
+                           top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        return time.perf_counter() - t
+
+    out = {}
+    for b in batches:
+        ids = torch.randint(3, vocab, (b, ctx))
+        gen(ids, 2)  # warm-up
+        best = min(gen(ids, steps + 1) - gen(ids, 1) for _ in range(repeats))
+        out[b] = b * steps / best
+    return out
+
+
 def prefill_vs_hf(folder: Path, dtype: str, n_tokens: int, max_len: int, repeats: int = 3) -> dict:
     """Time to first token of one `n_tokens` prompt through the engine vs transformers' single forward of the
     same ids (no generate() overhead), interleaved; medians in ms."""
@@ -162,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[32, 128],
                     help="depthserve batch caps to run (its best is compared; 32 is reported too)")
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="TTFT vs transformers' forward (0: skip)")
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8, 32, 64, 128],
+                    help="batches of the pure decode rate (transformers runs those in --hf-batch and <= 64)")
+    ap.add_argument("--decode-steps", type=int, default=32, help="decode steps per decode-rate case (0: skip)")
     ap.add_argument("--out", default="bench_out/throughput.json")
     a = ap.parse_args(argv)
     rng = random.Random(0)
-    max_len = max(a.input_len[1] + a.output_len[1] + 8, 128, a.prefill_tokens + 8)  # decode_profile: 64-token prompts
+    max_len = max(a.input_len[1] + a.output_len[1] + 8, 128, a.prefill_tokens + 8,
+                  64 + a.decode_steps + 8)  # decode_profile and the decode rate: 64-token prompts
     cfg = ModelConfig(**model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max_len))
     prompts = [[rng.randrange(3, a.vocab) for _ in range(rng.randint(*a.input_len))] for _ in range(a.num_prompts)]
     outs = [rng.randint(*a.output_len) for _ in range(a.num_prompts)]
@@ -181,6 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         b32 = decode_profile(eng, 32)
         del eng
         prefill = prefill_vs_hf(folder, a.dtype, a.prefill_tokens, max_len) if a.prefill_tokens else None
+        rate = None
+        if a.decode_steps:
+            ctx = 64
+            hf_b = [b for b in a.decode_batch if b <= 64 and b in a.hf_batch] or [b for b in a.decode_batch if b <= 64]
+            ds_rate = decode_rate_depthserve(folder, a.dtype, a.decode_batch, ctx, a.decode_steps, max_len)
+            hf_rate = decode_rate_hf(folder, a.dtype, hf_b, ctx, a.decode_steps, a.vocab)
+            rb, hb = max(ds_rate, key=ds_rate.get), max(hf_rate, key=hf_rate.get)
+            rate = {"ctx": ctx, "steps": a.decode_steps, "depthserve_tok_s": ds_rate, "hf_tok_s": hf_rate,
+                    "depthserve_best_batch": rb, "hf_best_batch": hb,
+                    "speedup_best_vs_best": ds_rate[rb] / hf_rate[hb],
+                    "speedup_b32": ds_rate[32] / hf_rate[32] if 32 in ds_rate and 32 in hf_rate else None}
     roofline_ms = wbytes / bw * 1e3
     read_roofline_ms = wbytes / read_bw * 1e3
     best_b = max(hf, key=hf.get)
@@ -197,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "roofline_step_ms": roofline_ms, "read_roofline_step_ms": read_roofline_ms,
         "decode_b1": b1, "decode_b32": b32, "b1_fraction_of_roofline": roofline_ms / b1["step_ms"],
         "b1_fraction_of_read_roofline": read_roofline_ms / b1["step_ms"], "prefill_vs_hf": prefill,
+        "decode_rate": rate,
     }
     print(f"depthserve (best cap {best_m} sequences): {ds:.1f} tok/s | transformers generate best (batch {best_b}): "
           f"{hf[best_b]:.1f} tok/s | speed-up {ds / hf[best_b]:.2f}x  (depthserve by cap: "
@@ -211,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
               f"transformers forward {prefill['hf_forward_ms']:.0f} ms ({prefill['ratio']:.2f}x)")
     print(f"batch-32 decode {b32['step_ms']:.2f} ms/step, of which outside the model (scheduler, batch, sampler) "
           f"{b32['overhead_ms']:.2f} ms ({b32['overhead_pct']:.1f}%)")
+    if rate:
+        print(f"decode rate ({rate['ctx']}-token prompts, {rate['steps']} steps): depthserve best {rate['depthserve_best_batch']}"
+              f" sequences {rate['depthserve_tok_s'][rate['depthserve_best_batch']]:.1f} tok/s vs transformers best "
+              f"(batch {rate['hf_best_batch']}) {rate['hf_tok_s'][rate['hf_best_batch']]:.1f} tok/s: "
+              f"{rate['speedup_best_vs_best']:.2f}x (depthserve by batch: "
+              + ", ".join(f"{b}: {v:.1f}" for b, v in rate["depthserve_tok_s"].items()) + "; HF by batch: "
+              + ", ".join(f"{b}: {v:.1f}" for b, v in rate["hf_tok_s"].items()) + ")")
     write_json(a.out, result)
     return 0
 

@@ -189,6 +189,11 @@ def targets(runs: dict, tp: dict | None) -> list[str]:
     out.append(f"| batch-1 decode >= 70% of the bandwidth roofline | {frac:.0f}% | {verdict(frac >= 70)} |")
     sp = tp["speedup_vs_hf_best"]
     out.append(f"| offline throughput >= 3x transformers generate() at its best batch | {sp:.2f}x | {verdict(sp >= 3)} |")
+    rate = tp.get("decode_rate")
+    if rate:
+        r = rate["speedup_best_vs_best"]
+        out.append(f"| decode rate at depthserve's best batch (<= 128) >= 3x transformers' best (<= 64) | {r:.2f}x | "
+                   f"{verdict(r >= 3)} |")
     ov = tp["decode_b32"]["overhead_pct"]
     out.append(f"| time outside the model < 10% of a batch-32 decode step | {ov:.1f}% | {verdict(ov < 10)} |")
     pf = tp.get("prefill_vs_hf")
@@ -248,6 +253,16 @@ def throughput_lines(tp: dict) -> list[str]:
         lines += [f"Time to first token of one {pf['tokens']}-token prompt: depthserve {pf['depthserve_ttft_ms']:.0f} ms, "
                   f"transformers' single forward of it {pf['hf_forward_ms']:.0f} ms ({pf['ratio']:.2f}x; target <= 1).",
                   ""]
+    rate = tp.get("decode_rate")
+    if rate:
+        lines += [f"Decode rate alone ({rate['ctx']}-token prompts, {rate['steps']} sampled steps): depthserve's median "
+                  "pure-decode step; transformers' generate() of steps + 1 tokens minus its generate() of 1 token.",
+                  "", "| batch | depthserve tok/s | transformers tok/s |", "|---|---|---|"]
+        for b, v in rate["depthserve_tok_s"].items():
+            h = rate["hf_tok_s"].get(b)
+            lines.append(f"| {b} | {v:.1f} | {'-' if h is None else f'{h:.1f}'} |")
+        lines += ["", f"Best against best: depthserve at batch {rate['depthserve_best_batch']} over transformers at batch "
+                  f"{rate['hf_best_batch']}: **{rate['speedup_best_vs_best']:.2f}x** (target 3x).", ""]
     return lines
 
 

@@ -35,7 +35,7 @@ def test_bench_throughput_compares_with_transformers(tmp_path: Path) -> None:
     out = tmp_path / "tp.json"
     assert bench_throughput.main([*TINY, "--num-prompts", "4", "--input-len", "4", "8", "--output-len", "4", "6",
                                   "--hf-batch", "2", "--max-num-seqs", "2", "4", "--prefill-tokens", "16",
-                                  "--out", str(out)]) == 0
+                                  "--decode-batch", "1", "2", "--decode-steps", "3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["depthserve_tok_s"] > 0 and set(res["hf_tok_s"]) == {"2"}
     assert set(res["depthserve_tok_s_by_max_num_seqs"]) == {"2", "4"}
@@ -43,3 +43,6 @@ def test_bench_throughput_compares_with_transformers(tmp_path: Path) -> None:
     assert res["b1_fraction_of_roofline"] > 0 and res["decode_b32"]["step_ms"] > 0
     assert res["b1_fraction_of_read_roofline"] > 0
     assert res["prefill_vs_hf"]["tokens"] == 16 and res["prefill_vs_hf"]["hf_forward_ms"] > 0
+    rate = res["decode_rate"]
+    assert set(rate["depthserve_tok_s"]) == {"1", "2"} and set(rate["hf_tok_s"]) == {"2"}
+    assert min(rate["depthserve_tok_s"].values()) > 0 and rate["speedup_best_vs_best"] > 0
