@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; eager ({a.baseline}) {med['baseline']:.2f} ms"
             rows.append(row)
             print(line)
-    write_json(a.out, {"config": {**shape, "dtype": a.dtype, "model": a.model, "threads": torch.get_num_threads(),
-                                  "kernels": eng.kernels.describe(), "baseline": a.baseline}, "rows": rows})
+            # written after every batch: a compile can take many minutes per shape
+            write_json(a.out, {"config": {**shape, "dtype": a.dtype, "model": a.model,
+                                          "threads": torch.get_num_threads(), "kernels": eng.kernels.describe(),
+                                          "baseline": a.baseline}, "rows": rows})
     return 0
 
 
