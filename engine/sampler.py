@@ -62,13 +62,13 @@ class Sampler:
             ids = logits.argmax(-1).tolist()
         elif not any(greedy):  # the common all-random batch: no row gathers
             temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev).unsqueeze(1)
-            ids = self._inverse_cdf(self._probs(logits / temps, reqs), reqs).tolist()
+            ids = self._inverse_cdf(self._weights(logits / temps, reqs), reqs).tolist()
         else:
             tokens = logits.argmax(-1)
             rows = [i for i, g in enumerate(greedy) if not g]
             sub = [reqs[i] for i in rows]
             temps = torch.tensor([r.params.temperature for r in sub], dtype=torch.float32, device=dev).unsqueeze(1)
-            tokens[rows] = self._inverse_cdf(self._probs(logits[rows] / temps, sub), sub)
+            tokens[rows] = self._inverse_cdf(self._weights(logits[rows] / temps, sub), sub)
             ids = tokens.tolist()
         lps: list[Logprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
@@ -115,8 +115,12 @@ class Sampler:
                     logits[i, banned] = float("-inf")
 
     @staticmethod
-    def _probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """top-k, top-p and min-p filtering, vectorised over rows with per-row parameters."""
+    def _weights(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Sampling weights after top-k, top-p and min-p, vectorised over rows with per-row parameters:
+        exp(logit - row max), so each row's largest weight is exactly 1 and filtered tokens are exactly 0.
+
+        Unnormalised and computed in place on `logits` (the caller's temporary logits / T): the inverse CDF
+        scales its uniform by each row's total, so a softmax would only add an [S, V] allocation and a pass."""
         vocab, dev = logits.shape[1], logits.device
         # the parameters are tested on the host (no device round trip), then moved where they are used
         top_k = torch.tensor([min(r.params.top_k, vocab) if r.params.top_k > 0 else vocab for r in reqs])
@@ -130,11 +134,10 @@ class Sampler:
             p = torch.softmax(srt.masked_fill(drop, float("-inf")), dim=-1)
             drop |= (p.cumsum(-1) - p) >= top_p.unsqueeze(1)  # keep the smallest set reaching top_p
             logits = torch.full_like(logits, float("-inf")).scatter(1, idx, srt.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        if bool((min_p > 0).any()):
-            min_p = min_p.to(dev, non_blocking=True)
-            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
-        return probs
+        weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        if bool((min_p > 0).any()):  # relative to the row's largest weight, which is 1
+            weights.masked_fill_(weights < min_p.to(dev, non_blocking=True).unsqueeze(1), 0.0)
+        return weights
 
     def _uniforms(self, reqs: list[Request], device: torch.device) -> torch.Tensor:
         """One fp64 uniform in [0, 1) per row, [S, 1]: a seeded request's from its own generator, the others'
@@ -158,8 +161,8 @@ class Sampler:
         return torch.minimum(torch.searchsorted(cdf, x, right=True), torch.searchsorted(cdf, total))
 
     def _inverse_cdf(self, probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """One token per row of `probs` [S, V] (non-negative, any positive total), by the two-level inverse
-        CDF of the module docstring: [S] int64."""
+        """One token per row of `probs` [S, V] (non-negative weights, any positive total: token i with
+        probability probs[i] / total), by the two-level inverse CDF of the module docstring: [S] int64."""
         s, vocab = probs.shape
         width = min(CDF_BLOCK, vocab)
         if vocab % width:

@@ -4,7 +4,8 @@
 
 Cases per batch size: plain temperature sampling (unseeded and seeded: a seeded row draws from its own
 generator), top-k + top-p, and greedy. Logits are N(0, 3^2), roughly an LM's spread. Prints the median
-microseconds per call (one thread by default: the engine's step runs the sampler on its own thread).
+microseconds per call, wall clock and this thread's CPU time (one thread by default; on a shared machine the
+CPU time is the steadier number, as other processes' load stretches the wall clock).
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ CASES: dict[str, dict[str, object]] = {
 }
 
 
-def time_case(sampler: Sampler, logits: torch.Tensor, params: dict[str, object], reps: int) -> float:
-    """Median microseconds of one Sampler call over `reps` calls (after a few warm-up calls)."""
+def time_case(sampler: Sampler, logits: torch.Tensor, params: dict[str, object],
+              reps: int) -> tuple[float, float]:
+    """Median microseconds of one Sampler call over `reps` calls (after a few warm-up calls): wall, thread CPU."""
     reqs = [Request(f"r{i}", [1], SamplingParams(**params)) for i in range(logits.shape[0])]
     for _ in range(5):
         sampler(logits, reqs)
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         sampler(logits, reqs)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(wall) * 1e6, statistics.median(cpu) * 1e6
 
 
 def main() -> None:
@@ -49,12 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sampler = Sampler(seed=0)
-    print(f"| case | {' | '.join(f'batch {b} (us)' for b in args.batch)} |")
+    print(f"| case | {' | '.join(f'batch {b}: wall / CPU (us)' for b in args.batch)} |")
     print(f"|---|{'---:|' * len(args.batch)}")
     logits = {b: 3 * torch.randn(b, args.vocab, generator=torch.Generator().manual_seed(b)) for b in args.batch}
     with torch.inference_mode():
         for name, params in CASES.items():
-            cells = [f"{time_case(sampler, logits[b], params, args.reps):.0f}" for b in args.batch]
+            cells = ["{:.0f} / {:.0f}".format(*time_case(sampler, logits[b], params, args.reps)) for b in args.batch]
             print(f"| {name} | {' | '.join(cells)} |")
 
 
