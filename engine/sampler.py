@@ -35,7 +35,8 @@ class SamplerOutput:
 
 
 # Penalised logits are clipped to this: divided by the smallest sampled temperature (GREEDY_TEMPERATURE) they
-# stay finite, so softmax never sees inf - inf (a repetition_penalty of 1e-300 would otherwise make NaNs).
+# stay finite, so exp(logit - row max) never sees inf - inf (a repetition_penalty of 1e-300 would otherwise make
+# NaNs).
 MAX_LOGIT = 1e30
 
 # Tokens per block of the two-level inverse-CDF search: about sqrt(vocab) at 32k-150k vocabularies, so both
