@@ -2,7 +2,8 @@
 
 Rows are ordered decode-like sequences (one new token) first, then prompt chunks; the attention
 metadata is built once per step here, vectorised over the persistent block tables of the InputBatch,
-and shared by every layer.
+and shared by every layer. Decode rows always get the block table and lengths; the reference decode
+attention's gather view only when the kernel set's decode attention is the reference (needs_decode_gather).
 
 Pure-decode steps may instead be padded to a fixed batch size over static buffers (engine/cuda_graphs.py):
 replayed as a CUDA graph when graphs were captured, or run eagerly (use_padded_decode, for tests).
@@ -246,10 +247,11 @@ class ModelRunner:
             meta.num_decode = len(decode)
             meta.decode_block_table = table[table_rows[decode], :-(-int(lens.max()) // bs)].to(dev, non_blocking=True)
             meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
-            gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
-            meta.decode_gather = gather.to(dev, non_blocking=True)
-            meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
-                                < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+            if self.model.k.needs_decode_gather:  # else the op reads the table (a fallback builds the view)
+                gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
+                meta.decode_gather = gather.to(dev, non_blocking=True)
+                meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
+                                    < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
         for b in (~one).nonzero().squeeze(1).tolist():
             start, end, row0 = int(starts[b]), int(ends[b]), int(first_row[b])
             if start == 0:
@@ -270,9 +272,9 @@ class ModelRunner:
     def _padded_batch(self, rows: _Rows, p: int) -> ForwardBatch:
         """A pure-decode step of B <= p rows in the static buffers, rows [B, p) pad rows (see _fill_pad_rows).
 
-        Real rows are exactly what _batch builds for them; a graph-safe decode attention reads the block table
-        and lengths in place, the reference one also gets its gather and mask (built here, data-dependent:
-        only the eager padded path uses them)."""
+        Real rows are exactly what _batch builds for them; a native, Triton or other graph-safe decode attention
+        reads the block table and lengths in place, the reference one also gets its gather and mask (built here,
+        data-dependent: only the eager padded path uses them)."""
         inputs, bs = self.inputs, self.kv.block_size
         b = len(rows.reqs)
         inputs.wait_for_upload()  # the host buffers are free to rewrite
@@ -288,7 +290,7 @@ class ModelRunner:
         inputs.upload(p)
         inputs.upload_decode(p)
         batch = self._static_batch(p)
-        if not self.model.k.graph_safe_decode:  # the reference decode attention: gather + mask, over the pad too
+        if self.model.k.needs_decode_gather:  # the reference decode attention: gather + mask, over the pad too
             lens = inputs.context_lens[:p].to(torch.long)
             gather = self._slots_of(inputs.decode_table[:p], int(lens.max()))  # [p, C]
             dev = self.device

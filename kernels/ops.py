@@ -260,6 +260,14 @@ class KernelSet:
     # data-dependent context and is not). The engine captures decode graphs only for such a set.
     graph_safe_decode: bool = False
 
+    @property
+    def needs_decode_gather(self) -> bool:
+        """Whether the engine builds the decode gather view (decode_gather, decode_mask) every step: only for the
+        reference decode attention. The native and Triton ones read the block table in place; a call they hand
+        to the reference (kernels/cpu_attention.py, kernels/triton/attention.py) builds the view from the
+        block table then (AttentionMetadata.decode_gather_view), once per step."""
+        return self.decode_attention is reference.decode_attention
+
     def native_ops(self) -> list[str]:
         """Names of the ops this set runs with something other than the reference (for logs and tests)."""
         return [f.name for f in fields(self)

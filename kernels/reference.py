@@ -134,11 +134,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention of the decode rows (one query each) over their paged context.
 
     q: [B, H, hd] (B = meta.num_decode); caches: [num_slots, KV, hd]. The reference gathers each row's
-    context through meta.decode_gather ([B, C] slots, padded) and masks the padding: [B, H, hd]."""
-    b, c = meta.decode_gather.shape
-    flat = meta.decode_gather.reshape(-1)  # index_select is much faster than advanced indexing here
+    context through meta.decode_gather ([B, C] slots, padded; built from the block table if the runner did not,
+    see AttentionMetadata.decode_gather_view) and masks the padding: [B, H, hd]."""
+    gather, mask = meta.decode_gather_view()
+    b, c = gather.shape
+    flat = gather.reshape(-1)  # index_select is much faster than advanced indexing here
     kk = k_cache.index_select(0, flat).view(b, c, *k_cache.shape[1:]).transpose(1, 2)  # [B, KV, C, hd]
     vv = v_cache.index_select(0, flat).view(b, c, *v_cache.shape[1:]).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale,
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
                                        enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, hd]
     return o.squeeze(2)

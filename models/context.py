@@ -30,13 +30,33 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int = 0
     # Decode rows' context, two views: block table + lengths (kernels that read K/V blocks in place) and
-    # the per-position slots + mask (the reference's gather and SDPA).
+    # the per-position slots + mask (the reference's gather and SDPA; None until needed: decode_gather_view).
     block_size: int = 0  # tokens per KV block
     decode_block_table: torch.Tensor | None = None  # [B_d, nb] KV block ids of each decode sequence
     decode_context_lens: torch.Tensor | None = None  # [B_d] int32 context length (this step's token included)
     decode_gather: torch.Tensor | None = None  # [B_d, C] KV slots of each decode sequence, padded
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, C] bool, True for real context positions
     prefills: list[PrefillSpan] = field(default_factory=list)
+
+    def decode_gather_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_gather and decode_mask, built from the block table and lengths the first time they are asked
+        for, then kept (every layer shares this metadata: at most one build per step).
+
+        The runner builds them up front only for the reference decode attention (KernelSet.needs_decode_gather);
+        a native or Triton decode attention that falls back to the reference for one call (tensors it does not
+        take, e.g. fp16 on the CPU) gets them here. On the host the width is trimmed to the longest context;
+        on a device it stays the block table's (no host sync), the mask hides the rest."""
+        if self.decode_gather is None or self.decode_mask is None:
+            table, lens, bs = self.decode_block_table, self.decode_context_lens, self.block_size
+            if table is None or lens is None:
+                raise ValueError("decode rows need decode_gather or the block table and context lengths")
+            width = int(lens.max()) if lens.device.type == "cpu" and len(lens) else table.shape[1] * bs
+            table = table[:, :-(-width // bs)]
+            slots = table.unsqueeze(-1) * bs + torch.arange(bs, dtype=table.dtype, device=table.device)
+            self.decode_gather = slots.reshape(len(table), -1)[:, :width]  # [B_d, C]
+            self.decode_mask = (torch.arange(width, device=lens.device).unsqueeze(0)
+                                < lens.unsqueeze(1))[:, None, None, :]
+        return self.decode_gather, self.decode_mask
 
 
 class Communicator(Protocol):

@@ -153,6 +153,34 @@ def test_wrapper_falls_back_to_reference(native_op) -> None:
                        reference.decode_attention(q, k, v, meta, scale))
 
 
+def _without_gather_view(meta: AttentionMetadata) -> AttentionMetadata:
+    return AttentionMetadata(slot_mapping=meta.slot_mapping, num_decode=meta.num_decode, block_size=meta.block_size,
+                             decode_block_table=meta.decode_block_table, decode_context_lens=meta.decode_context_lens)
+
+
+@pytest.mark.parametrize("lens", [[1], [9, 30, 17], [64, 3]], ids=["1", "mixed", "block-multiple"])
+def test_reference_builds_the_gather_view_from_the_block_table(lens) -> None:
+    """Metadata with only the block table (what the runner gives a native or Triton op): the reference builds
+    the runner's gather and mask itself, keeps them on the metadata, and computes the same attention."""
+    q, k, v, meta, scale = make_case(lens, 4, 2, 32, 16, torch.float32, seed=4)
+    lazy = _without_gather_view(meta)
+    want = reference.decode_attention(q, k, v, meta, scale)
+    assert torch.equal(reference.decode_attention(q, k, v, lazy, scale), want)
+    assert torch.equal(lazy.decode_gather, meta.decode_gather) and torch.equal(lazy.decode_mask, meta.decode_mask)
+    with pytest.raises(ValueError, match="block table"):
+        AttentionMetadata(slot_mapping=meta.slot_mapping, num_decode=1).decode_gather_view()
+
+
+def test_wrapper_fallback_without_a_gather_view(native_op) -> None:
+    """fp16 (which the op does not take) on metadata with only the block table: the reference runs on the
+    view it builds."""
+    q, k, v, meta, scale = make_case([9, 30], 4, 2, 32, 16, torch.float16, seed=2)
+    lazy = _without_gather_view(meta)
+    assert torch.equal(cpu_attention.native_decode_attention(q, k, v, lazy, scale),
+                       reference.decode_attention(q, k, v, meta, scale))
+    assert lazy.decode_gather is not None
+
+
 def test_native_kernel_set_uses_the_op(native_op) -> None:
     native = ops.kernel_set(ops.Backend("native", "native"))
     assert native.decode_attention is cpu_attention.native_decode_attention
