@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from engine import sampler as sampler_mod
 from engine.request import Request
 from engine.sampler import CDF_BLOCK, Sampler
 from engine.sampling_params import SamplingParams
@@ -160,3 +161,46 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
     ids = Sampler()(logits, reqs).token_ids
     assert [ids[i] for i in (1, 3, 5)] == logits[[1, 3, 5]].argmax(-1).tolist()
     assert Sampler()(logits, _reqs(6, temperature=0)).token_ids == logits.argmax(-1).tolist()
+
+
+# ---- top-k / top-p from candidates: equal to sorting whole rows -----------------------------------------
+
+
+def _sorted_reference(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Whole-row sorting for the rows that filter; the others untouched."""
+    out = sampler_mod._top_k_top_p_sorted(logits.clone(), top_k, top_p)
+    on = ((top_k < logits.shape[1]) | (top_p < 1)).unsqueeze(1)
+    return torch.where(on, out, logits)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat (spills past every cap) to peaked
+def test_candidate_top_k_top_p_equals_whole_row_sorting(scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = 600
+    monkeypatch.setattr(sampler_mod, "TOP_CANDIDATES", (16, 64))  # small caps: every path at a small vocab
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    # rows: top-p only, top-k inside the first cap, between the caps, above the caps, both, neither
+    top_k = torch.tensor([vocab, 5, 40, 300, 10, vocab, 64, vocab])
+    top_p = torch.tensor([0.9, 1.0, 1.0, 1.0, 0.5, 1.0, 0.95, 0.999999], dtype=torch.float64)
+    for _ in range(5):
+        logits = torch.randn(len(top_k), vocab, generator=gen) * scale
+        got = sampler_mod._top_k_top_p(logits.clone(), top_k, top_p)
+        want = _sorted_reference(logits, top_k, top_p)
+        assert torch.equal(got.isinf(), want.isinf())
+        assert torch.equal(got[~got.isinf()], want[~want.isinf()])
+        kept = (~got.isinf()).sum(1)
+        assert bool((kept[1:5] <= top_k[1:5]).all()) and int(kept[5]) == vocab  # the untouched row
+
+
+def test_candidate_top_p_spills_to_the_next_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top-p set larger than the first cap is found by the next one, and one larger than every cap by
+    sorting the row: both equal the reference."""
+    monkeypatch.setattr(sampler_mod, "TOP_CANDIDATES", (8, 32))
+    logits = torch.linspace(0, 0.1, 100).repeat(3, 1)  # distinct values: no ties at a boundary
+    logits[0, :20] += 5.0  # ~20 tokens for top-p 0.9: past 8, inside 32
+    logits[1] = torch.linspace(0, 0.1, 100)  # nearly uniform: ~90 tokens, past every cap
+    logits[2, 3] += 30.0  # one token
+    top_k, top_p = torch.full((3,), 100), torch.full((3,), 0.9, dtype=torch.float64)
+    got = sampler_mod._top_k_top_p(logits.clone(), top_k, top_p)
+    assert torch.equal(got.isinf(), _sorted_reference(logits, top_k, top_p).isinf())
+    n0, n1, n2 = (int(n) for n in (~got.isinf()).sum(1))
+    assert 8 < n0 <= 32 and n1 > 32 and n2 == 1
