@@ -62,7 +62,7 @@ void silu_mul_rows(const T* gu, int64_t sg, T* out, int64_t rows, int64_t f) {
       const T* u = g + f;
       T* o = out + t * f;
 #pragma omp simd
-      for (int64_t i = 0; i < f; ++i) o[i] = from_f<T>(to_f(from_f<T>(silu(to_f(g[i])))) * to_f(u[i]));
+      for (int64_t i = 0; i < f; ++i) o[i] = from_f<T>(rounded<T>(silu(to_f(g[i]))) * to_f(u[i]));
     }
   });
 }
