@@ -1,7 +1,7 @@
 // silu_mul (semantics: kernels/reference.py): SwiGLU's activation, silu(gate) * up of gu = [gate | up], in one
 // pass over each row and one output (the reference makes two passes and two tensors). Computes in fp32 and
 // rounds where the reference rounds: F.silu's result, then the product (one rounding for each in bf16).
-#include <ATen/ops/empty.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -74,7 +74,8 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   check_float_kind(gu, "gu");
   TORCH_CHECK(gu.size(1) % 2 == 0, "depthserve: gu must have an even last dim (gate | up), got ", gu.size(1));
   const int64_t rows = gu.size(0), f = gu.size(1) / 2;
-  at::Tensor out = at::empty({rows, f}, gu.options());
+  // allocated directly, not through the dispatcher (at::empty): one call per MLP, as TensorIterator's outputs are
+  at::Tensor out(at::detail::empty_cpu({rows, f}, gu.options()));
   with_type(kind_of(gu), [&](auto tg) {
     using T = decltype(tg);
     silu_mul_rows<T>(ptr<const T>(gu), gu.stride(0), ptr<T>(out), rows, f);

@@ -232,6 +232,7 @@ def test_empty_batch(ds) -> None:
     w = torch.ones(67)
     assert ds.rms_norm(torch.randn(0, 67), w, EPS).shape == (0, 67)
     assert ds.attnres_site(torch.randn(0, 67), None, torch.randn(0), torch.randn(0, 67), w, w, EPS, True).shape == (0, 67)
+    assert ds.silu_mul(torch.randn(0, 134)).shape == (0, 67)
 
 
 # ---- the wrappers, and which set the model gets ----------------------------------------------------------
