@@ -7,11 +7,12 @@ packs the weight once (an opaque mkldnn tensor, a copy) and `torch.ops.mkldnn._l
 it: the ops torch.compile's CPU backend (torch/_inductor/fx_passes/mkldnn_fusion.py) emits for frozen
 linears. fp32 and bf16 (bf16 needs avx512bw/vl/dq or avx_ne_convert; oneDNN raises otherwise).
 
-The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1): kernels/csrc/*.cpp, built and loaded by
-kernels/cpu_ext.py as torch.ops.depthserve.*; `extension_ops` wraps them with kernels/reference.py's
-signatures. Each wrapper is one torch.ops call; the C++ op checks its tensors before it writes anything and
-raises for those it does not handle (not on the CPU, an inner dim that is not contiguous, a dtype other than
-float32 / bfloat16), and the wrapper then runs the reference op instead.
+The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1, rotary, silu_mul, store_kv):
+kernels/csrc/*.cpp, built and loaded by kernels/cpu_ext.py as torch.ops.depthserve.*; `extension_ops` wraps
+them with kernels/reference.py's signatures. Each wrapper is one torch.ops call; the C++ op checks its tensors
+before it writes anything and raises for those it does not handle (not on the CPU, an inner dim that is not
+contiguous, a dtype other than float32 / bfloat16 where it computes, a slot out of range), and the wrapper then
+runs the reference op instead.
 """
 
 from __future__ import annotations
@@ -86,8 +87,27 @@ def _rotary(op) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return rotary
 
 
+def _silu_mul(op) -> Callable[..., torch.Tensor]:
+    def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+        try:
+            return op(gu)
+        except RuntimeError:
+            return reference.silu_mul(gu)
+    return silu_mul
+
+
+def _store_kv(op) -> Callable[..., None]:
+    def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        try:
+            op(k, v, k_cache, v_cache, slot_mapping)  # checks every slot before it writes
+        except RuntimeError:  # index_copy_ then raises its own error for a slot out of range
+            reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return store_kv
+
+
 _WRAPPERS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "attnres_site": _attnres_site,
-             "attnres_phase1": _attnres_phase1, "rotary": _rotary}
+             "attnres_phase1": _attnres_phase1, "rotary": _rotary, "silu_mul": _silu_mul, "store_kv": _store_kv}
 
 
 def extension_ops() -> dict[str, Callable]:

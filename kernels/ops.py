@@ -6,18 +6,20 @@
     k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
 
 The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
-add_rms_norm, attnres_site, attnres_phase1, decode_attention. The model calls these, never a backend.
+add_rms_norm, attnres_site, attnres_phase1, decode_attention, rotary, silu_mul, store_kv. The model calls
+these, never a backend.
 
 Backends:
 
 - `reference` (kernels/reference.py): plain PyTorch on the unpacked weight. The oracle for tests and
   the fallback.
 - `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load, and the C++ ops of
-  kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, and decode_attention reading K/V in
-  place through the block table, kernels/cpu_attention.py; built and cached by kernels/cpu_ext.py).
+  kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, rotary, silu_mul, store_kv, and
+  decode_attention reading K/V in place through the block table, kernels/cpu_attention.py; built and cached
+  by kernels/cpu_ext.py).
 - `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites and Phase 1, paged
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
-  Linears stay on the reference (torch) path.
+  Linears, rotary, silu_mul and store_kv stay on the reference (torch) path (torch ops: CUDA-graph safe).
 
 `auto` means triton on a CUDA device (when triton imports and its start-up probe of every op passes), native
 elsewhere where it works. On the CPU the linears and the other ops are chosen independently, because they
@@ -255,6 +257,8 @@ class KernelSet:
     attnres_phase1: Callable[..., None] = reference.attnres_phase1
     decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary
+    silu_mul: Callable[..., torch.Tensor] = reference.silu_mul
+    store_kv: Callable[..., None] = reference.store_kv
     # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
     # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
     # data-dependent context and is not). The engine captures decode graphs only for such a set.
@@ -316,6 +320,14 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                 q, k = qkv[:, :3, :24].to(dt), qkv[:, 3:, :24].to(dt)  # strided heads, as the model's views
                 out = fn(q, k, cs.cos(), cs.sin())  # the raw op rotates in place, the reference returns new
                 return [q, k] if out is None else list(out)
+            runs.append(run)
+        elif name == "silu_mul":
+            runs.append(lambda fn, dt=dt: [fn(inputs((t, 2 * d + 3))[0].mul(4).to(dt)[:, 1:2 * d + 1])])
+        elif name == "store_kv":
+            def run(fn, dt=dt):
+                qkv, k_cache, v_cache = (a.to(dt) for a in inputs((t, 5, 24), (11, 2, 24), (11, 2, 24)))
+                fn(qkv[:, 1:3], qkv[:, 3:], k_cache, v_cache, torch.tensor([7, 0, 10]))  # strided views
+                return [k_cache, v_cache]
             runs.append(run)
         elif name == "attnres_phase1" and dt == f32:
             def run(fn):

@@ -56,6 +56,26 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+# ---- MLP -----------------------------------------------------------------------------------------------
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation on the merged gate/up output: gu [T, 2f] = [gate | up] -> silu(gate) * up [T, f] in
+    gu's dtype (in bf16 the silu rounds, then the product: Hugging Face's order). Under tensor parallelism gu is
+    a rank's [T, 2 f_local] shard, gate rows then up rows: the same split."""
+    f = gu.shape[-1] // 2
+    return F.silu(gu[:, :f]) * gu[:, f:]
+
+
+# ---- KV cache ------------------------------------------------------------------------------------------
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write this step's K and V rows into the paged caches: k, v [T, KV, hd] -> k_cache[slot_mapping[t]],
+    v_cache[...] ([num_slots, KV, hd], slots flat: block * block_size + offset). index_copy_'s rules: an empty
+    slot_mapping writes nothing, a slot out of range raises, rows that share a slot (the padded decode batch's
+    pad rows, all in the scratch block) leave one of them there."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
 # ---- AttnRes -------------------------------------------------------------------------------------------
 def key_of(x: torch.Tensor, eps: float) -> torch.Tensor:
     """A source's key: RMS-normalised without gain (folded into the queries), fp32: [..., d] -> [..., d]."""

@@ -3,8 +3,9 @@ calls them (through a KernelSet, on strided views of a depth pool). Prints a Mar
 
     python -m loadtest.bench_ops --hidden 576 --tokens 1 32 --dtype float32 bfloat16 --out bench_out/ops.json
 
-Defaults: SmolLM2-135M's hidden size (576) and a Block AttnRes pool of 8 blocks with 4 layers each (Q = 8
-Phase-1 queries, Phase 1 over 5 completed sources). The two implementations alternate within each
+Defaults: SmolLM2-135M's shape (hidden 576, ffn 1536, 9 query and 3 KV heads of 64) and a Block AttnRes pool
+of 8 blocks with 4 layers each (Q = 8 Phase-1 queries, Phase 1 over 5 completed sources). store_kv writes into
+a cache of 4096 slots, the rows' slots scattered over it. The two implementations alternate within each
 repetition and the median per call is reported.
 """
 
@@ -23,8 +24,8 @@ from engine.config import parse_dtype
 from kernels import ops
 
 
-def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q: int,
-           n: int) -> dict[str, Callable[[], object]]:
+def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q: int, n: int, ffn: int,
+           heads: tuple[int, int, int]) -> dict[str, Callable[[], object]]:
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape: int, dt: torch.dtype = torch.float32) -> torch.Tensor:
@@ -35,12 +36,19 @@ def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q
     x, delta, h = rand(t, d, dt=dtype), rand(t, d, dt=dtype), rand(t, d, dt=dtype)
     states, keys = rand(t, sources, d), rand(t, sources, d)
     lse, xo, queries, query = rand(t, q), rand(t, q, d), 0.1 * rand(q, d), 0.1 * rand(d)
+    gu = rand(t, 2 * ffn, dt=dtype)  # the MLP's merged gate/up output
+    h, kv, hd = heads
+    qkv = rand(t, h + 2 * kv, hd, dt=dtype)  # k, v: views of the QKV output, as the model passes them
+    k_cache, v_cache = rand(4096, kv, hd, dt=dtype), rand(4096, kv, hd, dt=dtype)
+    slots = torch.randperm(4096, generator=g)[:t]
     return {
         "rms_norm": lambda: k.rms_norm(x, w, eps),
         "rms_norm(xo view)": lambda: k.rms_norm(xo[:, 1], w, eps),
         "add_rms_norm": lambda: k.add_rms_norm(delta, h, w, eps),
         "attnres_site": lambda: k.attnres_site(states[:, n], delta, lse[:, 3], xo[:, 3], query, w, eps),
         "attnres_phase1": lambda: k.attnres_phase1(states, keys, n, queries, lse, xo, eps),
+        "silu_mul": lambda: k.silu_mul(gu),
+        "store_kv": lambda: k.store_kv(qkv[:, h:h + kv], qkv[:, h + kv:], k_cache, v_cache, slots),
     }
 
 
@@ -52,16 +60,19 @@ def time_call(fn: Callable[[], object], iters: int) -> float:
 
 
 def run(hidden: int, tokens: list[int], dtypes: list[torch.dtype], blocks: int, block_size: int, n: int,
-        reps: int, min_time: float) -> list[dict]:
+        reps: int, min_time: float, ffn: int = 1536, heads: tuple[int, int, int] = (9, 3, 64),
+        only: list[str] | None = None) -> list[dict]:
     native = ops.kernel_set(ops.Backend("reference", "native"))
     if not native.native_ops():
         raise SystemExit("native CPU ops unavailable (see the warning); nothing to compare")
     rows = []
     for dtype in dtypes:
         for t in tokens:
-            impls = {name: _cases(k, t, hidden, dtype, blocks + 1, 2 * block_size, n)
+            impls = {name: _cases(k, t, hidden, dtype, blocks + 1, 2 * block_size, n, ffn, heads)
                      for name, k in (("reference", ops.REFERENCE_OPS), ("native", native))}
             for op in impls["reference"]:
+                if only and op not in only:
+                    continue
                 fns = {name: cases[op] for name, cases in impls.items()}
                 iters = {}
                 for name, fn in fns.items():  # warm up, and size the loop to about min_time
@@ -82,6 +93,10 @@ def run(hidden: int, tokens: list[int], dtypes: list[torch.dtype], blocks: int, 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--ffn", type=int, default=1536, help="intermediate size (silu_mul)")
+    p.add_argument("--heads", type=int, nargs=3, default=[9, 3, 64], metavar=("H", "KV", "HD"),
+                   help="query heads, KV heads, head dim (store_kv)")
+    p.add_argument("--ops", nargs="+", default=None, help="time only these ops (default: all)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--blocks", type=int, default=8, help="completed-block slots of the pool (N)")
@@ -95,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.hidden, args.tokens, [parse_dtype(d) for d in args.dtype], args.blocks, args.block_size,
-               args.sources, args.reps, args.min_time)
+               args.sources, args.reps, args.min_time, args.ffn, tuple(args.heads), args.ops)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times per call (median of {args.reps})\n")
     print("| op | dtype | T | reference µs | native µs | speedup |")
     print("|---|---|---:|---:|---:|---:|")

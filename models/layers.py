@@ -66,15 +66,16 @@ class PackedWeight:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    decode_attention: Callable[..., torch.Tensor] = reference.decode_attention) -> torch.Tensor:
-    """Write this step's K/V into the paged cache, then attend each row to its own sequence.
+                    decode_attention: Callable[..., torch.Tensor] = reference.decode_attention,
+                    store_kv: Callable[..., None] = reference.store_kv) -> torch.Tensor:
+    """Write this step's K/V into the paged cache (the kernel set's store_kv), then attend each row to its own
+    sequence.
 
     q: [T, H, hd]; k, v: [T, KV, hd]; caches: [num_slots, KV, hd]. Returns [T, H, hd].
     Decode rows (one query per sequence) go to the kernel set's decode_attention in one call; prompt
     chunks through SDPA one call each.
     """
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decode
     if nd == q.shape[0]:
@@ -187,6 +188,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(self.heads * self.head_dim, hidden, shards.q_rows, _rank(comm), dtype, comm)
         self.decode_attention: Callable[..., torch.Tensor] = reference.decode_attention  # the kernel set's
         self.rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary  # the kernel set's
+        self.store_kv: Callable[..., None] = reference.store_kv  # the kernel set's
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer: int, cos_sin: tuple) -> torch.Tensor:
         t = x.shape[0]
@@ -197,7 +199,7 @@ class Attention(nn.Module):
         v = qkv[:, nq + nk:].view(t, self.kv_heads, self.head_dim)
         q, k = self.rotary(q, k, *cos_sin)
         k_cache, v_cache = batch.kv_caches[layer]
-        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale, self.decode_attention)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale, self.decode_attention, self.store_kv)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -209,10 +211,11 @@ class SwiGLU(nn.Module):
         self.ffn = shards.intermediate
         self.gate_up_proj = MergedColumnParallelLinear(hidden, shards, _rank(comm), dtype)
         self.down_proj = RowParallelLinear(self.ffn, hidden, shards.intermediate_rows, _rank(comm), dtype, comm)
+        self.silu_mul: Callable[..., torch.Tensor] = reference.silu_mul  # the kernel set's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:])
+        gu = self.gate_up_proj(x)  # [T, 2 ffn]: this rank's gate rows, then its up rows
+        return self.down_proj(self.silu_mul(gu))  # [T, ffn] -> [T, d]
 
 
 class VocabParallelEmbedding(PackedWeight, nn.Module):

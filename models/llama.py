@@ -361,6 +361,8 @@ class LlamaForServing(nn.Module):
         for layer in self.layers:
             layer.self_attn.decode_attention = self.k.decode_attention
             layer.self_attn.rotary = self.k.rotary
+            layer.self_attn.store_kv = self.k.store_kv
+            layer.mlp.silu_mul = self.k.silu_mul
 
     @torch.no_grad()
     def fold_queries(self) -> None:

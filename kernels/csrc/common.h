@@ -36,6 +36,21 @@ template <> inline bf16_t from_f<bf16_t>(float f) {
   return bf16_t((r & ~nan) | (0x7fc0u & nan));  // branch-free: gcc vectorises it inside reductions too
 }
 
+// to_f(from_f<T>(f)) without narrowing to T: f rounded as from_f rounds it, kept in fp32 for the next step (the
+// pack to 16 bits and back costs about as much as the rounding itself in a vectorised loop).
+template <typename T> inline float rounded(float f);
+template <> inline float rounded<float>(float f) { return f; }
+template <> inline float rounded<bf16_t>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const uint32_t nan = 0u - uint32_t((u & 0x7fffffffu) > 0x7f800000u);
+  const uint32_t v = (r & ~nan) | (0x7fc00000u & nan);
+  float out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
 // `y.to(w.dtype) * w` of the reference: in bf16 the normalised value is rounded, the product rounded again.
 template <typename TW> inline TW scale_by(float y, TW w) { return from_f<TW>(to_f(from_f<TW>(y)) * to_f(w)); }
 

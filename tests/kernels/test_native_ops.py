@@ -151,17 +151,95 @@ def test_attnres_phase1(ds, t, d, block_size, n) -> None:
     assert_matches(xo, ref[2], rel=1e-5)
 
 
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("f", [67, 1536])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_silu_mul(ds, t, f, dtype) -> None:
+    """gu = [gate | up] as the MLP's merged projection gives it, and a strided view of a wider buffer."""
+    g = _gen(t, f, 8)
+    wide = _rand(g, t, 2 * f + 5, dtype=dtype, scale=4.0)
+    for gu in (wide[:, 2:2 * f + 2], wide[:, :2 * f].contiguous()):
+        got = ds.silu_mul(gu)
+        assert got.is_contiguous()
+        assert_matches(got, reference.silu_mul(gu))  # fp32: the exponential's few ulps; bf16: the same roundings
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_silu_mul_special_values(ds, dtype) -> None:
+    """Where e^-x overflows (x <= -88.7: silu = -0), underflows, and NaN / inf, as F.silu gives them."""
+    gate = torch.tensor([float("nan"), float("inf"), -float("inf"), -88.0, -88.5, -88.72, -88.73, -89.0, -1e4,
+                         86.0, 89.0, 1e4, 0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, -87.0, 3.0]).to(dtype)
+    gu = torch.cat([gate, torch.linspace(-3, 3, len(gate)).to(dtype)]).unsqueeze(0)
+    got, want = ds.silu_mul(gu), reference.silu_mul(gu)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_silu_mul_on_tensor_parallel_shards(ds) -> None:
+    """Under TP the MLP's gu is a rank's shard [T, 2 f_local] (its gate rows, then its up rows): the ranks'
+    outputs side by side are the unsharded output."""
+    g = _gen(9)
+    t, f, tp = 5, 134, 2
+    gate, up = _rand(g, t, f, scale=3.0), _rand(g, t, f)
+    full = reference.silu_mul(torch.cat([gate, up], 1))
+    n = f // tp
+    parts = [ds.silu_mul(torch.cat([gate[:, r * n:(r + 1) * n], up[:, r * n:(r + 1) * n]], 1)) for r in range(tp)]
+    assert_matches(torch.cat(parts, 1), full)
+
+
+def _kv_case(g: torch.Generator, t: int, heads: int, kv_heads: int, hd: int, slots: int, dtype: torch.dtype):
+    """k, v as the model's views of a packed QKV output, and two caches [slots, KV, hd] of random content."""
+    qkv = _rand(g, t, (heads + 2 * kv_heads) * hd, dtype=dtype)
+    k = qkv[:, heads * hd:(heads + kv_heads) * hd].view(t, kv_heads, hd)
+    v = qkv[:, (heads + kv_heads) * hd:].view(t, kv_heads, hd)
+    return k, v, _rand(g, slots, kv_heads, hd, dtype=dtype), _rand(g, slots, kv_heads, hd, dtype=dtype)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("heads,kv_heads,hd", [(9, 3, 64), (4, 4, 38)])
+@pytest.mark.parametrize("dtype", [F32, BF16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_store_kv(ds, t, heads, kv_heads, hd, dtype) -> None:
+    """Scattered slots of a cache with more slots than rows: exactly index_copy_'s caches, nothing else written."""
+    g = _gen(t, heads, hd, 10)
+    k, v, k_cache, v_cache = _kv_case(g, t, heads, kv_heads, hd, 2 * t + 3, dtype)
+    slots = torch.randperm(2 * t + 3, generator=g)[:t]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(k, v, want_k, want_v, slots)
+    assert ds.store_kv(k, v, k_cache, v_cache, slots) is None
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_store_kv_edge_cases(ds) -> None:
+    """No rows; rows that share a slot (the padded decode batch's pad rows, all in the scratch block: one of them
+    lands); a slot out of range, -1 included, raises before anything is written, as index_copy_ raises."""
+    g = _gen(11)
+    k, v, k_cache, v_cache = _kv_case(g, 3, 4, 2, 8, 6, BF16)
+    before = (k_cache.clone(), v_cache.clone())
+    ds.store_kv(k[:0], v[:0], k_cache, v_cache, torch.zeros(0, dtype=torch.long))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    for bad in ([0, 6, 1], [2, -1, 0]):
+        with pytest.raises(RuntimeError, match="outside"):
+            ds.store_kv(k, v, k_cache, v_cache, torch.tensor(bad))
+        assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+        with pytest.raises(IndexError, match="out of bounds"):  # the wrapper: the reference's own error
+            ops.kernel_set(NATIVE).store_kv(k, v, k_cache.clone(), v_cache.clone(), torch.tensor(bad))
+    ds.store_kv(k, v, k_cache, v_cache, torch.tensor([4, 1, 4]))
+    assert torch.equal(k_cache[1], k[1]) and torch.equal(v_cache[1], v[1])
+    assert any(torch.equal(k_cache[4], k[i]) and torch.equal(v_cache[4], v[i]) for i in (0, 2))
+
+
 def test_empty_batch(ds) -> None:
     w = torch.ones(67)
     assert ds.rms_norm(torch.randn(0, 67), w, EPS).shape == (0, 67)
     assert ds.attnres_site(torch.randn(0, 67), None, torch.randn(0), torch.randn(0, 67), w, w, EPS, True).shape == (0, 67)
+    assert ds.silu_mul(torch.randn(0, 134)).shape == (0, 67)
 
 
 # ---- the wrappers, and which set the model gets ----------------------------------------------------------
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
     assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1",
-                                        "decode_attention", "rotary"}
+                                        "decode_attention", "rotary", "silu_mul", "store_kv"}
     assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
     assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
@@ -192,6 +270,14 @@ def test_wrappers_fall_back_on_tensors_the_kernel_does_not_take(ds) -> None:
     got = k.attnres_site(partial, delta, lse1, xo1, query, w, EPS)
     torch.testing.assert_close(got, reference.attnres_site(p_ref, delta, lse1, xo1, query, w, EPS))
     torch.testing.assert_close(partial, p_ref)
+    for gu in (_rand(g, 134, 5).t(), _rand(g, 5, 134, dtype=torch.float16)):  # strided inner dim; float16
+        torch.testing.assert_close(k.silu_mul(gu), reference.silu_mul(gu), rtol=0, atol=0)
+    kk, v, k_cache, v_cache = _kv_case(g, 3, 4, 2, 8, 6, F32)
+    kk = kk.transpose(1, 2).contiguous().transpose(1, 2)  # a strided head dim
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(kk, v, want_k, want_v, torch.tensor([5, 0, 2]))
+    k.store_kv(kk, v, k_cache, v_cache, torch.tensor([5, 0, 2]))
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
 # ---- build, cache and failure ------------------------------------------------------------------------------
@@ -305,6 +391,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 def test_engine_greedy_equals_reference_on_native_ops(ds, model) -> None:
     folder, expected = model
     llm = LLM(str(folder), max_model_len=64, max_num_batched_tokens=5, block_size=4, kernels="native")
-    assert llm.engine.model.k.native_ops()
+    model = llm.engine.model
+    assert {"silu_mul", "store_kv"} <= set(model.k.native_ops())
+    assert all(layer.mlp.silu_mul is model.k.silu_mul and layer.self_attn.store_kv is model.k.store_kv
+               for layer in model.layers)  # both models' layers call the kernel set's ops
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected
