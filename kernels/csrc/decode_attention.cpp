@@ -161,8 +161,8 @@ using V = Isa::V;
 constexpr int64_t kW = Isa::W;
 constexpr int64_t kPad = kW > 4 ? kW : 4;  // a tile's rows are padded to a multiple of this (kW and 4)
 constexpr int64_t kTile = 32;              // context positions per online-softmax step (a multiple of kPad)
-constexpr int64_t kMinPartition = 64;    // split-K: no partition shorter than this many positions
-constexpr int64_t kSerialWork = 1 << 18; // below this many q.k multiply-adds, one thread does it all
+constexpr int64_t kMinPartition = 64;      // split-K: no partition shorter than this many positions
+constexpr int64_t kSerialWork = 1 << 18;   // below this many q.k multiply-adds, one thread does it all
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -182,8 +182,8 @@ struct Problem {
   bool copy;  // K/V rows go through zero-padded fp32 copies (hd % kW != 0, or a strided head dim)
 };
 
-// 64-byte aligned storage: a 32-byte load that straddles two cache lines costs two, and unaligned query and
-// accumulator rows made the score loop ~1.5x slower.
+// 64-byte aligned storage: a 32-byte load that straddles two cache lines costs two (~1.5x on the score loop
+// in isolation with 16-byte aligned query rows, as std::vector's may be).
 template <typename T>
 struct Aligned {
   using value_type = T;
@@ -224,6 +224,31 @@ Scratch& scratch(int64_t H, int64_t hdp, bool copy) {
   return w;
 }
 
+// The next tile's K/V rows of the KV head being worked on, asked for a few at a time while the current tile is
+// computed: its K rows along with the scores (4 positions per call), its V rows along with the first pass over
+// V (one per position). The blocks are scattered, so the hardware prefetchers lose the stream at every block
+// boundary; and a whole tile's prefetches at once (~750 lines in fp32) overflow the miss buffers, most of them
+// lost. When the context comes from DRAM (30 layers of caches do not stay in L3) this paced prefetch reads bf16
+// ~1.5x faster and keeps fp32 at the bandwidth of plain reads; on a context already in L2 its instructions cost
+// ~10% (fp32), ~5% (bf16).
+struct Ahead {
+  const char* k[kTile];  // slot rows
+  const char* v[kTile];
+  int64_t n = 0, bytes = 0, koff = 0, voff = 0;  // rows, bytes per row, the KV head's byte offsets
+  // gcc deems a function of nothing but __builtin_prefetch free of side effects and drops its calls (the
+  // earlier version of this kernel never prefetched): the empty volatile asm keeps them.
+  void k_rows(int64_t t) const {
+    asm volatile("");
+    for (int64_t i = t; i < std::min(t + 4, n); ++i)
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(k[i] + koff + off);
+  }
+  void v_row(int64_t i) const {
+    asm volatile("");
+    if (i < n)
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(v[i] + voff + off);
+  }
+};
+
 // s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and 4 positions.
 template <int NG, typename E>
 inline void scores4(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
@@ -244,13 +269,14 @@ inline void scores4(const float* q, int64_t hdp, const E* const* k, int64_t koff
 // acc_g[d, d + DV kW) = acc_g * corr[g] + sum_{t < n} p[g * kTile + t] * v_t[...] for NG heads.
 template <int NG, int DV, typename E>
 inline void accumulate(float* acc, int64_t hdp, const float* corr, const float* p, const E* const* v,
-                       int64_t voff, int64_t n, int64_t d) {
+                       int64_t voff, int64_t n, int64_t d, const Ahead* ahead) {
   V a[NG][DV];
   for (int g = 0; g < NG; ++g) {
     const V c = Isa::set1(corr[g]);
     for (int j = 0; j < DV; ++j) a[g][j] = Isa::mul(Isa::load(acc + g * hdp + d + j * kW), c);
   }
   for (int64_t t = 0; t < n; ++t) {
+    if (ahead != nullptr) ahead->v_row(t);
     V pb[NG];
     for (int g = 0; g < NG; ++g) pb[g] = Isa::set1(p[g * kTile + t]);
     const E* vt = v[t] + voff + d;
@@ -268,11 +294,14 @@ inline void accumulate(float* acc, int64_t hdp, const float* corr, const float* 
 // heads from qh: scores, the online-softmax step, the weighted sum of V.
 template <int NG, typename E>
 inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, int64_t koff, const E* const* v,
-                      int64_t voff, int64_t n) {
+                      int64_t voff, int64_t n, const Ahead* ahead) {
   float* s = w.s;
   const float* q = w.qf.data() + qh * hdp;
   const int64_t np = round_up(n, kPad);
-  for (int64_t t = 0; t < np; t += 4) scores4<NG>(q, hdp, k + t, koff, s + t);
+  for (int64_t t = 0; t < np; t += 4) {
+    if (ahead != nullptr) ahead->k_rows(t);
+    scores4<NG>(q, hdp, k + t, koff, s + t);
+  }
   float corr[NG];
   for (int g = 0; g < NG; ++g) {
     float* sg = s + g * kTile;
@@ -290,44 +319,26 @@ inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, in
   }
   float* acc = w.acc.data() + qh * hdp;
   int64_t d = 0;
-  for (; d + Isa::DV * kW <= hdp; d += Isa::DV * kW) accumulate<NG, Isa::DV>(acc, hdp, corr, s, v, voff, n, d);
-  for (; d < hdp; d += kW) accumulate<NG, 1>(acc, hdp, corr, s, v, voff, n, d);
+  for (; d + Isa::DV * kW <= hdp; d += Isa::DV * kW, ahead = nullptr)
+    accumulate<NG, Isa::DV>(acc, hdp, corr, s, v, voff, n, d, ahead);
+  for (; d < hdp; d += kW, ahead = nullptr) accumulate<NG, 1>(acc, hdp, corr, s, v, voff, n, d, ahead);
 }
 
-// The G query heads of one KV head over one tile, NG at a time.
+// The G query heads of one KV head over one tile, NG at a time (the first pass prefetches).
+static_assert(Isa::NG == 3, "tile_group splits a group into passes of 3, then 2 or 1");
 template <typename E>
 inline void tile_group(Scratch& w, int64_t qh0, int64_t G, int64_t hdp, const E* const* k, int64_t koff,
-                       const E* const* v, int64_t voff, int64_t n) {
+                       const E* const* v, int64_t voff, int64_t n, const Ahead* ahead) {
   int64_t g = 0;
-  for (; g + 3 <= G; g += 3) tile_pass<3>(w, qh0 + g, hdp, k, koff, v, voff, n);
-  if (G - g == 2) tile_pass<2>(w, qh0 + g, hdp, k, koff, v, voff, n);
-  if (G - g == 1) tile_pass<1>(w, qh0 + g, hdp, k, koff, v, voff, n);
+  for (; g + 3 <= G; g += 3, ahead = nullptr) tile_pass<3>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
+  if (G - g == 2) tile_pass<2>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
+  if (G - g == 1) tile_pass<1>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
 }
 
 // n elements, `stride` apart, in fp32
 template <typename T>
 inline void copy_row(const T* src, int64_t stride, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i * stride]);
-}
-
-// Ask for a tile's K/V rows (all KV heads) ahead of use: the blocks are scattered, so the hardware
-// prefetchers lose the stream at every block boundary (~10% at contexts read from DRAM).
-template <typename T>
-inline void prefetch_tile(const Problem<T>& p, const int64_t* slots, int64_t n) {
-  // gcc deems a function of nothing but __builtin_prefetch free of side effects and drops its calls (the
-  // earlier version of this kernel never prefetched): the empty volatile asm keeps them.
-  asm volatile("");
-  const int64_t bytes = p.hd * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t h = 0; h < p.KV; ++h) {
-      const char* kp = reinterpret_cast<const char*>(p.k + slots[i] * p.k_ss + h * p.k_sh);
-      const char* vp = reinterpret_cast<const char*>(p.v + slots[i] * p.v_ss + h * p.v_sh);
-      for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(kp + off);
-        __builtin_prefetch(vp + off);
-      }
-    }
-  }
 }
 
 // Cache slots of positions [t0, t0 + n) of a row, padded to a multiple of kPad with the last one.
@@ -363,31 +374,36 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
   std::fill(w.l.begin(), w.l.begin() + H, 0.f);
 
   const int64_t* blocks = p.table + row * p.t_sb;
-  int64_t slots[2][kTile];
+  int64_t slots[kTile];
   const T* kr[kTile];
   const T* vr[kTile];
-  int64_t np = tile_slots(p, blocks, begin, std::min(kTile, end - begin), slots[0]);
-  for (int64_t t0 = begin, cur = 0; t0 < end; t0 += kTile, cur ^= 1) {
+  Ahead ahead;
+  ahead.bytes = p.hd * static_cast<int64_t>(sizeof(T));
+  int64_t np = tile_slots(p, blocks, begin, std::min(kTile, end - begin), slots);
+  for (int64_t i = 0; i < np; ++i) {
+    kr[i] = p.k + slots[i] * p.k_ss;
+    vr[i] = p.v + slots[i] * p.v_ss;
+  }
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    const int64_t* sl = slots[cur];
-    const int64_t np_cur = np;
-    if (t0 + n < end) {  // the next tile's slots, and its rows on their way into the cache
-      const int64_t nn = std::min(kTile, end - t0 - n);
-      np = tile_slots(p, blocks, t0 + n, nn, slots[cur ^ 1]);
-      prefetch_tile(p, slots[cur ^ 1], nn);
-    }
-    for (int64_t i = 0; i < np_cur; ++i) {
-      kr[i] = p.k + sl[i] * p.k_ss;
-      vr[i] = p.v + sl[i] * p.v_ss;
+    ahead.n = t0 + n < end ? std::min(kTile, end - t0 - n) : 0;  // the next tile's rows
+    if (ahead.n > 0) {
+      tile_slots(p, blocks, t0 + n, ahead.n, slots);
+      for (int64_t i = 0; i < ahead.n; ++i) {
+        ahead.k[i] = reinterpret_cast<const char*>(p.k + slots[i] * p.k_ss);
+        ahead.v[i] = reinterpret_cast<const char*>(p.v + slots[i] * p.v_ss);
+      }
     }
     for (int64_t h = 0; h < p.KV; ++h) {
+      ahead.koff = h * p.k_sh * static_cast<int64_t>(sizeof(T));
+      ahead.voff = h * p.v_sh * static_cast<int64_t>(sizeof(T));
       if (!p.copy) {
-        tile_group<T>(w, h * G, G, hdp, kr, h * p.k_sh, vr, h * p.v_sh, n);
+        tile_group<T>(w, h * G, G, hdp, kr, h * p.k_sh, vr, h * p.v_sh, n, &ahead);
         continue;
       }
       const float* kb[kTile];
       const float* vb[kTile];
-      for (int64_t i = 0; i < np_cur; ++i) {
+      for (int64_t i = 0; i < np; ++i) {
         float* kd = w.kbuf.data() + i * hdp;
         float* vd = w.vbuf.data() + i * hdp;
         copy_row(kr[i] + h * p.k_sh, p.k_sd, kd, hd);
@@ -395,7 +411,13 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
         kb[i] = kd;
         vb[i] = vd;
       }
-      tile_group<float>(w, h * G, G, hdp, kb, 0, vb, 0, n);
+      tile_group<float>(w, h * G, G, hdp, kb, 0, vb, 0, n, &ahead);
+    }
+    if (ahead.n == 0) break;
+    np = round_up(ahead.n, kPad);  // the next tile's rows (tile_slots padded them)
+    for (int64_t i = 0; i < np; ++i) {
+      kr[i] = p.k + slots[i] * p.k_ss;
+      vr[i] = p.v + slots[i] * p.v_ss;
     }
   }
 }
