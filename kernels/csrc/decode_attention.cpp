@@ -14,8 +14,9 @@
 // K/V element is loaded, and converted from bf16, once per pass and used by every head of the pass:
 //   1. scores s[g][t] = q_g . k_t of the whole tile, 4 positions at a time (NG x 4 register accumulators,
 //      reduced by one horizontal-add tree per head);
-//   2. one online-softmax step per head and tile (running max m, sum l): a vectorised exp over the tile's
-//      scores, and one rescale of the unnormalised output acc per tile rather than per position;
+//   2. one online-softmax step per head and tile (running max m, sum l): a vectorised 2^x over the tile's
+//      scores (the query is pre-scaled by log2 e, so scores are in log2 units), and one rescale of the
+//      unnormalised output acc per tile rather than per position (none while the max stands);
 //   3. acc[g] = acc[g] * corr_g + sum_t p[g][t] v_t, NG heads x DV vectors of acc in registers.
 // K/V rows are read straight from the cache when their head dim is contiguous and a multiple of the vector
 // width; otherwise a tile's rows are first copied into zero-padded fp32 rows (any head-dim stride, and the
@@ -106,23 +107,21 @@ struct Isa {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  // e^x for x <= 0 (scores minus their running max): Cephes' expf (x = k ln2 + r with |r| <= ln2 / 2, a
-  // degree-7 polynomial in r, 2^k built in the exponent bits), within 2 ulp of std::exp; 0 below -87.33
-  // (where e^x leaves the normal floats), NaN stays NaN.
-  static V exp_nonpos(V x) {
-    const V lo = _mm256_set1_ps(-87.33654f);
+  // 2^x for x <= 0 (scores, in log2 units, minus their running max): x = k + f with |f| <= 1/2, Cephes'
+  // exp2f polynomial for 2^f, 2^k built in the exponent bits; within 2 ulp of std::exp2, 0 below -126 (where
+  // 2^x leaves the normal floats), NaN stays NaN.
+  static V exp2_nonpos(V x) {
+    const V lo = _mm256_set1_ps(-126.f);
     const V xc = _mm256_max_ps(x, lo);
-    const V k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), xc);  // Cody-Waite: ln2 in two parts
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-    V y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const V k = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(xc, k);
+    V y = _mm256_set1_ps(1.535336188319500e-4f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     const V under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
@@ -153,7 +152,7 @@ struct Isa {  // one lane, the same tiling
   static V max(V a, V b) { return std::max(a, b); }
   static float hmax(V x) { return x; }
   static float hsum(V x) { return x; }
-  static V exp_nonpos(V x) { return std::exp(x); }
+  static V exp2_nonpos(V x) { return std::exp2(x); }
 };
 #endif
 
@@ -308,12 +307,15 @@ inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, in
     V mx = Isa::load(sg);
     for (int64_t t = kW; t < np; t += kW) mx = Isa::max(mx, Isa::load(sg + t));
     const float m_old = w.m[qh + g], m_new = std::max(m_old, Isa::hmax(mx));
-    corr[g] = std::exp(m_old - m_new);  // 0 on the first tile (m = -inf)
+    corr[g] = m_new == m_old ? 1.f : std::exp2(m_old - m_new);  // 0 on the first tile (m = -inf)
     const V mv = Isa::set1(m_new);
-    for (int64_t t = 0; t < np; t += kW) Isa::store(sg + t, Isa::exp_nonpos(Isa::sub(Isa::load(sg + t), mv)));
-    std::fill(sg + n, sg + np, 0.f);  // the repeated rows weigh nothing
-    V sum = Isa::load(sg);
-    for (int64_t t = kW; t < np; t += kW) sum = Isa::add(sum, Isa::load(sg + t));
+    std::fill(sg + n, sg + np, kNegInf);  // the repeated rows weigh nothing
+    V sum = Isa::zero();
+    for (int64_t t = 0; t < np; t += kW) {
+      const V e = Isa::exp2_nonpos(Isa::sub(Isa::load(sg + t), mv));
+      Isa::store(sg + t, e);
+      sum = Isa::add(sum, e);
+    }
     w.m[qh + g] = m_new;
     w.l[qh + g] = w.l[qh + g] * corr[g] + Isa::hsum(sum);
   }
@@ -363,10 +365,11 @@ inline int64_t tile_slots(const Problem<T>& p, const int64_t* blocks, int64_t t0
 template <typename T>
 void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratch& w) {
   const int64_t H = p.H, G = p.G, hd = p.hd, hdp = p.hdp;
+  const float scale = p.scale * 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
   for (int64_t qh = 0; qh < H; ++qh) {  // the scaled queries in fp32, zero-padded
     const T* src = p.q + row * p.q_sb + qh * p.q_sh;
     float* qf = w.qf.data() + qh * hdp;
-    for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d * p.q_sd]) * p.scale;
+    for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d * p.q_sd]) * scale;
     std::fill(qf + hd, qf + hdp, 0.f);
   }
   std::fill(w.acc.begin(), w.acc.begin() + H * hdp, 0.f);
@@ -516,7 +519,7 @@ void run_parallel(const Problem<T>& p, int64_t B, int64_t threads, T* out) {
       std::fill(o.begin(), o.end(), 0.f);
       float lsum = 0.f;
       for (int64_t k = 0; k < parts; ++k) {
-        const float wk = std::exp(m[k] - mmax);
+        const float wk = std::exp2(m[k] - mmax);
         lsum += wk * l[k];
         const float* a = pacc.data() + (base + k) * hdp;
         for (int64_t d = 0; d < hd; ++d) o[d] += wk * a[d];
