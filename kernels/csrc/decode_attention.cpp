@@ -370,7 +370,11 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
   for (int64_t qh = 0; qh < H; ++qh) {  // the scaled queries in fp32, zero-padded
     const T* src = p.q + row * p.q_sb + qh * p.q_sh;
     float* qf = w.qf.data() + qh * hdp;
-    for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d * p.q_sd]) * scale;
+    if (p.q_sd == 1) {  // the usual case, as a loop gcc vectorises
+      for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d]) * scale;
+    } else {
+      for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d * p.q_sd]) * scale;
+    }
     std::fill(qf + hd, qf + hdp, 0.f);
   }
   std::fill(w.acc.begin(), w.acc.begin() + H * hdp, 0.f);
