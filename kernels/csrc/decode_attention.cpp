@@ -20,7 +20,12 @@
 //   3. acc[g] = acc[g] * corr_g + sum_t p[g][t] v_t, NG heads x DV vectors of acc in registers.
 // K/V rows are read straight from the cache when their head dim is contiguous and a multiple of the vector
 // width; otherwise a tile's rows are first copied into zero-padded fp32 rows (any head-dim stride, and the
-// kernels never read past a row).
+// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead).
+//
+// Cost: a position is 2 x H x hd multiply-adds (SmolLM2, H 9 x hd 64: 144 8-wide FMAs, ~26 ns at 2.8 GHz and
+// 2 FMAs a cycle) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound by its FMAs (about
+// 44-65 ns a position on the Zen 3 this was tuned on, 1 thread); read from DRAM, as 30 layers' caches are at
+// long contexts, fp32 is bound by the memory (a position is 1.5 KB) and bf16 by both.
 //
 // Threads: the work is one pass on the calling thread when it is small (an OpenMP region costs several µs, as
 // much as a short context's whole attention). Otherwise contexts are cut into partitions so that there are
@@ -51,7 +56,6 @@
 #include <cstring>
 #include <limits>
 #include <new>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)

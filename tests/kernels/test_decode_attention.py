@@ -119,6 +119,18 @@ def test_tile_edges(native_op, heads, kv, hd, dtype) -> None:
     check(native_op, *make_case(lens, heads, kv, hd, 5, dtype, seed=heads + hd))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_k_over_copied_rows(native_op, dtype) -> None:
+    """Split-K partitions and their merge on the path that copies rows (hd 36 is not a multiple of the vector
+    width), with a GQA group of 5 (passes of 3 and 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check(native_op, *make_case([2000, 37], 10, 2, 36, 16, dtype, seed=13))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_large_scores_stay_finite(native_op) -> None:
     """Scores far beyond exp's range: the online softmax subtracts the running max."""
     q, k, v, meta, _ = make_case([700, 20], 6, 2, 32, 16, torch.float32, seed=3)
