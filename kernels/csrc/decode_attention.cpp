@@ -7,41 +7,41 @@
 // Position t of row b lives in slot block_table[b, t / block_size] * block_size + t % block_size; positions
 // [0, context_lens[b]) are attended (this step's token included, already written). GQA: query head h reads kv
 // head h / (H / KV). fp32 and bf16 (q and caches of one dtype); everything is computed in fp32 and the result
-// is cast once, as SDPA's CPU kernels do.
+// is cast once, as SDPA's CPU kernels do. Any strides (the head dim's included).
 //
-// The work item is (row, context partition), all heads. The context is walked in chunks of kChunk positions;
-// within a chunk one KV head at a time with its G = H / KV query heads together, so each K/V row is read
-// from memory once per group, and a chunk's rows of all heads (one contiguous stretch of each block) are
-// read once, while they sit in L1. Each query head keeps an online softmax (running max m, sum l,
-// unnormalised output acc). Contexts are cut into partitions so that there are about 8 items per thread
-// (none shorter than kMinPartition): at batch 1 the context is split, and the partitions are merged
-// afterwards by their (m, l, acc) (flash-decoding split-K); with many rows none is. The threads take items
-// dynamically, longest rows first, so that mixed context lengths balance.
+// The work item is (row, context partition), all heads. The context is walked in tiles of kTile positions;
+// within a tile one KV head at a time, its G = H / KV query heads together (up to Isa::NG per pass), so each
+// K/V element is loaded, and converted from bf16, once per pass and used by every head of the pass:
+//   1. scores s[g][t] = q_g . k_t of the whole tile, 4 positions at a time (NG x 4 register accumulators,
+//      reduced by one horizontal-add tree per head);
+//   2. one online-softmax step per head and tile (running max m, sum l): a vectorised 2^x over the tile's
+//      scores (the query is pre-scaled by log2 e, so scores are in log2 units), and one rescale of the
+//      unnormalised output acc per tile rather than per position (none while the max stands);
+//   3. acc[g] = acc[g] * corr_g + sum_t p[g][t] v_t, NG heads x DV vectors of acc in registers.
+// K/V rows are read straight from the cache when their head dim is contiguous and a multiple of the vector
+// width; otherwise a tile's rows are first copied into zero-padded fp32 rows (any head-dim stride, and the
+// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead).
 //
-// Threads: at::parallel_for is OpenMP in this torch build and its parallel region is compiled into this
-// file, so build with -fopenmp in the compile AND link flags (the extension then uses torch's own libgomp,
-// loaded under the same soname). Without it the op still works, on one thread; the compiler says so below.
+// Cost: a position is 2 x H x hd multiply-adds (SmolLM2, H 9 x hd 64: 144 8-wide FMAs, ~26 ns at 2.8 GHz and
+// 2 FMAs a cycle) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound by its FMAs (about
+// 44-65 ns a position on the Zen 3 this was tuned on, 1 thread); read from DRAM, as 30 layers' caches are at
+// long contexts, fp32 is bound by the memory (a position is 1.5 KB) and bf16 by both.
 //
-// Vectorised over hd with at::vec::Vectorized<float> (any hd: a masked tail). The capability macros are set
-// here from the compiler's target (-march=native) under a namespace of our own, so this file does not clash
-// with ATen's own per-capability copies, nor with another file of the extension built without them.
-
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY depthserve_avx512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY depthserve_avx2
-#else
-#define CPU_CAPABILITY depthserve_default
-#endif
-#endif
+// Threads: the work is one pass on the calling thread when it is small (an OpenMP region costs several µs, as
+// much as a short context's whole attention). Otherwise contexts are cut into partitions so that there are
+// about 8 items per thread (none shorter than kMinPartition): at batch 1 the context is split, and the
+// partitions are merged afterwards by their (m, l, acc) (flash-decoding split-K); with many rows none is. The
+// threads take items dynamically, longest rows first, so that mixed context lengths balance.
+// at::parallel_for is OpenMP in this torch build and its parallel region is compiled into this file, so build
+// with -fopenmp in the compile AND link flags (the extension then uses torch's own libgomp). Without it the op
+// still works, on one thread; the compiler says so below.
+//
+// ISA: one vector ISA chosen at compile time (Isa below, as in linear.cpp). AVX-512 CPUs run the 256-bit
+// AVX2 kernels (the tested ones; at hd 64 a 512-bit row is 4 vectors, and the 3 x 4 score tile is shaped for
+// 16 registers); anything else runs a scalar Isa of the same shape.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -55,195 +55,392 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
+#include <new>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+
+#ifndef DS_ATTN_LIBRARY  // the op namespace: experiments load several builds side by side
+#define DS_ATTN_LIBRARY depthserve
+#endif
+
+namespace depthserve {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-constexpr int64_t kChunk = 32;          // context positions per online-softmax step
-constexpr int64_t kMinPartition = 64;   // split-K: no partition shorter than this many positions
-constexpr int64_t kSerialWork = 1 << 15;  // below this many q.k multiply-adds, one thread does it all
+#if defined(__AVX2__) && defined(__FMA__)
+struct Isa {
+  using V = __m256;
+  static constexpr int W = 8;   // fp32 lanes
+  static constexpr int NG = 3;  // query heads per pass: 3 x 4 score accumulators + 3 q + 1 k = 16 registers
+  static constexpr int DV = 4;  // acc vectors per head in registers: 3 x 4 + 3 p + 1 v = 16
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  // x, held in a register: with all 16 in use gcc otherwise re-loads a vector once per FMA that reads it
+  // (folded memory operands), which made the score loop load-bound at ~1.7x its FMA time.
+  static V pin(V x) {
+    asm("" : "+x"(x));
+    return x;
+  }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // out[0..4) = the lane sums of a, b, c and d: one horizontal-add tree for all four
+  static void sum4(V a, V b, V c, V d, float* out) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+  }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hmax(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static float hsum(V x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  // 2^x for x <= 0 (scores, in log2 units, minus their running max): x = k + f with |f| <= 1/2, Cephes'
+  // exp2f polynomial for 2^f, 2^k built in the exponent bits; within 2 ulp of std::exp2, 0 below -126 (where
+  // 2^x leaves the normal floats), NaN stays NaN.
+  static V exp2_nonpos(V x) {
+    const V lo = _mm256_set1_ps(-126.f);
+    const V xc = _mm256_max_ps(x, lo);
+    const V k = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(xc, k);
+    V y = _mm256_set1_ps(1.535336188319500e-4f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const V under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  }
+};
+#else
+struct Isa {  // one lane, the same tiling
+  using V = float;
+  static constexpr int W = 1;
+  static constexpr int NG = 3;
+  static constexpr int DV = 4;
+  static V zero() { return 0.f; }
+  static V set1(float x) { return x; }
+  static V load(const float* p) { return *p; }
+  static V load(const bf16_t* p) { return to_f(*p); }
+  static void store(float* p, V x) { *p = x; }
+  static V pin(V x) { return x; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static void sum4(V a, V b, V c, V d, float* out) {
+    out[0] = a;
+    out[1] = b;
+    out[2] = c;
+    out[3] = d;
+  }
+  static V max(V a, V b) { return std::max(a, b); }
+  static float hmax(V x) { return x; }
+  static float hsum(V x) { return x; }
+  static V exp2_nonpos(V x) { return std::exp2(x); }
+};
+#endif
+
+using V = Isa::V;
+constexpr int64_t kW = Isa::W;
+constexpr int64_t kPad = kW > 4 ? kW : 4;  // a tile's rows are padded to a multiple of this (kW and 4)
+constexpr int64_t kTile = 32;              // context positions per online-softmax step (a multiple of kPad)
+constexpr int64_t kMinPartition = 64;      // split-K: no partition shorter than this many positions
+constexpr int64_t kSerialWork = 1 << 18;   // below this many q.k multiply-adds, one thread does it all
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// fp32 copies of n elements (bf16: the bits shifted into a float's high half; gcc vectorises this loop).
-inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-}
-inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);  // round to nearest even
-}
-
-inline float hsum(Vec x) { return at::vec::vec_reduce_all<float>([](Vec u, Vec v) { return u + v; }, x); }
-
-// s[r] = a . b[r][0:n] for R rows at once (R independent FMA chains); a is zero-padded to a multiple of kW.
-template <int R>
-inline void dots(const float* a, const float* const* b, int64_t n, float* s) {
-  Vec c[R];
-  for (int r = 0; r < R; ++r) c[r] = Vec(0.f);
-  int64_t d = 0;
-  for (; d + kW <= n; d += kW) {
-    const Vec av = Vec::loadu(a + d);
-    for (int r = 0; r < R; ++r) c[r] = at::vec::fmadd(av, Vec::loadu(b[r] + d), c[r]);
-  }
-  if (d < n) {  // odd head dims: a masked load of the row's tail
-    const Vec av = Vec::loadu(a + d);
-    for (int r = 0; r < R; ++r) c[r] = at::vec::fmadd(av, Vec::loadu(b[r] + d, n - d), c[r]);
-  }
-  for (int r = 0; r < R; ++r) s[r] = hsum(c[r]);
-}
-
-// acc[0:n] = acc * corr + sum_j p[j] * v[j][0:n], a block of R vectors of acc in registers at a time.
-template <int R>
-inline int64_t accumulate(float* acc, float corr, const float* p, const float* const* v, int64_t rows, int64_t d,
-                          int64_t n) {
-  const Vec cv(corr);
-  for (; d + R * kW <= n; d += R * kW) {
-    Vec a[R];
-    for (int r = 0; r < R; ++r) a[r] = Vec::loadu(acc + d + r * kW) * cv;
-    for (int64_t j = 0; j < rows; ++j) {
-      const Vec pj(p[j]);
-      const float* vj = v[j] + d;
-      for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(pj, Vec::loadu(vj + r * kW), a[r]);
-    }
-    for (int r = 0; r < R; ++r) a[r].store(acc + d + r * kW);
-  }
-  return d;
-}
-
-template <typename scalar_t>
+template <typename T>
 struct Problem {
-  const scalar_t* q;
-  int64_t q_sb, q_sh;
-  const scalar_t* k;
-  const scalar_t* v;
-  int64_t k_ss, k_sh, v_ss, v_sh;
-  const int64_t* table;  // [B, nb] contiguous
-  int64_t nb;
+  const T* q;
+  int64_t q_sb, q_sh, q_sd;
+  const T* k;
+  const T* v;
+  int64_t k_ss, k_sh, k_sd, v_ss, v_sh, v_sd;
+  const int64_t* table;
+  int64_t t_sb, t_sn;  // block_table strides
   const int32_t* lens;
   int64_t H, KV, G, hd, hdp, bs;
   float scale;
+  bool copy;  // K/V rows go through zero-padded fp32 copies (hd % kW != 0, or a strided head dim)
 };
 
-// Per-thread scratch: the online-softmax state of every query head of one row, one chunk's scores and rows.
+// 64-byte aligned storage: a 32-byte load that straddles two cache lines costs two (~1.5x on the score loop
+// in isolation with 16-byte aligned query rows, as std::vector's may be).
+template <typename T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <typename U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned<U>&) const { return true; }
+};
+using Floats = std::vector<float, Aligned<float>>;
+
+// Per-thread scratch (thread_local, so that a call allocates nothing once a thread has seen the shape):
+// every query head's scaled query and online-softmax state, a pass's scores, and the copied rows.
 struct Scratch {
-  std::vector<float> qf, acc, s, m, l, kbuf, vbuf;
-  std::vector<const float*> kr, vr;
-  Scratch(int64_t H, int64_t hdp, bool convert)
-      : qf(H * hdp), acc(H * hdp), s(kChunk), m(H), l(H), kbuf(convert ? kChunk * hdp : 0),
-        vbuf(convert ? kChunk * hdp : 0), kr(kChunk), vr(kChunk) {}
+  Floats qf, acc, m, l, kbuf, vbuf;
+  alignas(64) float s[Isa::NG * kTile];
+  void fit(int64_t H, int64_t hdp, bool copy) {
+    if (static_cast<int64_t>(qf.size()) < H * hdp) {
+      qf.resize(H * hdp);
+      acc.resize(H * hdp);
+    }
+    if (static_cast<int64_t>(m.size()) < H) {
+      m.resize(H);
+      l.resize(H);
+    }
+    if (copy && static_cast<int64_t>(kbuf.size()) < kTile * hdp) {
+      kbuf.assign(kTile * hdp, 0.f);  // the padding lanes stay 0
+      vbuf.assign(kTile * hdp, 0.f);
+    }
+  }
 };
 
-// Row pointers of positions [t0, t0 + n) of `row`'s context for kv head `h`: into the cache itself (fp32) or
-// into an fp32 copy (other dtypes).
-template <typename scalar_t>
-inline void rows_of(const Problem<scalar_t>& p, int64_t row, int64_t h, int64_t t0, int64_t n, Scratch& w) {
-  const int64_t* blocks = p.table + row * p.nb;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t slot = blocks[t / p.bs] * p.bs + t % p.bs;
-    const scalar_t* kp = p.k + slot * p.k_ss + h * p.k_sh;
-    const scalar_t* vp = p.v + slot * p.v_ss + h * p.v_sh;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      w.kr[i] = kp;
-      w.vr[i] = vp;
-    } else {
-      float* kd = w.kbuf.data() + i * p.hdp;
-      float* vd = w.vbuf.data() + i * p.hdp;
-      to_float(kp, kd, p.hd);
-      to_float(vp, vd, p.hd);
-      w.kr[i] = kd;
-      w.vr[i] = vd;
-    }
-  }
+Scratch& scratch(int64_t H, int64_t hdp, bool copy) {
+  thread_local Scratch w;
+  w.fit(H, hdp, copy);
+  return w;
 }
 
-// Ask for positions [t0, t0 + n)'s K/V rows ahead of use: the blocks are scattered, so the hardware
-// prefetchers lose the stream at every block boundary.
-template <typename scalar_t>
-inline void prefetch_rows(const Problem<scalar_t>& p, int64_t row, int64_t t0, int64_t n) {
-  const int64_t* blocks = p.table + row * p.nb;
-  const int64_t bytes = p.hd * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t slot = blocks[t / p.bs] * p.bs + t % p.bs;
-    for (int64_t h = 0; h < p.KV; ++h) {
-      const char* kp = reinterpret_cast<const char*>(p.k + slot * p.k_ss + h * p.k_sh);
-      const char* vp = reinterpret_cast<const char*>(p.v + slot * p.v_ss + h * p.v_sh);
-      for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(kp + off);
-        __builtin_prefetch(vp + off);
-      }
+// The next tile's K/V rows of the KV head being worked on, asked for a few at a time while the current tile is
+// computed: its K rows along with the scores (4 positions per call), its V rows along with the first pass over
+// V (one per position). The blocks are scattered, so the hardware prefetchers lose the stream at every block
+// boundary; and a whole tile's prefetches at once (~750 lines in fp32) overflow the miss buffers, most of them
+// lost. When the context comes from DRAM (30 layers of caches do not stay in L3) this paced prefetch reads bf16
+// ~1.5x faster and keeps fp32 at the bandwidth of plain reads; on a context already in L2 its instructions cost
+// ~10% (fp32), ~5% (bf16).
+struct Ahead {
+  const char* k[kTile];  // slot rows
+  const char* v[kTile];
+  int64_t n = 0, bytes = 0, koff = 0, voff = 0;  // rows, bytes per row, the KV head's byte offsets
+  // gcc deems a function of nothing but __builtin_prefetch free of side effects and drops its calls (the
+  // earlier version of this kernel never prefetched): the empty volatile asm keeps them.
+  void k_rows(int64_t t) const {
+    asm volatile("");
+    for (int64_t i = t; i < std::min(t + 4, n); ++i)
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(k[i] + koff + off);
+  }
+  void v_row(int64_t i) const {
+    asm volatile("");
+    if (i < n)
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(v[i] + voff + off);
+  }
+};
+
+// s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and 4 positions. Forced inline (as is
+// accumulate): called out of line, its set-up per call (zeroing a stack copy of the accumulators) cost ~10%.
+template <int NG, typename E>
+[[gnu::always_inline]] inline void scores4(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
+  V c[NG][4];
+  for (int g = 0; g < NG; ++g)
+    for (int t = 0; t < 4; ++t) c[g][t] = Isa::zero();
+  for (int64_t d = 0; d < hdp; d += kW) {
+    V qv[NG];
+    for (int g = 0; g < NG; ++g) qv[g] = Isa::pin(Isa::load(q + g * hdp + d));
+    for (int t = 0; t < 4; ++t) {
+      const V kv = Isa::pin(Isa::load(k[t] + koff + d));
+      for (int g = 0; g < NG; ++g) c[g][t] = Isa::fma(qv[g], kv, c[g][t]);
     }
   }
+  for (int g = 0; g < NG; ++g) Isa::sum4(c[g][0], c[g][1], c[g][2], c[g][3], s + g * kTile);
 }
 
-// All H query heads of `row` over context positions [begin, end), chunk by chunk; within a chunk one KV head
-// at a time, its G query heads together (the chunk's K/V rows of all heads are one contiguous stretch of each
-// block, read once). Leaves the online-softmax state in w.m, w.l and w.acc (per query head, hdp apart,
-// unnormalised).
-template <typename scalar_t>
-void attend(const Problem<scalar_t>& p, int64_t row, int64_t begin, int64_t end, Scratch& w) {
+// acc_g[d, d + DV kW) = acc_g * corr[g] + sum_{t < n} p[g * kTile + t] * v_t[...] for NG heads.
+template <int NG, int DV, typename E>
+[[gnu::always_inline]] inline void accumulate(float* acc, int64_t hdp, const float* corr, const float* p, const E* const* v,
+                       int64_t voff, int64_t n, int64_t d, const Ahead* ahead) {
+  V a[NG][DV];
+  for (int g = 0; g < NG; ++g) {
+    const V c = Isa::set1(corr[g]);
+    for (int j = 0; j < DV; ++j) a[g][j] = Isa::mul(Isa::load(acc + g * hdp + d + j * kW), c);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    if (ahead != nullptr) ahead->v_row(t);
+    V pb[NG];
+    for (int g = 0; g < NG; ++g) pb[g] = Isa::set1(p[g * kTile + t]);
+    const E* vt = v[t] + voff + d;
+    for (int j = 0; j < DV; ++j) {
+      const V x = Isa::pin(Isa::load(vt + j * kW));
+      for (int g = 0; g < NG; ++g) a[g][j] = Isa::fma(pb[g], x, a[g][j]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < DV; ++j) Isa::store(acc + g * hdp + d + j * kW, a[g][j]);
+}
+
+// One tile (n positions; k/v hold round_up(n, kPad) row pointers, the extra ones repeating the last real
+// row, so their scores repeat a real one and the max over all is the max over the real ones) for the NG query
+// heads from qh: scores, the online-softmax step, the weighted sum of V.
+template <int NG, typename E>
+inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, int64_t koff, const E* const* v,
+                      int64_t voff, int64_t n, const Ahead* ahead) {
+  float* s = w.s;
+  const float* q = w.qf.data() + qh * hdp;
+  const int64_t np = round_up(n, kPad);
+  for (int64_t t = 0; t < np; t += 4) {
+    if (ahead != nullptr) ahead->k_rows(t);
+    scores4<NG>(q, hdp, k + t, koff, s + t);
+  }
+  float corr[NG];
+  for (int g = 0; g < NG; ++g) {
+    float* sg = s + g * kTile;
+    V mx = Isa::load(sg);
+    for (int64_t t = kW; t < np; t += kW) mx = Isa::max(mx, Isa::load(sg + t));
+    const float m_old = w.m[qh + g], m_new = std::max(m_old, Isa::hmax(mx));
+    corr[g] = m_new == m_old ? 1.f : std::exp2(m_old - m_new);  // 0 on the first tile (m = -inf)
+    const V mv = Isa::set1(m_new);
+    std::fill(sg + n, sg + np, kNegInf);  // the repeated rows weigh nothing
+    V sum = Isa::zero();
+    for (int64_t t = 0; t < np; t += kW) {
+      const V e = Isa::exp2_nonpos(Isa::sub(Isa::load(sg + t), mv));
+      Isa::store(sg + t, e);
+      sum = Isa::add(sum, e);
+    }
+    w.m[qh + g] = m_new;
+    w.l[qh + g] = w.l[qh + g] * corr[g] + Isa::hsum(sum);
+  }
+  float* acc = w.acc.data() + qh * hdp;
+  int64_t d = 0;
+  for (; d + Isa::DV * kW <= hdp; d += Isa::DV * kW, ahead = nullptr)
+    accumulate<NG, Isa::DV>(acc, hdp, corr, s, v, voff, n, d, ahead);
+  for (; d < hdp; d += kW, ahead = nullptr) accumulate<NG, 1>(acc, hdp, corr, s, v, voff, n, d, ahead);
+}
+
+// The G query heads of one KV head over one tile, NG at a time (the first pass prefetches).
+static_assert(Isa::NG == 3, "tile_group splits a group into passes of 3, then 2 or 1");
+template <typename E>
+inline void tile_group(Scratch& w, int64_t qh0, int64_t G, int64_t hdp, const E* const* k, int64_t koff,
+                       const E* const* v, int64_t voff, int64_t n, const Ahead* ahead) {
+  int64_t g = 0;
+  for (; g + 3 <= G; g += 3, ahead = nullptr) tile_pass<3>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
+  if (G - g == 2) tile_pass<2>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
+  if (G - g == 1) tile_pass<1>(w, qh0 + g, hdp, k, koff, v, voff, n, ahead);
+}
+
+// n elements, `stride` apart, in fp32
+template <typename T>
+inline void copy_row(const T* src, int64_t stride, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i * stride]);
+}
+
+// Cache slots of positions [t0, t0 + n) of a row, padded to a multiple of kPad with the last one.
+template <typename T>
+inline int64_t tile_slots(const Problem<T>& p, const int64_t* blocks, int64_t t0, int64_t n, int64_t* slots) {
+  int64_t j = t0 / p.bs, o = t0 % p.bs;
+  int64_t base = blocks[j * p.t_sn] * p.bs;
+  for (int64_t i = 0; i < n; ++i) {
+    slots[i] = base + o;
+    if (++o == p.bs && i + 1 < n) {
+      o = 0;
+      base = blocks[++j * p.t_sn] * p.bs;
+    }
+  }
+  const int64_t np = round_up(n, kPad);
+  for (int64_t i = n; i < np; ++i) slots[i] = slots[n - 1];
+  return np;
+}
+
+// All H query heads of `row` over context positions [begin, end). Leaves the online-softmax state in w.m, w.l
+// and w.acc (per query head, hdp apart, unnormalised).
+template <typename T>
+void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratch& w) {
   const int64_t H = p.H, G = p.G, hd = p.hd, hdp = p.hdp;
+  const float scale = p.scale * 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
   for (int64_t qh = 0; qh < H; ++qh) {  // the scaled queries in fp32, zero-padded
+    const T* src = p.q + row * p.q_sb + qh * p.q_sh;
     float* qf = w.qf.data() + qh * hdp;
-    to_float(p.q + row * p.q_sb + qh * p.q_sh, qf, hd);
-    for (int64_t d = 0; d < hd; ++d) qf[d] *= p.scale;
+    if (p.q_sd == 1) {  // the usual case, as a loop gcc vectorises
+      for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d]) * scale;
+    } else {
+      for (int64_t d = 0; d < hd; ++d) qf[d] = to_f(src[d * p.q_sd]) * scale;
+    }
     std::fill(qf + hd, qf + hdp, 0.f);
   }
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  std::fill(w.m.begin(), w.m.end(), kNegInf);
-  std::fill(w.l.begin(), w.l.end(), 0.f);
-  float* s = w.s.data();
+  std::fill(w.acc.begin(), w.acc.begin() + H * hdp, 0.f);
+  std::fill(w.m.begin(), w.m.begin() + H, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + H, 0.f);
 
-  for (int64_t t0 = begin; t0 < end; t0 += kChunk) {
-    const int64_t n = std::min(kChunk, end - t0);
-    if (t0 + n < end) prefetch_rows(p, row, t0 + n, std::min(kChunk, end - t0 - n));
-    for (int64_t h = 0; h < p.KV; ++h) {
-      rows_of(p, row, h, t0, n, w);
-      for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-        const float* qf = w.qf.data() + qh * hdp;
-        int64_t i = 0;
-        for (; i + 4 <= n; i += 4) dots<4>(qf, w.kr.data() + i, hd, s + i);
-        for (; i < n; ++i) dots<1>(qf, w.kr.data() + i, hd, s + i);
-        const float cmax = *std::max_element(s, s + n);
-        const float m_new = std::max(w.m[qh], cmax);
-        const float corr = std::exp(w.m[qh] - m_new);  // 0 on the first chunk (m = -inf)
-        w.m[qh] = m_new;
-        // p = exp(s - m_new), in place
-        Vec sum(0.f);
-        const Vec mv(m_new);
-        i = 0;
-        for (; i + kW <= n; i += kW) {
-          Vec e = (Vec::loadu(s + i) - mv).exp_u20();
-          e.store(s + i);
-          sum = sum + e;
-        }
-        float l_chunk = hsum(sum);
-        for (; i < n; ++i) {
-          s[i] = std::exp(s[i] - m_new);
-          l_chunk += s[i];
-        }
-        w.l[qh] = w.l[qh] * corr + l_chunk;
-        // acc = acc * corr + sum_i p_i v_i: 4, then 1 register blocks of acc at a time, then a masked tail
-        float* acc = w.acc.data() + qh * hdp;
-        int64_t d = accumulate<4>(acc, corr, s, w.vr.data(), n, 0, hd);
-        d = accumulate<1>(acc, corr, s, w.vr.data(), n, d, hd);
-        if (d < hd) {
-          const int64_t r = hd - d;
-          Vec a = Vec::loadu(acc + d) * Vec(corr);
-          for (int64_t j = 0; j < n; ++j) a = at::vec::fmadd(Vec(s[j]), Vec::loadu(w.vr[j] + d, r), a);
-          a.store(acc + d);
-        }
+  const int64_t* blocks = p.table + row * p.t_sb;
+  int64_t slots[kTile];
+  const T* kr[kTile];
+  const T* vr[kTile];
+  Ahead ahead;
+  ahead.bytes = p.hd * static_cast<int64_t>(sizeof(T));
+  int64_t np = tile_slots(p, blocks, begin, std::min(kTile, end - begin), slots);
+  for (int64_t i = 0; i < np; ++i) {
+    kr[i] = p.k + slots[i] * p.k_ss;
+    vr[i] = p.v + slots[i] * p.v_ss;
+  }
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    ahead.n = t0 + n < end ? std::min(kTile, end - t0 - n) : 0;  // the next tile's rows
+    if (ahead.n > 0) {
+      tile_slots(p, blocks, t0 + n, ahead.n, slots);
+      for (int64_t i = 0; i < ahead.n; ++i) {
+        ahead.k[i] = reinterpret_cast<const char*>(p.k + slots[i] * p.k_ss);
+        ahead.v[i] = reinterpret_cast<const char*>(p.v + slots[i] * p.v_ss);
       }
     }
+    for (int64_t h = 0; h < p.KV; ++h) {
+      ahead.koff = h * p.k_sh * static_cast<int64_t>(sizeof(T));
+      ahead.voff = h * p.v_sh * static_cast<int64_t>(sizeof(T));
+      if (!p.copy) {
+        tile_group<T>(w, h * G, G, hdp, kr, h * p.k_sh, vr, h * p.v_sh, n, &ahead);
+        continue;
+      }
+      const float* kb[kTile];
+      const float* vb[kTile];
+      for (int64_t i = 0; i < np; ++i) {
+        float* kd = w.kbuf.data() + i * hdp;
+        float* vd = w.vbuf.data() + i * hdp;
+        copy_row(kr[i] + h * p.k_sh, p.k_sd, kd, hd);
+        copy_row(vr[i] + h * p.v_sh, p.v_sd, vd, hd);
+        kb[i] = kd;
+        vb[i] = vd;
+      }
+      tile_group<float>(w, h * G, G, hdp, kb, 0, vb, 0, n, &ahead);
+    }
+    if (ahead.n == 0) break;
+    np = round_up(ahead.n, kPad);  // the next tile's rows (tile_slots padded them)
+    for (int64_t i = 0; i < np; ++i) {
+      kr[i] = p.k + slots[i] * p.k_ss;
+      vr[i] = p.v + slots[i] * p.v_ss;
+    }
+  }
+}
+
+template <typename T>
+inline void write_out(const Problem<T>& p, const Scratch& w, int64_t row, T* out) {
+  for (int64_t qh = 0; qh < p.H; ++qh) {
+    const float* acc = w.acc.data() + qh * p.hdp;
+    const float inv = 1.f / w.l[qh];
+    T* o = out + (row * p.H + qh) * p.hd;
+    for (int64_t d = 0; d < p.hd; ++d) o[d] = from_f<T>(acc[d] * inv);
   }
 }
 
@@ -259,25 +456,19 @@ struct Plan {
   std::vector<int64_t> parts, offset;
   std::vector<Item> items;  // longest rows first, so that the threads finish together
   int64_t n_partials = 0;
-  int64_t threads = 1;
 };
 
-Plan make_plan(const int32_t* lens, int64_t B, int64_t H, int64_t hd) {
+Plan make_plan(const int32_t* lens, int64_t B, int64_t H, int64_t threads) {
   Plan plan;
   int64_t max_len = 0, total = 0;
   for (int64_t b = 0; b < B; ++b) {
     max_len = std::max<int64_t>(max_len, lens[b]);
     total += lens[b];
   }
-  const int64_t threads = std::max(1, at::get_num_threads());
-  plan.threads = total * H * hd < kSerialWork ? 1 : threads;
   // About 8 items per thread (taken dynamically, so uneven rows still balance), none shorter than
   // kMinPartition positions: with many rows no row is split, at batch 1 each context is.
-  plan.part_len = max_len;
-  if (plan.threads > 1) {
-    const int64_t want = (total + 8 * threads - 1) / (8 * threads);
-    plan.part_len = std::min(max_len, round_up(std::max(kMinPartition, want), kChunk));
-  }
+  const int64_t want = (total + 8 * threads - 1) / (8 * threads);
+  plan.part_len = std::min<int64_t>(max_len, round_up(std::max(kMinPartition, want), kTile));
   std::vector<int64_t> order(B);
   for (int64_t b = 0; b < B; ++b) order[b] = b;
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return lens[x] > lens[y]; });
@@ -296,42 +487,37 @@ Plan make_plan(const int32_t* lens, int64_t B, int64_t H, int64_t hd) {
   return plan;
 }
 
-template <typename scalar_t>
-void run(const Problem<scalar_t>& p, const Plan& plan, scalar_t* out) {
+template <typename T>
+void run_parallel(const Problem<T>& p, int64_t B, int64_t threads, T* out) {
   const int64_t H = p.H, hd = p.hd, hdp = p.hdp;
-  const bool convert = !std::is_same_v<scalar_t, float>;
+  const Plan plan = make_plan(p.lens, B, H, threads);
   // partials of split rows: running max, sum and unnormalised output per (row, query head, partition)
   std::vector<float> pm(plan.n_partials), pl(plan.n_partials), pacc(plan.n_partials * hdp);
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min(plan.threads, n_items);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch w(H, hdp, convert);
-    std::vector<float> o(hdp);
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+    Scratch& w = scratch(H, hdp, p.copy);
     for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
       const Item it = plan.items[i];
       const int64_t row = it.row, part = it.part;
       const int64_t begin = part * plan.part_len, end = std::min<int64_t>(begin + plan.part_len, p.lens[row]);
       attend(p, row, begin, end, w);
+      if (plan.parts[row] == 1) {  // the whole context: normalise and write the output
+        write_out(p, w, row, out);
+        continue;
+      }
       for (int64_t qh = 0; qh < H; ++qh) {
-        const float* acc = w.acc.data() + qh * hdp;
-        if (plan.parts[row] == 1) {  // the whole context: normalise and write the output
-          const float inv = 1.f / w.l[qh];
-          for (int64_t d = 0; d < hd; ++d) o[d] = acc[d] * inv;
-          from_float(o.data(), out + (row * H + qh) * hd, hd);
-        } else {
-          const int64_t idx = plan.offset[row] + qh * plan.parts[row] + part;
-          pm[idx] = w.m[qh];
-          pl[idx] = w.l[qh];
-          std::memcpy(pacc.data() + idx * hdp, acc, hdp * sizeof(float));
-        }
+        const int64_t idx = plan.offset[row] + qh * plan.parts[row] + part;
+        pm[idx] = w.m[qh];
+        pl[idx] = w.l[qh];
+        std::memcpy(pacc.data() + idx * hdp, w.acc.data() + qh * hdp, hdp * sizeof(float));
       }
     }
   });
   if (plan.n_partials == 0) return;
   // merge each split row's partitions (tiny next to the attention itself: one thread)
   std::vector<float> o(hdp);
-  for (int64_t row = 0; row < static_cast<int64_t>(plan.parts.size()); ++row) {
+  for (int64_t row = 0; row < B; ++row) {
     const int64_t parts = plan.parts[row];
     if (parts == 1) continue;
     for (int64_t qh = 0; qh < H; ++qh) {
@@ -342,15 +528,31 @@ void run(const Problem<scalar_t>& p, const Plan& plan, scalar_t* out) {
       std::fill(o.begin(), o.end(), 0.f);
       float lsum = 0.f;
       for (int64_t k = 0; k < parts; ++k) {
-        const float wk = std::exp(m[k] - mmax);
+        const float wk = std::exp2(m[k] - mmax);
         lsum += wk * l[k];
         const float* a = pacc.data() + (base + k) * hdp;
         for (int64_t d = 0; d < hd; ++d) o[d] += wk * a[d];
       }
       const float inv = 1.f / lsum;
-      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
-      from_float(o.data(), out + (row * H + qh) * hd, hd);
+      T* dst = out + (row * H + qh) * hd;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = from_f<T>(o[d] * inv);
     }
+  }
+}
+
+template <typename T>
+void run(const Problem<T>& p, int64_t B, T* out) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += p.lens[b];
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  if (threads > 1 && total * p.H * p.hd >= kSerialWork) {
+    run_parallel(p, B, threads, out);
+    return;
+  }
+  Scratch& w = scratch(p.H, p.hdp, p.copy);  // one pass per row on this thread: no plan, no partials
+  for (int64_t row = 0; row < B; ++row) {
+    attend(p, row, 0, p.lens[row], w);
+    write_out(p, w, row, out);
   }
 }
 
@@ -364,14 +566,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_attention: K and V caches differ in shape");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "decode_attention: q and the caches must have one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
+  const Kind kind = kind_of(q);
+  TORCH_CHECK(kind != Kind::Other, "decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
   const int64_t S = k_cache.size(0), KV = k_cache.size(1);
   TORCH_CHECK(k_cache.size(2) == hd, "decode_attention: head dims differ");
   TORCH_CHECK(KV > 0 && H % KV == 0, "decode_attention: query heads must be a multiple of KV heads");
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "decode_attention: the head dim must be contiguous");
   TORCH_CHECK(block_size > 0, "decode_attention: block_size must be positive");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B, "decode_attention: block_table [B, nb]");
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B, "decode_attention: context_lens [B]");
@@ -380,9 +580,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   at::Tensor out = at::empty({B, H, hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || H == 0 || hd == 0) return out;
 
-  const at::Tensor table = block_table.to(at::kLong).contiguous();
-  const at::Tensor lens_t = context_lens.to(at::kInt).contiguous();
-  const int64_t nb = table.size(1);
+  // read in place when already long / int32 (the engine's), converted otherwise
+  const at::Tensor table = block_table.scalar_type() == at::kLong ? block_table : block_table.to(at::kLong);
+  const at::Tensor lens_t =
+      context_lens.scalar_type() == at::kInt && context_lens.is_contiguous() ? context_lens
+                                                                              : context_lens.to(at::kInt).contiguous();
+  const int64_t nb = table.size(1), t_sb = table.stride(0), t_sn = table.stride(1);
   const int64_t* tp = table.data_ptr<int64_t>();
   const int32_t* lp = lens_t.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {  // nothing outside the cache is ever read
@@ -390,36 +593,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     TORCH_CHECK(len >= 1 && len <= nb * block_size, "decode_attention: context_lens[", b, "] = ", len,
                 " outside [1, ", nb * block_size, "]");
     for (int64_t j = 0; j * block_size < len; ++j) {
-      const int64_t id = tp[b * nb + j], used = std::min(block_size, len - j * block_size);
+      const int64_t id = tp[b * t_sb + j * t_sn], used = std::min(block_size, len - j * block_size);
       TORCH_CHECK(id >= 0 && id * block_size + used <= S, "decode_attention: block_table[", b, ", ", j,
                   "] = ", id, " outside the cache");
     }
   }
 
-  const int64_t G = H / KV;
-  const Plan plan = make_plan(lp, B, H, hd);
-  auto go = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    Problem<scalar_t> p{q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
-                        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-                        tp, nb, lp, H, KV, G, hd, round_up(hd, kW), block_size, static_cast<float>(scale)};
-    run(p, plan, out.data_ptr<scalar_t>());
-  };
-  if (q.scalar_type() == at::kFloat) {
-    go(float{});
-  } else {
-    go(c10::BFloat16{});
-  }
+  with_type(kind, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t hdp = round_up(hd, kW);
+    const bool copy = hdp != hd || k_cache.stride(2) != 1 || v_cache.stride(2) != 1;
+    const Problem<T> p{ptr<const T>(q), q.stride(0), q.stride(1), q.stride(2), ptr<const T>(k_cache),
+                       ptr<const T>(v_cache), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                       v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tp, t_sb, t_sn, lp, H, KV, H / KV,
+                       hd, hdp, block_size, static_cast<float>(scale), copy};
+    run(p, B, ptr<T>(out));
+  });
   return out;
 }
 
 }  // namespace
+}  // namespace depthserve
 
-TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+TORCH_LIBRARY_FRAGMENT(DS_ATTN_LIBRARY, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor context_lens, "
       "int block_size, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(depthserve, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(DS_ATTN_LIBRARY, CPU, m) { m.impl("decode_attention", &depthserve::decode_attention); }

@@ -1,6 +1,7 @@
 """kernels/csrc/decode_attention.cpp (depthserve::decode_attention, through kernels.cpu_attention) equals the
-reference decode attention: batch 1 and 33, GQA 1 and 3, hd 64 and odd ones, block sizes 16 and 5, short,
-long and mixed contexts on scattered blocks, fp32 and bf16, and batch 1's split-K path over a long context.
+reference decode attention: batch 1 and 33, GQA 1 to 5, hd 64 and odd ones, block sizes 16 and 5, short,
+long and mixed contexts on scattered blocks and around the kernel's tile edges, fp32 and bf16, strided views,
+and batch 1's split-K path over a long context.
 
 Until the shared extension loader exists, this file builds the one source itself (skipped, with the reason,
 where it cannot be compiled)."""
@@ -107,6 +108,29 @@ def test_long_context_split_k(native_op, lens, dtype, threads) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv,hd", [(8, 2, 64), (10, 2, 36), (5, 1, 16), (6, 3, 4)],
+                         ids=["g4", "g5-hd36", "g5-hd16", "g2-hd4"])
+def test_tile_edges(native_op, heads, kv, hd, dtype) -> None:
+    """The op walks a context in tiles of 32 positions (rows padded to a multiple of 8), a GQA group's heads in
+    passes of up to 3 (4 = 3 + 1, 5 = 3 + 2), and reads head dims that are not a multiple of the vector width
+    (36, 4) through zero-padded fp32 copies: contexts on, just before and just after tile edges."""
+    lens = [1, 8, 31, 32, 33, 63, 64, 65, 97]
+    check(native_op, *make_case(lens, heads, kv, hd, 5, dtype, seed=heads + hd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_k_over_copied_rows(native_op, dtype) -> None:
+    """Split-K partitions and their merge on the path that copies rows (hd 36 is not a multiple of the vector
+    width), with a GQA group of 5 (passes of 3 and 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check(native_op, *make_case([2000, 37], 10, 2, 36, 16, dtype, seed=13))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_large_scores_stay_finite(native_op) -> None:
     """Scores far beyond exp's range: the online softmax subtracts the running max."""
     q, k, v, meta, _ = make_case([700, 20], 6, 2, 32, 16, torch.float32, seed=3)
@@ -139,15 +163,25 @@ def test_op_rejects_what_it_cannot_read(native_op) -> None:
     assert native_op(q[:0], k, v, bt[:0], lens[:0], 4, scale).shape == (0, 4, 32)
 
 
+def test_head_dim_strides(native_op) -> None:
+    """q and caches whose head dim is strided (a transposed copy): the op reads them through their strides (the
+    caches through its fp32 row copies) rather than the wrapper falling back to the reference."""
+    q, k, v, meta, scale = make_case([9, 30, 70], 4, 2, 32, 16, torch.float32, seed=2)
+    kt, vt = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v))  # head dim strided
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert kt.stride(-1) != 1 and qt.stride(-1) != 1
+    check(native_op, qt, kt, vt, meta, scale)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, meta, scale = make_case([40, 3], 6, 3, 64, 16, dtype, seed=4)
+        check(native_op, q, k.transpose(1, 2).contiguous().transpose(1, 2), v, meta, scale)
+
+
 def test_wrapper_falls_back_to_reference(native_op) -> None:
-    """What the op does not take (fp16, a non-contiguous head dim, no block table) runs the reference."""
+    """What the op does not take (fp16, no block table) runs the reference."""
     q, k, v, meta, scale = make_case([9, 30], 4, 2, 32, 16, torch.float16, seed=2)
     got = cpu_attention.native_decode_attention(q, k, v, meta, scale)
     assert torch.equal(got, reference.decode_attention(q, k, v, meta, scale))
     q, k, v, meta, scale = make_case([9, 30], 4, 2, 32, 16, torch.float32, seed=2)
-    kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # head dim strided
-    assert torch.equal(cpu_attention.native_decode_attention(q, kt, v, meta, scale),
-                       reference.decode_attention(q, kt, v, meta, scale))
     meta.decode_block_table = None
     assert torch.equal(cpu_attention.native_decode_attention(q, k, v, meta, scale),
                        reference.decode_attention(q, k, v, meta, scale))
