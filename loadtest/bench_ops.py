@@ -41,6 +41,8 @@ def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q
         "add_rms_norm": lambda: k.add_rms_norm(delta, h, w, eps),
         "attnres_site": lambda: k.attnres_site(states[:, n], delta, lse[:, 3], xo[:, 3], query, w, eps),
         "attnres_phase1": lambda: k.attnres_phase1(states, keys, n, queries, lse, xo, eps),
+        # the Block output head: the final partial += delta, its key, the mix of all sources, the final norm
+        "attnres_mix(output)": lambda: k.attnres_mix(states, keys, sources, delta, query, w, eps, True),
     }
 
 
