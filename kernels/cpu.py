@@ -7,7 +7,8 @@ packs the weight once (an opaque mkldnn tensor, a copy) and `torch.ops.mkldnn._l
 it: the ops torch.compile's CPU backend (torch/_inductor/fx_passes/mkldnn_fusion.py) emits for frozen
 linears. fp32 and bf16 (bf16 needs avx512bw/vl/dq or avx_ne_convert; oneDNN raises otherwise).
 
-The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1, rotary, silu_mul, store_kv):
+The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1, attnres_mix, rotary, silu_mul,
+store_kv):
 kernels/csrc/*.cpp, built and loaded by kernels/cpu_ext.py as torch.ops.depthserve.*; `extension_ops` wraps
 them with kernels/reference.py's signatures. Each wrapper is one torch.ops call; the C++ op checks its tensors
 before it writes anything and raises for those it does not handle (not on the CPU, an inner dim that is not
@@ -76,6 +77,17 @@ def _attnres_phase1(op) -> Callable[..., None]:
     return attnres_phase1
 
 
+def _attnres_mix(op) -> Callable[..., torch.Tensor]:
+    def attnres_mix(states: torch.Tensor, keys: torch.Tensor, n: int, delta: torch.Tensor | None, query: torch.Tensor,
+                    weight: torch.Tensor, eps: float, accumulate: bool = False,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            return op(states, keys, n, delta, query, weight, eps, accumulate, rows)
+        except RuntimeError:
+            return reference.attnres_mix(states, keys, n, delta, query, weight, eps, accumulate, rows)
+    return attnres_mix
+
+
 def _rotary(op) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +119,8 @@ def _store_kv(op) -> Callable[..., None]:
 
 
 _WRAPPERS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "attnres_site": _attnres_site,
-             "attnres_phase1": _attnres_phase1, "rotary": _rotary, "silu_mul": _silu_mul, "store_kv": _store_kv}
+             "attnres_phase1": _attnres_phase1, "attnres_mix": _attnres_mix, "rotary": _rotary, "silu_mul": _silu_mul,
+             "store_kv": _store_kv}
 
 
 def extension_ops() -> dict[str, Callable]:

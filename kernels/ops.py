@@ -6,18 +6,18 @@
     k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
 
 The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
-add_rms_norm, attnres_site, attnres_phase1, decode_attention, rotary, silu_mul, store_kv. The model calls
-these, never a backend.
+add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv. The
+model calls these, never a backend.
 
 Backends:
 
 - `reference` (kernels/reference.py): plain PyTorch on the unpacked weight. The oracle for tests and
   the fallback.
 - `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load, and the C++ ops of
-  kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, rotary, silu_mul, store_kv, and
-  decode_attention reading K/V in place through the block table, kernels/cpu_attention.py; built and cached
-  by kernels/cpu_ext.py).
-- `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites and Phase 1, paged
+  kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, attnres_mix, rotary, silu_mul, store_kv,
+  and decode_attention reading K/V in place through the block table, kernels/cpu_attention.py; built and
+  cached by kernels/cpu_ext.py).
+- `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites, Phase 1 and mixes, paged
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
   Linears, rotary, silu_mul and store_kv stay on the reference (torch) path (torch ops: CUDA-graph safe).
 
@@ -255,6 +255,7 @@ class KernelSet:
     add_rms_norm: Callable[..., torch.Tensor] = reference.add_rms_norm
     attnres_site: Callable[..., torch.Tensor] = reference.attnres_site
     attnres_phase1: Callable[..., None] = reference.attnres_phase1
+    attnres_mix: Callable[..., torch.Tensor] = reference.attnres_mix
     decode_attention: Callable[..., torch.Tensor] = reference.decode_attention
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary
     silu_mul: Callable[..., torch.Tensor] = reference.silu_mul
@@ -329,6 +330,14 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                 fn(qkv[:, 1:3], qkv[:, 3:], k_cache, v_cache, torch.tensor([7, 0, 10]))  # strided views
                 return [k_cache, v_cache]
             runs.append(run)
+        elif name == "attnres_mix":
+            for has_delta, acc, pick in ((True, False, False), (True, True, True), (False, True, False)):
+                def run(fn, dt=dt, has_delta=has_delta, acc=acc, pick=pick):
+                    states, keys, delta, query = inputs((t, 4, d), (t, 4, d), (t, d), (d,))
+                    rows = torch.tensor([2, 0]) if pick else None
+                    out = fn(states, keys, 3, delta.to(dt) if has_delta else None, query, weight(dt), eps, acc, rows)
+                    return [out, states, keys]
+                runs.append(run)
         elif name == "attnres_phase1" and dt == f32:
             def run(fn):
                 states, keys, queries, lse, xo = inputs((t, 4, d), (t, 4, d), (q, d), (t, q), (t, q, d))
@@ -423,7 +432,8 @@ def kernel_set(backend: Backend, device: torch.device | str = "cpu") -> KernelSe
     if backend.name == "triton":
         tk = _import_triton_ops()
         return KernelSet(rms_norm=tk.rms_norm, add_rms_norm=tk.add_rms_norm, attnres_site=tk.attnres_site,
-                         attnres_phase1=tk.attnres_phase1, decode_attention=tk.decode_attention,
+                         attnres_phase1=tk.attnres_phase1, attnres_mix=tk.attnres_mix,
+                         decode_attention=tk.decode_attention,
                          graph_safe_decode=True)  # fixed launch shapes from the table's width, no host sync
     if not backend.native_ops or torch.device(device).type != "cpu":
         return REFERENCE_OPS

@@ -148,6 +148,35 @@ def attnres_phase1(states: torch.Tensor, keys: torch.Tensor, n: int, queries: to
     phase1(states[:, :n], keys[:, :n], queries, out=(lse, xo))
 
 
+def attnres_mix(states: torch.Tensor, keys: torch.Tensor, n: int, delta: torch.Tensor | None, query: torch.Tensor,
+                weight: torch.Tensor, eps: float, accumulate: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """A one-shot mixing site over the first n sources of the depth pool, with the sublayer's input norm: every
+    Full-AttnRes site, and the output head of both modes (whose "sublayer norm" is the final norm).
+
+    Source n-1 completes here: states[:, n-1] += delta (accumulate: the Block partial) or = delta (a Full
+    source); delta None leaves it. Its key is written to keys[:, n-1]; the others' keys are read. Then
+    x = mix_sources(states[:, :n], keys[:, :n], query) and the result is rms_norm(x, weight) in weight.dtype.
+    states, keys: [T, n_src, d] fp32 pool; delta: [T, d]; query: [d] fp32, gain folded. `rows` ([S] distinct
+    row indices, e.g. the logits rows): only those rows are completed and mixed (out [S, d]); the others are
+    left as they are. Returns [T or S, d].
+    """
+    if rows is not None:
+        s, k = states[rows, :n], keys[rows, :n]  # [S, n, d] copies; their slot n-1 is written back below
+        out = attnres_mix(s, k, n, None if delta is None else delta[rows], query, weight, eps, accumulate)
+        states[rows, n - 1] = s[:, n - 1]
+        keys[rows, n - 1] = k[:, n - 1]
+        return out
+    last = states[:, n - 1]  # [T, d]
+    if delta is not None:
+        if accumulate:
+            last.add_(delta)
+        else:
+            last.copy_(delta)
+    keys[:, n - 1] = key_of(last, eps)
+    return rms_norm(mix_sources(states[:, :n], keys[:, :n], query)[0], weight, eps)
+
+
 # ---- attention -----------------------------------------------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:

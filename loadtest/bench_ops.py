@@ -49,6 +49,8 @@ def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q
         "attnres_phase1": lambda: k.attnres_phase1(states, keys, n, queries, lse, xo, eps),
         "silu_mul": lambda: k.silu_mul(gu),
         "store_kv": lambda: k.store_kv(qkv[:, h:h + kv], qkv[:, h + kv:], k_cache, v_cache, slots),
+        # the Block output head: the final partial += delta, its key, the mix of all sources, the final norm
+        "attnres_mix(output)": lambda: k.attnres_mix(states, keys, sources, delta, query, w, eps, True),
     }
 
 

@@ -174,10 +174,8 @@ class LlamaForServing(nn.Module):
         if batch.depth is None:
             raise RuntimeError("AttnRes model run without depth buffers")
         if mode == "block":
-            x = self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
-        else:
-            x = self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
-        return self.k.rms_norm(x.to(self.dtype), self.norm.weight, self.cfg.rms_norm_eps)
+            return self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
+        return self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
@@ -200,7 +198,9 @@ class LlamaForServing(nn.Module):
     def _forward_block(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers, cos_sin: tuple,
                        out: list[torch.Tensor] | None) -> torch.Tensor:
         """Two-phase Block AttnRes. Each sublayer output is added to the partial sum by the next mixing site
-        (`pending`), so one op per site does the add, the Phase-2 merge and the sublayer's input norm."""
+        (`pending`), so one op per site does the add, the Phase-2 merge and the sublayer's input norm.
+        The output head is one more site (attnres_mix on the logits rows, the final norm as its sublayer norm).
+        Returns the final-normed hidden states of the logits rows, [S, d]."""
         sched = self.schedule
         assert sched is not None and depth.lse is not None and depth.xo is not None
         k, eps = self.k, self.cfg.rms_norm_eps
@@ -238,13 +238,13 @@ class LlamaForServing(nn.Module):
             if record is not None:
                 self._record_with_partial(out, states, keys, n, record, site_q[i][1])
             pending = layer.mlp(x)
-        states[:, n].add_(pending)
-        if record is not None:
+        if record is not None:  # the recorded rows need the final partial too, not only the logits rows
+            slots[n].add_(pending)
+            pending = None
             self._record_with_partial(out, states, keys, n, record, self.out_query)
-        rows = batch.logits_indices
-        srcs = states[rows, :n + 1]  # [S, n+1, d]
-        keys_out = torch.cat([keys[rows, :n], key_of(srcs[:, n:], eps)], dim=1)  # the final partial's key, too
-        return mix_sources(srcs, keys_out, self.out_query)[0]
+        # the output head: final partial += pending, its key, the mix of the n + 1 sources and the final norm
+        return k.attnres_mix(states, keys, n + 1, pending, self.out_query, self.norm.weight, eps, True,
+                             batch.logits_indices)  # [S, d]
 
     # ---- depth-attention introspection (only when asked: batch.depth_rows and a list to fill) -------------------------
     @staticmethod
@@ -261,27 +261,30 @@ class LlamaForServing(nn.Module):
 
     def _forward_full(self, emb: torch.Tensor, batch: ForwardBatch, depth: DepthBuffers, cos_sin: tuple,
                       out: list[torch.Tensor] | None) -> torch.Tensor:
-        eps = self.cfg.rms_norm_eps
+        """Full AttnRes: source l (slot l of the pool) is the embedding or sublayer l's raw output. Each site is
+        one op: the newest source (`prev`) into its slot with its key, the mix of the slots so far, the
+        sublayer's input norm. The output head is the same op on the logits rows. Returns [S, d] final-normed."""
+        k, eps = self.k, self.cfg.rms_norm_eps
         states, keys = depth.states, depth.keys  # [T, 2L+1, d] fp32 each
-        states[:, 0] = emb
-        keys[:, 0] = key_of(emb, eps)
         record = batch.depth_rows if out is not None else None
+        prev = emb  # [T, d]: the newest source, written into its slot by the next site
         for i, layer in enumerate(self.layers):
-            k = 2 * i + 1  # sources completed before this layer's attention
-            x, alpha = mix_sources(states[:, :k], keys[:, :k], self.queries[i, 0])
+            s = 2 * i + 1  # sources before this layer's attention
+            qa, qm = self.site_queries[i]
+            x = k.attnres_mix(states, keys, s, prev, qa, layer.input_layernorm.weight, eps)
             if record is not None:
-                out.append(alpha[record])
-            states[:, k] = layer.self_attn(self.k.rms_norm(x, layer.input_layernorm.weight, eps), batch, i, cos_sin)
-            keys[:, k] = key_of(states[:, k], eps)
-            x, alpha = mix_sources(states[:, :k + 1], keys[:, :k + 1], self.queries[i, 1])
+                self._record(out, states[record, :s], keys[record, :s], qa)
+            a = layer.self_attn(x, batch, i, cos_sin)
+            x = k.attnres_mix(states, keys, s + 1, a, qm, layer.post_attention_layernorm.weight, eps)
             if record is not None:
-                out.append(alpha[record])
-            states[:, k + 1] = layer.mlp(self.k.rms_norm(x, layer.post_attention_layernorm.weight, eps))
-            keys[:, k + 1] = key_of(states[:, k + 1], eps)
-        if record is not None:
-            self._record(out, states[record], keys[record], self.out_query)
-        rows = batch.logits_indices
-        return mix_sources(states[rows], keys[rows], self.out_query)[0]
+                self._record(out, states[record, :s + 1], keys[record, :s + 1], qm)
+            prev = layer.mlp(x)
+        last = 2 * len(self.layers)  # the slot of the last MLP output
+        if record is not None:  # the head below fills slot `last` of the logits rows only
+            states[:, last] = prev
+            self._record_with_partial(out, states, keys, last, record, self.out_query)
+        return k.attnres_mix(states, keys, last + 1, prev, self.out_query, self.norm.weight, eps, False,
+                             batch.logits_indices)  # [S, d]
 
     def to_device(self, device: torch.device | str) -> LlamaForServing:
         """Move parameters and buffers (rotary tables) to `device`, and re-fold the AttnRes queries there

@@ -1,10 +1,11 @@
-// attnres_site and attnres_phase1 (semantics: kernels/reference.py, math: docs/attnres.md §4-§5).
+// attnres_site, attnres_phase1 and attnres_mix (semantics: kernels/reference.py, math: docs/attnres.md §4-§5).
 // Every tensor may be a strided view of the depth pool: rows use stride(0) (and stride(1) for the pool's
 // source / query axis); only the last dim must be contiguous.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -231,6 +232,151 @@ void attnres_phase1(const at::Tensor& states, const at::Tensor& keys, int64_t n,
               lse.stride(1), ptr<float>(xo), xo.stride(0), xo.stride(1), rows, d, eps);
 }
 
+// One-shot mix over a row's first n sources (Full AttnRes sites; both modes' output head): source n-1 takes
+// delta (Mode 1: +=, 2: =, 0: as it is) and its key; softmax of the n scores; x = sum_j p_j source_j into a
+// per-thread buffer; out = rms_norm(x, weight). `rows` (or nullptr: every row) picks the pool rows.
+template <int Mode, typename TD, typename TW>
+void mix_rows(float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n, const TD* delta,
+              int64_t sd, const int64_t* rows, int64_t sr, const float* q, const TW* w, TW* out, int64_t count,
+              int64_t d, double eps) {
+  for_rows(count, 2 * n * d + 4 * d, [=](int64_t begin, int64_t end) {
+    std::vector<float> sc(static_cast<size_t>(n)), xv(static_cast<size_t>(d));  // scores; the mix x
+    float* __restrict xb = xv.data();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = rows == nullptr ? t : rows[t * sr];
+      float* S = states + r * s0;
+      float* K = keys + r * k0;
+      float* v = S + (n - 1) * s1;
+      float ss, dot;
+      site_update<Mode>(v, delta == nullptr ? nullptr : delta + r * sd, q, d, ss, dot);
+      {  // the completed source's key (stored) and its score
+        const float rr = inv_rms(ss, d, eps);
+        float* __restrict k = K + (n - 1) * k1;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) k[i] = v[i] * rr;
+        sc[n - 1] = dot * rr;
+      }
+      // the other sources' scores: four keys at a time against the query
+      int64_t j = 0;
+      for (; j + 4 <= n - 1; j += 4) {
+        const float *a = K + j * k1, *b = a + k1, *c = b + k1, *e = c + k1;
+        float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f;
+#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e)
+        for (int64_t i = 0; i < d; ++i) {
+          s_a += a[i] * q[i];
+          s_b += b[i] * q[i];
+          s_c += c[i] * q[i];
+          s_e += e[i] * q[i];
+        }
+        sc[j] = s_a;
+        sc[j + 1] = s_b;
+        sc[j + 2] = s_c;
+        sc[j + 3] = s_e;
+      }
+      for (; j < n - 1; ++j) {
+        const float* a = K + j * k1;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < d; ++i) s += a[i] * q[i];
+        sc[j] = s;
+      }
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, sc[i]);
+      if (!std::isfinite(m)) m = 0.f;
+      float sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) sum += (sc[i] = std::exp(sc[i] - m));
+      const float inv_sum = 1.0f / sum;
+      // x = sum_j p_j * source_j, up to four sources per pass over the row
+      const float p0 = sc[0] * inv_sum;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) xb[i] = p0 * S[i];
+      j = 1;
+      for (; j + 4 <= n; j += 4) {
+        const float pa = sc[j] * inv_sum, pb = sc[j + 1] * inv_sum, pc = sc[j + 2] * inv_sum, pd = sc[j + 3] * inv_sum;
+        const float *va = S + j * s1, *vb = va + s1, *vc = vb + s1, *vd = vc + s1;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i)
+          xb[i] = std::fma(pd, vd[i], std::fma(pc, vc[i], std::fma(pb, vb[i], std::fma(pa, va[i], xb[i]))));
+      }
+      for (; j < n; ++j) {
+        const float pj = sc[j] * inv_sum;
+        const float* vj = S + j * s1;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) xb[i] = std::fma(pj, vj[i], xb[i]);
+      }
+      float xs = 0.f;
+#pragma omp simd reduction(+ : xs)
+      for (int64_t i = 0; i < d; ++i) xs += xb[i] * xb[i];
+      const float rx = inv_rms(xs, d, eps);
+      TW* __restrict o = out + t * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] = scale_by(xb[i] * rx, w[i]);
+    }
+  });
+}
+
+at::Tensor attnres_mix(const at::Tensor& states, const at::Tensor& keys, int64_t n, const std::optional<at::Tensor>& delta,
+                       const at::Tensor& query, const at::Tensor& weight, double eps, bool accumulate,
+                       const std::optional<at::Tensor>& rows) {
+  check_rows(states, 3, "states");
+  check_f32(states, "states");
+  check_rows(keys, 3, "keys");
+  check_f32(keys, "keys");
+  TORCH_CHECK(keys.sizes() == states.sizes(), "depthserve: keys and states must have one shape");
+  const int64_t t_rows = states.size(0), d = states.size(2);
+  TORCH_CHECK(n >= 1 && n <= states.size(1), "depthserve: n must be in [1, ", states.size(1), "], got ", n);
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta) {
+    check_rows(*delta, 2, "delta");
+    check_float_kind(*delta, "delta");
+    TORCH_CHECK(delta->size(0) == t_rows && delta->size(1) == d, "depthserve: delta must be [T, d]");
+  }
+  check_rows(query, 1, "query");
+  check_f32(query, "query");
+  TORCH_CHECK(query.size(0) == d, "depthserve: query must be [d]");
+  check_rows(weight, 1, "weight");
+  check_float_kind(weight, "weight");
+  TORCH_CHECK(weight.size(0) == d, "depthserve: weight must be [d]");
+  const bool has_rows = rows.has_value() && rows->defined();
+  int64_t count = t_rows;
+  if (has_rows) {
+    TORCH_CHECK(rows->dim() == 1 && rows->device().is_cpu() && rows->scalar_type() == at::kLong,
+                "depthserve: rows must be a CPU int64 [S] tensor");
+    count = rows->size(0);
+    const int64_t* rp = ptr<const int64_t>(*rows);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = rp[i * rows->stride(0)];
+      TORCH_CHECK(r >= 0 && r < t_rows, "depthserve: rows[", i, "] = ", r, " outside [0, ", t_rows, ")");
+    }
+  }
+  at::Tensor out = at::empty({count, d}, weight.options());
+  if (count == 0) return out;
+  const int mode = !has_delta ? 0 : accumulate ? 1 : 2;
+  const Kind dk = has_delta ? kind_of(*delta) : Kind::F32;
+  with_type(dk, [&](auto td) {
+    using TD = decltype(td);
+    with_type(kind_of(weight), [&](auto tw) {
+      using TW = decltype(tw);
+      auto run = [&](auto mode_tag) {
+        constexpr int M = decltype(mode_tag)::value;
+        mix_rows<M, TD, TW>(ptr<float>(states), states.stride(0), states.stride(1), ptr<float>(keys), keys.stride(0),
+                            keys.stride(1), n, has_delta ? ptr<const TD>(*delta) : nullptr,
+                            has_delta ? delta->stride(0) : 0, has_rows ? ptr<const int64_t>(*rows) : nullptr,
+                            has_rows ? rows->stride(0) : 0, ptr<const float>(query), ptr<const TW>(weight),
+                            ptr<TW>(out), count, d, eps);
+      };
+      if (mode == 0) {
+        run(std::integral_constant<int, 0>{});
+      } else if (mode == 1) {
+        run(std::integral_constant<int, 1>{});
+      } else {
+        run(std::integral_constant<int, 2>{});
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace depthserve
 
@@ -239,9 +385,12 @@ TORCH_LIBRARY_FRAGMENT(depthserve, m) {
         "float eps, bool accumulate=True) -> Tensor");
   m.def("attnres_phase1(Tensor states, Tensor(a!) keys, int n, Tensor queries, Tensor(b!) lse, Tensor(c!) xo, "
         "float eps) -> ()");
+  m.def("attnres_mix(Tensor(a!) states, Tensor(b!) keys, int n, Tensor? delta, Tensor query, Tensor weight, "
+        "float eps, bool accumulate=False, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
   m.impl("attnres_site", &depthserve::attnres_site);
   m.impl("attnres_phase1", &depthserve::attnres_phase1);
+  m.impl("attnres_mix", &depthserve::attnres_mix);
 }

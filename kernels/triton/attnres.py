@@ -8,6 +8,11 @@ attnres_phase1, one program per token row: the closed source's key (stored), the
 queries over the n completed sources, their log-sum-exp and the softmax mix of the sources. It walks d in
 chunks three times (the closed source's mean square; keys -> scores; sources -> mix), holding the
 [Q, n] scores in registers; everything is fp32 (the depth pool's dtype).
+
+attnres_mix, one program per (picked) token row: a one-shot site over the first n sources (Full AttnRes, and
+the output head): the completed source (delta joined, stored), its key (stored) and the n scores, then the
+softmax mix and the sublayer's input norm, walking d in chunks four times (the mix is recomputed for the norm
+rather than kept in a second fp32 buffer).
 """
 
 from __future__ import annotations
@@ -153,3 +158,100 @@ def attnres_phase1(states: torch.Tensor, keys: torch.Tensor, n: int, queries: to
                          xo.stride(0), xo.stride(1), xo.stride(2), eps,
                          BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
     return None
+
+
+@kernel
+def _mix_kernel(states_ptr, keys_ptr, delta_ptr, rows_ptr, q_ptr, w_ptr, out_ptr, n, d,
+                stride_st, stride_sn, stride_sd, stride_kt, stride_kn, stride_kd, stride_dt, stride_dd, stride_r,
+                stride_q, stride_w, stride_ot, eps, HAS_DELTA: tl.constexpr, ACCUMULATE: tl.constexpr,
+                HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:  # noqa: SIM108 - a constexpr branch: only one side is compiled
+        t = tl.load(rows_ptr + pid * stride_r).to(tl.int64)
+    else:
+        t = pid
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    last = n - 1  # the source completed now
+    s_row = states_ptr + t * stride_st
+    k_row = keys_ptr + t * stride_kt
+    # 1. the completed source (delta joined and stored) and its mean square
+    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + offs_d
+        dm = cols < d
+        v_ptrs = s_row + last * stride_sn + cols * stride_sd
+        if HAS_DELTA:
+            dl = tl.load(delta_ptr + t * stride_dt + cols * stride_dd, mask=dm, other=0.0).to(tl.float32)
+            if ACCUMULATE:  # noqa: SIM108 - a constexpr branch
+                v = tl.load(v_ptrs, mask=dm, other=0.0).to(tl.float32) + dl
+            else:
+                v = dl
+            tl.store(v_ptrs, v, mask=dm)
+        else:
+            v = tl.load(v_ptrs, mask=dm, other=0.0).to(tl.float32)
+        sq += v * v
+    tl.debug_barrier()  # the stored source is read back below, in other layouts
+    inv = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / d + eps)
+    # 2. its key (stored), and the scores of sources 0 .. n-1
+    scores = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + offs_d
+        dm = cols < d
+        key = tl.load(s_row + last * stride_sn + cols * stride_sd, mask=dm, other=0.0).to(tl.float32) * inv
+        tl.store(k_row + last * stride_kn + cols * stride_kd, key, mask=dm)
+        old = (offs_n < last)[:, None] & dm[None, :]
+        kt = tl.load(k_row + offs_n[:, None] * stride_kn + cols[None, :] * stride_kd, mask=old, other=0.0)
+        kt = tl.where((offs_n == last)[:, None], key[None, :], kt.to(tl.float32))
+        q = tl.load(q_ptr + cols * stride_q, mask=dm, other=0.0).to(tl.float32)
+        scores += tl.sum(kt * q[None, :], axis=1)
+    scores = tl.where(offs_n < n, scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=0))
+    p = p / tl.sum(p, axis=0)  # [BLOCK_N]; 0 beyond n
+    # 3. the mix's mean square; 4. the mix again, normalised, times the gain
+    xs = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + offs_d
+        st = tl.load(s_row + offs_n[:, None] * stride_sn + cols[None, :] * stride_sd,
+                     mask=(offs_n < n)[:, None] & (cols < d)[None, :], other=0.0).to(tl.float32)
+        x = tl.sum(p[:, None] * st, axis=0)
+        xs += x * x
+    rx = 1.0 / tl.sqrt(tl.sum(xs, axis=0) / d + eps)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + offs_d
+        dm = cols < d
+        st = tl.load(s_row + offs_n[:, None] * stride_sn + cols[None, :] * stride_sd,
+                     mask=(offs_n < n)[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        y = (tl.sum(p[:, None] * st, axis=0) * rx).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = y * tl.load(w_ptr + cols * stride_w, mask=dm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid * stride_ot + cols, y.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+MIX_TILE = 8192  # elements of the [n, d-chunk] tile one program holds
+
+
+def attnres_mix(states: torch.Tensor, keys: torch.Tensor, n: int, delta: torch.Tensor | None, query: torch.Tensor,
+                weight: torch.Tensor, eps: float, accumulate: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.reference.attnres_mix: source n-1 of the pool += / = delta, its key, then rms_norm of the softmax
+    mix of sources 0 .. n-1 in weight.dtype; [T, d], or [S, d] for the rows picked by `rows` (distinct)."""
+    if not runs_here(states):
+        return reference.attnres_mix(states, keys, n, delta, query, weight, eps, accumulate, rows)
+    t, n_src, d = states.shape
+    if not 1 <= n <= n_src:
+        raise ValueError(f"attnres_mix: n={n} outside 1..{n_src}")
+    count = t if rows is None else rows.shape[0]
+    out = torch.empty((count, d), dtype=weight.dtype, device=states.device)
+    if count == 0:
+        return out
+    dl = delta if delta is not None else states[:, 0]  # a placeholder pointer, never read
+    rw = rows if rows is not None else states  # likewise
+    block_n = max(2, next_pow2(n_src))
+    block_d = max(16, min(next_pow2(d), MIX_TILE // block_n))
+    _mix_kernel[(count,)](states, keys, dl, rw, query, weight, out, n, d,
+                          states.stride(0), states.stride(1), states.stride(2), keys.stride(0), keys.stride(1),
+                          keys.stride(2), dl.stride(0), dl.stride(1), rw.stride(0), query.stride(0),
+                          weight.stride(0), out.stride(0), eps, HAS_DELTA=delta is not None,
+                          ACCUMULATE=bool(accumulate), HAS_ROWS=rows is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+                          num_warps=4)
+    return out

@@ -2,7 +2,7 @@
 
 A kernel that cannot compile on this machine's triton or GPU, or that computes something else, shows here,
 once, before the model loads: kernels.ops then logs one warning and runs the reference (a start-up never
-fails over a kernel). Compiling the five kernels costs a few seconds on a GPU; the model's own shapes
+fails over a kernel). Compiling the six kernels costs a few seconds on a GPU; the model's own shapes
 compile again at their first use.
 """
 
@@ -47,6 +47,11 @@ def problem(device: torch.device, dtype: torch.dtype) -> str | None:
     s2 = states.clone()
     checks.append(("attnres_site", attnres.attnres_site(states[:, 2], x, lse[:, 1], xo[:, 1], queries[0], w, eps),
                    reference.attnres_site(s2[:, 2], x, lse2[:, 1], xo2[:, 1], queries[0], w, eps)))
+    s3, k3 = states.clone(), keys.clone()
+    picked = torch.tensor([2, 0], device=device)
+    checks.append(("attnres_mix", attnres.attnres_mix(states, keys, 3, x, queries[1], w, eps, True, picked),
+                   reference.attnres_mix(s3, k3, 3, x, queries[1], w, eps, True, picked)))
+    checks.append(("attnres_mix keys", keys, k3))
     # decode: 2 rows, 4 query heads over 2 KV heads, blocks of 3 tokens in reverse order
     bs, lens = 3, [5, 2]
     table = torch.tensor([[3, 1], [2, 0]])

@@ -228,17 +228,64 @@ def test_store_kv_edge_cases(ds) -> None:
     assert any(torch.equal(k_cache[4], k[i]) and torch.equal(v_cache[4], v[i]) for i in (0, 2))
 
 
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("delta", ["accumulate", "assign", "none"])
+@pytest.mark.parametrize("picked", [False, True], ids=["all-rows", "picked-rows"])
+def test_attnres_mix(ds, t, d, dtype, delta, picked) -> None:
+    """Every n of a pool of 9 sources (1 .. 9: remainders after groups of four keys and sources), on the
+    strided pool views the model passes; `rows` picks some rows in a scattered order (the logits rows)."""
+    g = _gen(t, d, 5)
+    n_src = 9
+    states = _rand(g, n_src, t, d, scale=2.0).transpose(0, 1)  # slot-major in memory: a strided row stride
+    keys = _rand(g, t, n_src, d)
+    query = _rand(g, d, scale=0.5 / d ** 0.5 * 8)
+    w = _weight(g, d, dtype)
+    dl = _rand(g, t, d, dtype=dtype) if delta != "none" else None
+    rows = torch.randperm(t, generator=g)[:max(1, t // 3)] if picked else None
+    got, want = [], []
+    for n in range(1, n_src + 1) if t < 700 else (1, 4, 9):  # the parallel path: fewer n (slow reference)
+        ref_states, ref_keys = states.clone(), keys.clone()
+        got.append(ds.attnres_mix(states, keys, n, dl, query, w, EPS, delta == "accumulate", rows))
+        want.append(reference.attnres_mix(ref_states, ref_keys, n, dl, query, w, EPS, delta == "accumulate", rows))
+        assert torch.equal(states, ref_states)  # source n-1 of the mixed rows += / = delta exactly, nothing else
+        assert torch.equal(keys[:, n:], ref_keys[:, n:]) and torch.equal(keys[:, :n - 1], ref_keys[:, :n - 1])
+        assert_matches(keys[:, n - 1], ref_keys[:, n - 1])
+    # softmax over up to 9 sources, then the norm: a few ulps of fp32 apart, so a bf16 rounding flips about once
+    # in a thousand values (one such flip in a single 67-wide row would fail assert_matches' fraction alone)
+    got_all, want_all = torch.cat(got), torch.cat(want)  # [9 * rows, d]
+    if dtype == BF16 and got_all.numel() < 4000:
+        torch.testing.assert_close(got_all.float(), want_all.float(), rtol=2 ** -6, atol=1e-5)
+        assert int((got_all != want_all).sum()) <= 3
+    else:
+        assert_matches(got_all, want_all, rel=1e-5)
+
+
+def test_attnres_mix_rejects_rows_outside_the_pool(ds) -> None:
+    states, keys = torch.randn(3, 2, 67), torch.randn(3, 2, 67)
+    before = states.clone(), keys.clone()
+    with pytest.raises(RuntimeError, match="outside"):
+        ds.attnres_mix(states, keys, 2, torch.randn(3, 67), torch.randn(67), torch.ones(67), EPS, True,
+                       torch.tensor([0, 3]))
+    assert torch.equal(states, before[0]) and torch.equal(keys, before[1])  # checked before anything is written
+
+
 def test_empty_batch(ds) -> None:
     w = torch.ones(67)
     assert ds.rms_norm(torch.randn(0, 67), w, EPS).shape == (0, 67)
     assert ds.attnres_site(torch.randn(0, 67), None, torch.randn(0), torch.randn(0, 67), w, w, EPS, True).shape == (0, 67)
     assert ds.silu_mul(torch.randn(0, 134)).shape == (0, 67)
+    pool = torch.randn(0, 3, 67)
+    assert ds.attnres_mix(pool, pool.clone(), 2, None, w, w, EPS, False, None).shape == (0, 67)
+    pool = torch.randn(4, 3, 67)  # rows of a step, none picked
+    assert ds.attnres_mix(pool, pool.clone(), 2, None, w, w, EPS, True, torch.zeros(0, dtype=torch.long)).shape == (0, 67)
 
 
 # ---- the wrappers, and which set the model gets ----------------------------------------------------------
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
-    assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1",
+    assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
                                         "decode_attention", "rotary", "silu_mul", "store_kv"}
     assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
@@ -278,6 +325,12 @@ def test_wrappers_fall_back_on_tensors_the_kernel_does_not_take(ds) -> None:
     reference.store_kv(kk, v, want_k, want_v, torch.tensor([5, 0, 2]))
     k.store_kv(kk, v, k_cache, v_cache, torch.tensor([5, 0, 2]))
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    states, keys = _rand(g, 3, 2, 67), _rand(g, 67, 3, 2).permute(1, 2, 0)  # keys with a strided inner dim
+    s_ref, k_ref = states.clone(), keys.clone()
+    got = k.attnres_mix(states, keys, 2, delta, query, w, EPS, True)
+    torch.testing.assert_close(got, reference.attnres_mix(s_ref, k_ref, 2, delta, query, w, EPS, True))
+    torch.testing.assert_close(states, s_ref)
+    torch.testing.assert_close(keys, k_ref)
 
 
 # ---- build, cache and failure ------------------------------------------------------------------------------

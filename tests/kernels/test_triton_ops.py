@@ -169,6 +169,25 @@ def test_attnres_phase1(t, n) -> None:
     torch.testing.assert_close(xo, ref_xo, rtol=1e-5, atol=1e-5)
 
 
+@DTYPES
+@ROWS
+@pytest.mark.parametrize("delta,picked", [("add", True), ("set", False), ("none", True)])
+def test_attnres_mix(dtype, t, delta, picked) -> None:
+    """Every n over the pool: the completed source (+= / = delta), its key, the softmax mix and the norm; `rows`
+    picks the logits rows (scattered), the others are left untouched."""
+    states, keys, _, _ = _pool(t, seed=50)
+    d = _rand(t, 3 * D, seed=55, dtype=dtype)[:, D:2 * D] if delta != "none" else None
+    w, q = _gain(56, dtype), _rand(D, seed=57)
+    rows = torch.arange(t - 1, -1, -2, device=DEVICE) if picked else None
+    for n in range(1, N_SRC + 1):
+        ref_states, ref_keys = states.clone(), keys.clone()
+        got = tk.attnres_mix(states, keys, n, d, q, w, EPS, delta == "add", rows)
+        want = reference.attnres_mix(ref_states, ref_keys, n, d, q, w, EPS, delta == "add", rows)
+        torch.testing.assert_close(states, ref_states, rtol=0, atol=0)  # slot n-1 of the mixed rows only
+        torch.testing.assert_close(keys, ref_keys, rtol=1e-5, atol=1e-5)
+        _close(got, want, dtype)
+
+
 # ---- decode attention ------------------------------------------------------------------------------------
 def _decode_case(lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, block_size: int = 5,
                  head_dim: int = 20, seed: int = 30):
@@ -223,7 +242,8 @@ def test_select_backend_triton(monkeypatch, caplog) -> None:
     backend = ops.select_backend("triton", (torch.float32, torch.bfloat16), DEVICE)
     assert backend.name == "triton" and not backend.native and backend.requested == "triton"
     k = ops.kernel_set(backend)
-    assert k.native_ops() == ["rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "decode_attention"]
+    assert k.native_ops() == ["rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
+                              "decode_attention"]
     assert ops.pack_linear(torch.ones(3, 2), backend).packed is None  # linears stay on the torch path
     assert EngineArgs(kernels="triton").create_engine_config().kernels == "triton"
     if not COMPILED:  # CPU: auto never picks the interpreter
