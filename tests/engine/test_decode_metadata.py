@@ -95,6 +95,7 @@ def test_a_native_call_that_falls_back_builds_the_view_lazily(model, monkeypatch
         return view(meta)
 
     monkeypatch.setattr(AttentionMetadata, "decode_gather_view", counted)
+    monkeypatch.setattr(cpu_attention, "_op", None)  # the wrapper's cached op, then its loader
     monkeypatch.setattr(cpu_attention, "op", lambda: None)
     got, spy, _ = _run(folder, "native")
     assert got == expected
