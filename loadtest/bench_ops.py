@@ -37,8 +37,8 @@ def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q
     states, keys = rand(t, sources, d), rand(t, sources, d)
     lse, xo, queries, query = rand(t, q), rand(t, q, d), 0.1 * rand(q, d), 0.1 * rand(d)
     gu = rand(t, 2 * ffn, dt=dtype)  # the MLP's merged gate/up output
-    h, kv, hd = heads
-    qkv = rand(t, h + 2 * kv, hd, dt=dtype)  # k, v: views of the QKV output, as the model passes them
+    nh, kv, hd = heads  # not `h`: that is add_rms_norm's residual above
+    qkv = rand(t, nh + 2 * kv, hd, dt=dtype)  # k, v: views of the QKV output, as the model passes them
     k_cache, v_cache = rand(4096, kv, hd, dt=dtype), rand(4096, kv, hd, dt=dtype)
     slots = torch.randperm(4096, generator=g)[:t]
     return {
@@ -48,7 +48,7 @@ def _cases(k: ops.KernelSet, t: int, d: int, dtype: torch.dtype, sources: int, q
         "attnres_site": lambda: k.attnres_site(states[:, n], delta, lse[:, 3], xo[:, 3], query, w, eps),
         "attnres_phase1": lambda: k.attnres_phase1(states, keys, n, queries, lse, xo, eps),
         "silu_mul": lambda: k.silu_mul(gu),
-        "store_kv": lambda: k.store_kv(qkv[:, h:h + kv], qkv[:, h + kv:], k_cache, v_cache, slots),
+        "store_kv": lambda: k.store_kv(qkv[:, nh:nh + kv], qkv[:, nh + kv:], k_cache, v_cache, slots),
         # the Block output head: the final partial += delta, its key, the mix of all sources, the final norm
         "attnres_mix(output)": lambda: k.attnres_mix(states, keys, sources, delta, query, w, eps, True),
     }

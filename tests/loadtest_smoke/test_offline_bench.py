@@ -46,3 +46,12 @@ def test_bench_throughput_compares_with_transformers(tmp_path: Path) -> None:
     rate = res["decode_rate"]
     assert set(rate["depthserve_tok_s"]) == {"1", "2"} and set(rate["hf_tok_s"]) == {"2"}
     assert min(rate["depthserve_tok_s"].values()) > 0 and rate["speedup_best_vs_best"] > 0
+
+
+def test_bench_ops_times_every_op(tmp_path: Path) -> None:
+    from loadtest import bench_ops
+
+    out = tmp_path / "ops.json"
+    bench_ops.main(["--hidden", "67", "--ffn", "40", "--heads", "3", "1", "8", "--tokens", "1", "3",
+                           "--dtype", "float32", "--reps", "1", "--min-time", "0.001", "--out", str(out)])
+    assert json.loads(out.read_text())
