@@ -94,7 +94,8 @@ PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 5, 6, 7, 8, 9, 10, 11, 12
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=[("none", 0, 4), ("block", 2, 5)], ids=["none-L4", "block2-L5"])
+@pytest.fixture(scope="module", params=[("none", 0, 4), ("block", 2, 5), ("full", 0, 4)],
+                ids=["none-L4", "block2-L5", "full-L4"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     mode, bs, layers = request.param
     folder, ref = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
