@@ -13,6 +13,31 @@
 namespace depthserve {
 namespace {
 
+// dot4: the dot products of x with a, b, c and e over d in one pass over x (four independent accumulators);
+// dot1: one dot product.
+inline void dot4(const float* __restrict x, const float* a, const float* b, const float* c, const float* e,
+                 int64_t d, float* out) {
+  float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f;
+#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e)
+  for (int64_t i = 0; i < d; ++i) {
+    s_a += x[i] * a[i];
+    s_b += x[i] * b[i];
+    s_c += x[i] * c[i];
+    s_e += x[i] * e[i];
+  }
+  out[0] = s_a;
+  out[1] = s_b;
+  out[2] = s_c;
+  out[3] = s_e;
+}
+
+inline float dot1(const float* __restrict x, const float* __restrict a, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += x[i] * a[i];
+  return s;
+}
+
 // torch.lerp's rounding: w < 0.5 ? start + w * (end - start) : end + (w - 1) * (end - start), as one fma.
 struct Lerp {
   float coeff;
@@ -151,27 +176,12 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
         const float* k = K + j * k1;
         int64_t q = 0;
         for (; q + 4 <= nq; q += 4) {
-          const float *a = queries + q * q0, *b = a + q0, *c = b + q0, *e = c + q0;
-          float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f;
-#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e)
-          for (int64_t i = 0; i < d; ++i) {
-            s_a += k[i] * a[i];
-            s_b += k[i] * b[i];
-            s_c += k[i] * c[i];
-            s_e += k[i] * e[i];
-          }
-          sc[q * n + j] = s_a;
-          sc[(q + 1) * n + j] = s_b;
-          sc[(q + 2) * n + j] = s_c;
-          sc[(q + 3) * n + j] = s_e;
-        }
-        for (; q < nq; ++q) {
           const float* a = queries + q * q0;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < d; ++i) s += k[i] * a[i];
-          sc[q * n + j] = s;
+          float s4[4];
+          dot4(k, a, a + q0, a + 2 * q0, a + 3 * q0, d, s4);
+          for (int u = 0; u < 4; ++u) sc[(q + u) * n + j] = s4[u];
         }
+        for (; q < nq; ++q) sc[q * n + j] = dot1(k, queries + q * q0, d);
       }
       for (int64_t q = 0; q < nq; ++q) {
         float* s = sc.data() + q * n;
@@ -259,27 +269,10 @@ void mix_rows(float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, in
       // the other sources' scores: four keys at a time against the query
       int64_t j = 0;
       for (; j + 4 <= n - 1; j += 4) {
-        const float *a = K + j * k1, *b = a + k1, *c = b + k1, *e = c + k1;
-        float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f;
-#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e)
-        for (int64_t i = 0; i < d; ++i) {
-          s_a += a[i] * q[i];
-          s_b += b[i] * q[i];
-          s_c += c[i] * q[i];
-          s_e += e[i] * q[i];
-        }
-        sc[j] = s_a;
-        sc[j + 1] = s_b;
-        sc[j + 2] = s_c;
-        sc[j + 3] = s_e;
-      }
-      for (; j < n - 1; ++j) {
         const float* a = K + j * k1;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < d; ++i) s += a[i] * q[i];
-        sc[j] = s;
+        dot4(q, a, a + k1, a + 2 * k1, a + 3 * k1, d, sc.data() + j);
       }
+      for (; j < n - 1; ++j) sc[j] = dot1(q, K + j * k1, d);
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) m = std::max(m, sc[i]);
       if (!std::isfinite(m)) m = 0.f;
