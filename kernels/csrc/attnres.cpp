@@ -10,6 +10,10 @@
 
 #include "common.h"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace depthserve {
 namespace {
 
@@ -36,6 +40,31 @@ inline float dot1(const float* __restrict x, const float* __restrict a, int64_t 
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += x[i] * a[i];
   return s;
+}
+
+// Phase 1's outputs at prefill sizes: xo ([T, Q, d] fp32, 38 MB at T = 2048, Q = 8, d = 576) is written once
+// and read back sublayers later, long after it has left the cache. Ordinary stores first read every line
+// they write (read-for-ownership), a third of Phase 1's memory traffic; non-temporal stores skip that read.
+// Below this many bytes of xo per call (decode, short chunks) xo stays in cache for the sites that follow,
+// so ordinary stores win there.
+constexpr int64_t kStreamXoBytes = int64_t(16) << 20;
+
+// dst[0:d] = src[0:d] with non-temporal stores when dst is vector-aligned and d a whole number of vectors
+// (true for d % 8 == 0 on a 64-byte-aligned pool), else ordinary stores.
+inline void stream_row(float* __restrict dst, const float* __restrict src, int64_t d) {
+#if defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0 && d % 8 == 0) {
+    for (int64_t i = 0; i < d; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, size_t(d) * sizeof(float));
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // torch.lerp's rounding: w < 0.5 ? start + w * (end - start) : end + (w - 1) * (end - start), as one fma.
@@ -156,8 +185,10 @@ at::Tensor attnres_site(const at::Tensor& partial, const std::optional<at::Tenso
 void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n,
                  const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0, int64_t l1, float* xo,
                  int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
+  const bool stream = rows * nq * d * int64_t(sizeof(float)) >= kStreamXoBytes;
   for_rows(rows, 2 * nq * n * d + 2 * d, [=](int64_t begin, int64_t end) {
     std::vector<float> sc(size_t(nq * n));  // scores, then softmax weights, [Q, n]
+    std::vector<float> buf(stream ? size_t(d) : 0);  // one xo row, streamed out once complete
     for (int64_t t = begin; t < end; ++t) {
       const float* S = states + t * s0;
       float* K = keys + t * k0;
@@ -194,7 +225,8 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
         lse[t * l0 + q * l1] = l;
         for (int64_t j = 0; j < n; ++j) s[j] = std::exp(s[j] - l);
         // xo = sum_j p_j * source_j in source order, up to four sources per pass over the row
-        float* __restrict o = xo + t * x0 + q * x1;
+        float* const dst = xo + t * x0 + q * x1;
+        float* __restrict o = stream ? buf.data() : dst;
         const float p0 = s[0];
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) o[i] = p0 * S[i];
@@ -212,8 +244,10 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
 #pragma omp simd
           for (int64_t i = 0; i < d; ++i) o[i] = std::fma(pj, v[i], o[i]);
         }
+        if (stream) stream_row(dst, o, d);
       }
     }
+    if (stream) stream_fence();
   });
 }
 

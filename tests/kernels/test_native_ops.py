@@ -151,6 +151,23 @@ def test_attnres_phase1(ds, t, d, block_size, n) -> None:
     assert_matches(xo, ref[2], rel=1e-5)
 
 
+@pytest.mark.parametrize("d", [512, 515])
+def test_attnres_phase1_streamed_xo(ds, d) -> None:
+    """Prefill-sized xo (>= 16 MB: written with non-temporal stores when rows are vector-aligned, d = 512, and
+    with ordinary stores when they are not, d = 515) equals the reference like the small calls do."""
+    t, q, n = 1040, 8, 3
+    g = _gen(t, d, q, n)
+    states, keys = _rand(g, t, 4, d), _rand(g, t, 4, d)
+    lse, xo = _rand(g, t, q), _rand(g, t, q, d)
+    assert t * q * d * 4 >= 16 << 20
+    queries = _rand(g, q, d, scale=0.3)
+    ref = [a.clone() for a in (keys, lse, xo)]
+    ds.attnres_phase1(states, keys, n, queries, lse, xo, EPS)
+    reference.attnres_phase1(states, ref[0], n, queries, ref[1], ref[2], EPS)
+    assert_matches(lse, ref[1])
+    assert_matches(xo, ref[2], rel=1e-5)
+
+
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("f", [67, 1536])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
