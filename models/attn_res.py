@@ -41,12 +41,20 @@ class DepthPoolSpec:
         return state + keys + phase1
 
     def allocate(self, rows: int, device: torch.device | str = "cpu") -> DepthBuffers:
+        """[rows, S, d] views of source-major storage ([S, rows, d]): every op reads one source (or one
+        Phase-1 query's xo) of all rows, and source-major makes that a contiguous [T, d] block instead of T
+        pieces a pool row apart, which the CPU's prefetcher loses at every jump (a prefill-sized attnres_site
+        ran ~2x slower on the row-major pool). A row's n sources are n sequential streams either way."""
         q, f32 = self.num_phase1_queries, torch.float32
+
+        def pool(n: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, rows, self.hidden, dtype=dtype, device=device).transpose(0, 1)
+
         return DepthBuffers(
-            states=torch.zeros(rows, self.num_sources, self.hidden, dtype=self.state_dtype, device=device),
-            keys=torch.zeros(rows, self.num_sources, self.hidden, dtype=f32, device=device),
+            states=pool(self.num_sources, self.state_dtype),
+            keys=pool(self.num_sources, f32),
             lse=torch.zeros(rows, q, dtype=f32, device=device) if q else None,
-            xo=torch.zeros(rows, q, self.hidden, dtype=f32, device=device) if q else None,
+            xo=pool(q, f32) if q else None,
         )
 
 
