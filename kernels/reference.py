@@ -143,7 +143,8 @@ def attnres_phase1(states: torch.Tensor, keys: torch.Tensor, n: int, queries: to
     """A block opens: source n-1 (the partial just closed) gets its key, then Phase 1 of the new block.
 
     states, keys: [T, n_src, d] fp32 depth pool (n <= n_src completed sources are read); queries: [Q, d] the
-    block's stacked queries; lse [T, Q], xo [T, Q, d] written in place."""
+    block's stacked queries; lse [T, Q], xo [T, Q, d] written in place. keys[:, :n-1] must hold
+    key_of(states[:, :n-1]), as the pool keeps them (the native op scores from the sources instead)."""
     keys[:, n - 1] = key_of(states[:, n - 1], eps)
     phase1(states[:, :n], keys[:, :n], queries, out=(lse, xo))
 

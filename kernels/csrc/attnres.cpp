@@ -35,6 +35,25 @@ inline void dot4(const float* __restrict x, const float* a, const float* b, cons
   out[3] = s_e;
 }
 
+// dot4 plus x's own sum of squares, in the same pass over x (out[4] = x . x).
+inline void dot4_ss(const float* __restrict x, const float* a, const float* b, const float* c, const float* e,
+                    int64_t d, float* out) {
+  float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f, s_x = 0.f;
+#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e, s_x)
+  for (int64_t i = 0; i < d; ++i) {
+    s_a += x[i] * a[i];
+    s_b += x[i] * b[i];
+    s_c += x[i] * c[i];
+    s_e += x[i] * e[i];
+    s_x += x[i] * x[i];
+  }
+  out[0] = s_a;
+  out[1] = s_b;
+  out[2] = s_c;
+  out[3] = s_e;
+  out[4] = s_x;
+}
+
 inline float dot1(const float* __restrict x, const float* __restrict a, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -181,7 +200,8 @@ at::Tensor attnres_site(const at::Tensor& partial, const std::optional<at::Tenso
 }
 
 // n sources per row (the pool's first n), Q queries: key of source n-1, then per query the log-sum-exp of
-// its n scores and the softmax-weighted mix of the sources.
+// its n scores and the softmax-weighted mix of the sources. Relies on the pool's invariant that the keys of
+// sources 0..n-2 are key_of(source) (they are not read: the scores come from the sources themselves).
 void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n,
                  const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0, int64_t l1, float* xo,
                  int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
@@ -191,10 +211,9 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
     std::vector<float> buf(stream ? size_t(d) : 0);  // one xo row, streamed out once complete
     for (int64_t t = begin; t < end; ++t) {
       const float* S = states + t * s0;
-      float* K = keys + t * k0;
-      {  // the key of the source that just closed
+      {  // the key of the source that just closed (stored: attnres_mix's output head reads it)
         const float* v = S + (n - 1) * s1;
-        float* k = K + (n - 1) * k1;
+        float* k = keys + t * k0 + (n - 1) * k1;
         float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
         for (int64_t i = 0; i < d; ++i) ss += v[i] * v[i];
@@ -202,17 +221,26 @@ void phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) k[i] = v[i] * r;
       }
-      // scores: four queries at a time against one key (four independent accumulators)
+      // scores key_j . q = (source_j . q) * inv_rms(source_j): read from the sources, not the stored keys,
+      // so Phase 1 streams the pool's states alone (the keys would double its reads); four queries at a
+      // time against one source, its sum of squares in the first pass
       for (int64_t j = 0; j < n; ++j) {
-        const float* k = K + j * k1;
+        const float* v = S + j * s1;
+        float dots[5];
+        float r = 0.f;
         int64_t q = 0;
         for (; q + 4 <= nq; q += 4) {
           const float* a = queries + q * q0;
-          float s4[4];
-          dot4(k, a, a + q0, a + 2 * q0, a + 3 * q0, d, s4);
-          for (int u = 0; u < 4; ++u) sc[(q + u) * n + j] = s4[u];
+          if (q == 0) {
+            dot4_ss(v, a, a + q0, a + 2 * q0, a + 3 * q0, d, dots);
+            r = inv_rms(dots[4], d, eps);
+          } else {
+            dot4(v, a, a + q0, a + 2 * q0, a + 3 * q0, d, dots);
+          }
+          for (int u = 0; u < 4; ++u) sc[(q + u) * n + j] = dots[u] * r;
         }
-        for (; q < nq; ++q) sc[q * n + j] = dot1(k, queries + q * q0, d);
+        if (q == 0) r = inv_rms(dot1(v, v, d), d, eps);
+        for (; q < nq; ++q) sc[q * n + j] = dot1(v, queries + q * q0, d) * r;
       }
       for (int64_t q = 0; q < nq; ++q) {
         float* s = sc.data() + q * n;

@@ -142,6 +142,7 @@ def test_attnres_phase1(ds, t, d, block_size, n) -> None:
     keys, lse, xo = _rand(g, t, 5, d), _rand(g, t, q), _rand(g, t, q, d)
     queries = _rand(g, q, d, scale=0.3)
     queries[-1] = 0  # a short last block's zero-padded query
+    keys[:, :n - 1] = reference.key_of(states[:, :n - 1], EPS)  # the pool's invariant: a source's key is key_of
     ref = [a.clone() for a in (keys, lse, xo)]
     assert ds.attnres_phase1(states, keys, n, queries, lse, xo, EPS) is None
     reference.attnres_phase1(states, ref[0], n, queries, ref[1], ref[2], EPS)
@@ -161,6 +162,7 @@ def test_attnres_phase1_streamed_xo(ds, d) -> None:
     lse, xo = _rand(g, t, q), _rand(g, t, q, d)
     assert t * q * d * 4 >= 16 << 20
     queries = _rand(g, q, d, scale=0.3)
+    keys[:, :n - 1] = reference.key_of(states[:, :n - 1], EPS)
     ref = [a.clone() for a in (keys, lse, xo)]
     ds.attnres_phase1(states, keys, n, queries, lse, xo, EPS)
     reference.attnres_phase1(states, ref[0], n, queries, ref[1], ref[2], EPS)
