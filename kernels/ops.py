@@ -334,6 +334,7 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
             for has_delta, acc, pick in ((True, False, False), (True, True, True), (False, True, False)):
                 def run(fn, dt=dt, has_delta=has_delta, acc=acc, pick=pick):
                     states, keys, delta, query = inputs((t, 4, d), (t, 4, d), (t, d), (d,))
+                    keys[:, :2] = reference.key_of(states[:, :2], eps)  # the pool's invariant (attnres_mix)
                     rows = torch.tensor([2, 0]) if pick else None
                     out = fn(states, keys, 3, delta.to(dt) if has_delta else None, query, weight(dt), eps, acc, rows)
                     return [out, states, keys]

@@ -156,7 +156,8 @@ def attnres_mix(states: torch.Tensor, keys: torch.Tensor, n: int, delta: torch.T
     Full-AttnRes site, and the output head of both modes (whose "sublayer norm" is the final norm).
 
     Source n-1 completes here: states[:, n-1] += delta (accumulate: the Block partial) or = delta (a Full
-    source); delta None leaves it. Its key is written to keys[:, n-1]; the others' keys are read. Then
+    source); delta None leaves it. Its key is written to keys[:, n-1]; the others' keys are read (they must be
+    key_of of their sources, as the pool keeps them: the native op scores from the sources instead). Then
     x = mix_sources(states[:, :n], keys[:, :n], query) and the result is rms_norm(x, weight) in weight.dtype.
     states, keys: [T, n_src, d] fp32 pool; delta: [T, d]; query: [d] fp32, gain folded. `rows` ([S] distinct
     row indices, e.g. the logits rows): only those rows are completed and mixed (out [S, d]); the others are

@@ -54,6 +54,32 @@ inline void dot4_ss(const float* __restrict x, const float* a, const float* b, c
   out[4] = s_x;
 }
 
+// For four sources a, b, c, e: their dot products with q (out[0..3]) and their sums of squares (out[4..7]),
+// in one pass over each.
+inline void dot4_own_ss(const float* __restrict q, const float* a, const float* b, const float* c, const float* e,
+                        int64_t d, float* out) {
+  float s_a = 0.f, s_b = 0.f, s_c = 0.f, s_e = 0.f, n_a = 0.f, n_b = 0.f, n_c = 0.f, n_e = 0.f;
+#pragma omp simd reduction(+ : s_a, s_b, s_c, s_e, n_a, n_b, n_c, n_e)
+  for (int64_t i = 0; i < d; ++i) {
+    s_a += q[i] * a[i];
+    s_b += q[i] * b[i];
+    s_c += q[i] * c[i];
+    s_e += q[i] * e[i];
+    n_a += a[i] * a[i];
+    n_b += b[i] * b[i];
+    n_c += c[i] * c[i];
+    n_e += e[i] * e[i];
+  }
+  out[0] = s_a;
+  out[1] = s_b;
+  out[2] = s_c;
+  out[3] = s_e;
+  out[4] = n_a;
+  out[5] = n_b;
+  out[6] = n_c;
+  out[7] = n_e;
+}
+
 inline float dot1(const float* __restrict x, const float* __restrict a, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -305,7 +331,8 @@ void attnres_phase1(const at::Tensor& states, const at::Tensor& keys, int64_t n,
 }
 
 // One-shot mix over a row's first n sources (Full AttnRes sites; both modes' output head): source n-1 takes
-// delta (Mode 1: +=, 2: =, 0: as it is) and its key; softmax of the n scores; x = sum_j p_j source_j into a
+// delta (Mode 1: +=, 2: =, 0: as it is) and its key; softmax of the n scores (keys 0..n-2 = key_of(source), the
+// pool's invariant: scored from the sources); x = sum_j p_j source_j into a
 // per-thread buffer; out = rms_norm(x, weight). `rows` (or nullptr: every row) picks the pool rows.
 template <int Mode, typename TD, typename TW>
 void mix_rows(float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n, const TD* delta,
@@ -328,13 +355,19 @@ void mix_rows(float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, in
         for (int64_t i = 0; i < d; ++i) k[i] = v[i] * rr;
         sc[n - 1] = dot * rr;
       }
-      // the other sources' scores: four keys at a time against the query
+      // the other sources' scores, (source . q) * inv_rms(source) (the pool's invariant: their keys are
+      // key_of(source), so the stored keys need not be read), four sources at a time
       int64_t j = 0;
       for (; j + 4 <= n - 1; j += 4) {
-        const float* a = K + j * k1;
-        dot4(q, a, a + k1, a + 2 * k1, a + 3 * k1, d, sc.data() + j);
+        const float* a = S + j * s1;
+        float r8[8];
+        dot4_own_ss(q, a, a + s1, a + 2 * s1, a + 3 * s1, d, r8);
+        for (int u = 0; u < 4; ++u) sc[j + u] = r8[u] * inv_rms(r8[4 + u], d, eps);
       }
-      for (; j < n - 1; ++j) sc[j] = dot1(q, K + j * k1, d);
+      for (; j < n - 1; ++j) {
+        const float* a = S + j * s1;
+        sc[j] = dot1(q, a, d) * inv_rms(dot1(a, a, d), d, eps);
+      }
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) m = std::max(m, sc[i]);
       if (!std::isfinite(m)) m = 0.f;

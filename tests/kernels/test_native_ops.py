@@ -258,7 +258,7 @@ def test_attnres_mix(ds, t, d, dtype, delta, picked) -> None:
     g = _gen(t, d, 5)
     n_src = 9
     states = _rand(g, n_src, t, d, scale=2.0).transpose(0, 1)  # slot-major in memory: a strided row stride
-    keys = _rand(g, t, n_src, d)
+    keys = reference.key_of(states, EPS)  # the pool's invariant: every completed source's key is key_of(it)
     query = _rand(g, d, scale=0.5 / d ** 0.5 * 8)
     w = _weight(g, d, dtype)
     dl = _rand(g, t, d, dtype=dtype) if delta != "none" else None
