@@ -362,6 +362,21 @@ class TokenizeResponse(_Response):
     tokens: list[int]
 
 
+class TokenizerInfoResponse(_Response):
+    """vLLM's /tokenizer_info: what a harness's remote tokenizer needs (lm-evaluation-harness reads the special
+    tokens' text and asks /tokenize for their ids, and renders chats with the template)."""
+
+    tokenizer_class: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    add_bos_token: bool = False
+    chat_template: str | None = None  # the one the server applies (a default when the checkpoint has none)
+    model_max_length: int
+    vocab_size: int
+
+
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
