@@ -60,6 +60,16 @@ def test_echo_logprobs_equal_reference(server: ServerProcess, auth: dict, want: 
     assert out["usage"]["completion_tokens"] == 1 and out["usage"]["prompt_tokens"] == len(PROMPT)
 
 
+def test_batched_token_id_prompts(server: ServerProcess, auth: dict, want: torch.Tensor) -> None:
+    """lm-eval batches contexts as a list of token-id lists: each choice scores its own prompt."""
+    short = PROMPT[:4]
+    out = _post(server, auth, "/v1/completions", {**ECHO, "prompt": [PROMPT, short]})
+    first, second = sorted(out["choices"], key=lambda c: c["index"])
+    _check_echo(first["logprobs"], want, 1)
+    assert second["logprobs"]["token_logprobs"][:4] == pytest.approx(_expected(want)[:4], abs=1e-4)
+    assert len(second["logprobs"]["tokens"]) == 5
+
+
 def test_echo_with_max_tokens_zero_scores_without_generating(server: ServerProcess, auth: dict,
                                                              want: torch.Tensor) -> None:
     text = _post(server, auth, "/detokenize", {"tokens": PROMPT})["prompt"]
