@@ -369,7 +369,7 @@ class ModelRunner:
     @staticmethod
     def _plan_prompt_rows(req: Request, start: int, n: int, row0: int) -> list[tuple[Request, int, int]]:
         """prompt_logprobs: the rows of this chunk whose next token is still a prompt token."""
-        if req.params.prompt_logprobs is None:
+        if req.params.prompt_logprobs is None or req.num_output_tokens:  # none, or handed out before a preemption
             return []
         last = req.num_prompt_tokens - 1  # the row at this position predicts the first generated token
         return [(req, start + k, row0 + k) for k in range(min(n, last - start))]

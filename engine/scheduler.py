@@ -157,7 +157,9 @@ class Scheduler:
     def _admit(self, rows: list[tuple[Request, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            hit, n_cached = ([], 0) if req.params.skips_prefix_cache else \
+            # a request that reports its prompt rows runs them all, unless it sampled already (recomputed after
+            # preemption: what it reports about its prompt was handed out)
+            hit, n_cached = ([], 0) if req.params.skips_prefix_cache and not req.num_output_tokens else \
                 self.kv.get_computed_blocks(req.request_id, req.token_ids)
             n = self._chunk(req, n_cached, budget)
             if not self.kv.allocate_slots(req.request_id, req.token_ids, n_cached, n, hit):

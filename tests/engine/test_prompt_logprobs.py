@@ -9,7 +9,7 @@ import torch
 import models.llama
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutputKind
-from tests.tiny import tiny_config, write_tiny
+from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
 
 PROMPT = [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 30, 31]
 OTHER = [1, 5, 6, 7, 8, 9, 10, 11, 40, 41, 42]
@@ -54,6 +54,19 @@ def test_equal_to_reference_chunked_cached_batched(model) -> None:
         for j, (tok, lp) in enumerate(zip(gen.token_ids, gen.logprobs, strict=True)):  # the generated ones too
             assert lp.logprob == pytest.approx(float(full[len(PROMPT) - 1 + j, tok]), abs=1e-4)
     assert outs[1].prompt_logprobs is None
+    assert llm.engine.kv_blocks_held_by_requests() == 0
+
+
+def test_preemption_recomputes_without_scoring_twice(model) -> None:
+    folder, ref = model
+    # 16 blocks of 4 tokens hold one request but not all four prompts' growth: decode steps preempt
+    llm = LLM(str(folder), max_model_len=64, block_size=4, num_kv_blocks=16, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    for p, o in zip(PROMPTS, outs, strict=True):
+        _check(o.prompt_logprobs, ref, p, 1)
+        assert o.outputs[0].token_ids == reference_greedy(ref, p, 10)
     assert llm.engine.kv_blocks_held_by_requests() == 0
 
 
