@@ -64,6 +64,8 @@ def perplexity(llm: LLM, text: str, name: str, max_length: int | None = None, st
     if prefix is None:
         raise ValueError(f"{name}'s tokenizer has neither a BOS nor an EOS token to start the text with")
     ids = [prefix, *tok.encode(text, add_special_tokens=False)]
+    if len(ids) < 2:
+        raise ValueError(f"the text has no tokens for {name} to score")
     limit = engine.max_model_len - 1  # a window is a prompt that still samples one token
     length = limit if max_length is None else max_length
     if length > limit:
@@ -85,8 +87,7 @@ def perplexity(llm: LLM, text: str, name: str, max_length: int | None = None, st
             if progress is not None:
                 progress(done, len(plan))
     n = len(ids) - 1
-    return PerplexityResult(name, math.exp(nll / n) if n else float("nan"),
-                            nll / math.log(2) / max(len(text.encode("utf-8")), 1), n)
+    return PerplexityResult(name, math.exp(nll / n), nll / math.log(2) / len(text.encode("utf-8")), n)
 
 
 class ProgressBar:

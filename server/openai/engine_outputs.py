@@ -135,7 +135,7 @@ def completion_choice(comp: CompletionOutput, choice: Choice, req: P.CompletionR
     if depth is not None and not choice.shows_output:
         depth = depth[:choice.num_prompt_tokens]
     return P.CompletionChoice(index=choice.index, text=(choice.prompt_text if req.echo else "") + text,
-                              logprobs=lp or (P.CompletionLogprobs() if req.logprobs is not None else None),
+                              logprobs=lp,
                               finish_reason=comp.finish_reason, stop_reason=comp.stop_reason, depth_attention=depth,
                               prompt_logprobs=prompt_logprobs(choice, req.prompt_logprobs, token_text)
                               if req.prompt_logprobs is not None else None)
