@@ -69,10 +69,14 @@ class _Rows:
     ids: list[int] = field(default_factory=list)
     failed: list[tuple[Request, str, BaseException]] = field(default_factory=list)
     depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
+    # prompt_logprobs: rows whose logits score the next prompt token, (request, position, row)
+    prompt_rows: list[tuple[Request, int, int]] = field(default_factory=list)
 
     def is_pure_decode(self) -> bool:
-        """Every row has one new token and no depth weights are recorded: the step can be padded."""
-        return bool(self.reqs) and not self.depth_rows and all(n == 1 for n in self.num_new)
+        """Every row has one new token, no depth weights are recorded and no prompt row is scored: the step
+        can be padded."""
+        return (bool(self.reqs) and not self.depth_rows and not self.prompt_rows
+                and all(n == 1 for n in self.num_new))
 
 
 class ModelRunner:
@@ -175,6 +179,7 @@ class ModelRunner:
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
+        prompt_lps: dict[str, list[tuple[int, Logprob]]] = {}
         pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
         batch = self._batch(rows) if pad is None else self._padded_batch(rows, pad)
         weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
@@ -187,7 +192,7 @@ class ModelRunner:
                 logits = self.graphs.replay(pad)  # [pad, vocab]: one row per batch row
                 self.graph_replays += 1
             else:
-                logits = self.model.compute_logits(self.model(batch, weights))  # [S, vocab] fp32
+                logits = self._logits(self.model(batch, weights), rows, prompt_lps)  # [S, vocab] fp32
             if pad is not None:  # keep the sampled real rows: pad rows (and unsampled chunk rows) drop out
                 sampled = [b for b, s in enumerate(rows.sample) if s]
                 logits = (logits[:len(sampled)] if sampled == list(range(len(sampled)))
@@ -195,7 +200,43 @@ class ModelRunner:
         finally:
             if self.depth is not None and batch.depth is not None:
                 self.depth.release()
-        return self._sample(rows, logits, weights)
+        out = self._sample(rows, logits, weights)
+        out.prompt_logprobs = prompt_lps
+        return out
+
+    def _logits(self, hidden: torch.Tensor, rows: _Rows, prompt_lps: dict[str, list[tuple[int, Logprob]]]
+                ) -> torch.Tensor:
+        """hidden [S + P, d] (sampled rows, then prompt rows) -> logits of the S sampled rows [S, vocab]; the P
+        prompt rows are reduced to their logprobs piece by piece (into prompt_lps), so a long prompt chunk never
+        holds [P, vocab] at once."""
+        s = hidden.shape[0] - len(rows.prompt_rows)
+        parts: list[torch.Tensor] = []
+        for lo, piece in self.model.logits_pieces(hidden):
+            hi = lo + piece.shape[0]
+            if lo < s or not parts:
+                parts.append(piece[:max(0, s - lo)])
+            if hi > s:
+                self._prompt_logprobs(piece[max(0, s - lo):], rows.prompt_rows[max(0, lo - s):hi - s], prompt_lps)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, prompt_rows: list[tuple[Request, int, int]],
+                         out: dict[str, list[tuple[int, Logprob]]]) -> None:
+        """logits [P, vocab] of the rows at `prompt_rows` -> per request, (p + 1, logprob of prompt token p + 1
+        with its rank and top-k) for each row at position p: vLLM's prompt_logprobs, from the raw distribution."""
+        logp = torch.log_softmax(logits, dim=-1)  # [P, V]
+        targets = torch.tensor([req.token_ids[pos + 1] for req, pos, _ in prompt_rows], dtype=torch.long,
+                               device=logp.device)  # [P]
+        chosen = logp.gather(1, targets.unsqueeze(1))  # [P, 1]
+        ranks = ((logp > chosen).sum(-1) + 1).tolist()  # [P]: 1 + tokens strictly more likely
+        k = max(req.params.prompt_logprobs or 0 for req, _, _ in prompt_rows)
+        top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())  # [P, k]
+        top_v, top_i, chosen_l = top_v.tolist(), top_i.tolist(), chosen.squeeze(1).tolist()
+        for j, (req, pos, _) in enumerate(prompt_rows):
+            kk = req.params.prompt_logprobs or 0
+            lp = Logprob(req.token_ids[pos + 1], chosen_l[j], list(zip(top_i[j][:kk], top_v[j][:kk], strict=True)),
+                         ranks[j])
+            out.setdefault(req.request_id, []).append((pos + 1, lp))
 
     def _rows(self, sched: SchedulerOutput) -> _Rows:
         rows = _Rows()
@@ -208,6 +249,7 @@ class ModelRunner:
                     raise RuntimeError(f"{req!r} has {len(ids)} tokens to run, scheduled {n}")
                 self.inputs.sync_blocks(req.request_id, self.kv.block_ids(req.request_id))
                 planned = self._plan_depth_records(req, start, n, row0, s.sample)
+                scored = self._plan_prompt_rows(req, start, n, row0)
             except Exception as e:  # noqa: BLE001 - reported for this request alone
                 rows.failed.append((req, "the request could not be prepared", e))
                 continue
@@ -216,6 +258,7 @@ class ModelRunner:
             rows.sample.append(s.sample)
             rows.ids += ids
             rows.depth_rows += planned
+            rows.prompt_rows += scored
         return rows
 
     def _batch(self, rows: _Rows) -> ForwardBatch:
@@ -262,9 +305,12 @@ class ModelRunner:
                 mask = (torch.arange(end, device=dev).unsqueeze(0) <= q_pos)[None, None]  # [1, 1, n, ctx]
                 meta.prefills.append(PrefillSpan(row0, row0 + end - start, end, gather, mask))
         sampled = [b for b, s in enumerate(rows.sample) if s]
+        logits_rows = (first_row + counts - 1)[sampled]  # [S], then the scored prompt rows [P]
+        if rows.prompt_rows:
+            logits_rows = torch.cat([logits_rows, torch.tensor([r for _, _, r in rows.prompt_rows], dtype=torch.long)])
         return ForwardBatch(
             input_ids=input_ids, positions=positions_d, attn=meta,
-            logits_indices=(first_row + counts - 1)[sampled].to(dev, non_blocking=True), kv_caches=self.kv_caches,
+            logits_indices=logits_rows.to(dev, non_blocking=True), kv_caches=self.kv_caches,
             depth=self.depth.reserve(t) if self.depth is not None else None,
             depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long).to(dev, non_blocking=True)
             if rows.depth_rows else None)
@@ -319,6 +365,14 @@ class ModelRunner:
         if (p.depth_attention or self.record_all) and samples:
             return [(req, start + n - 1, row0 + n - 1)]
         return []
+
+    @staticmethod
+    def _plan_prompt_rows(req: Request, start: int, n: int, row0: int) -> list[tuple[Request, int, int]]:
+        """prompt_logprobs: the rows of this chunk whose next token is still a prompt token."""
+        if req.params.prompt_logprobs is None or req.num_output_tokens:  # none, or handed out before a preemption
+            return []
+        last = req.num_prompt_tokens - 1  # the row at this position predicts the first generated token
+        return [(req, start + k, row0 + k) for k in range(min(n, last - start))]
 
     # ---- sampling ------------------------------------------------------------------------------
     def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor]) -> RunnerOutput:

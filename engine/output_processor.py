@@ -68,6 +68,9 @@ class _SampleState:
     depth: list[DepthEntry] = field(default_factory=list)
     prompt_depth: list[tuple[int, DepthEntry]] = field(default_factory=list)
     prompt_depth_sent: bool = False
+    # prompt position -> its logprob (a preempted request scores its prompt again: the same keys)
+    prompt_logprobs: dict[int, Logprob] = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -79,6 +82,7 @@ class _ParentState:
     unfinished: set[int] = field(default_factory=set)
     done: dict[int, CompletionOutput] = field(default_factory=dict)
     prompt_depth: list[DepthEntry] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
     error: str | None = None
 
 
@@ -126,6 +130,8 @@ class OutputProcessor:
         req, p = c.request, c.request.params
         if c.prompt_depth:
             state.prompt_depth += c.prompt_depth
+        if c.prompt_logprobs:
+            state.prompt_logprobs.update(c.prompt_logprobs)
         if not c.new_token_ids and not c.finished:
             return None, None  # a prompt chunk: nothing to show yet
         finishing = c.finished
@@ -158,6 +164,9 @@ class OutputProcessor:
         if parent.prompt_depth is None and req.params.prompt_depth_attention and state.prompt_depth and \
                 (comp.token_ids or comp.finished):
             parent.prompt_depth = [e for _, e in sorted(state.prompt_depth, key=lambda pe: pe[0])]
+        if parent.prompt_logprobs is None and req.params.prompt_logprobs is not None and \
+                len(state.prompt_logprobs) == req.num_prompt_tokens - 1 and (comp.token_ids or comp.finished):
+            parent.prompt_logprobs = [None, *(state.prompt_logprobs[p] for p in range(1, req.num_prompt_tokens))]
         if comp.finished:
             parent.unfinished.discard(req.index)
             del self.samples[req.request_id]
@@ -165,11 +174,14 @@ class OutputProcessor:
         if finished:
             del self.parents[req.parent_id]
         if parent.kind is RequestOutputKind.DELTA:
-            prompt_depth = None
+            prompt_depth = prompt_lps = None
             if parent.prompt_depth is not None and not state.prompt_depth_sent:
                 prompt_depth, state.prompt_depth_sent = parent.prompt_depth, True
+            if parent.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+                prompt_lps, state.prompt_logprobs_sent = parent.prompt_logprobs, True
             return RequestOutput(req.parent_id, req.prompt, req.prompt_token_ids, [comp], finished, req.metrics,
-                                 error=parent.error if finished else error, prompt_depth_attention=prompt_depth)
+                                 error=parent.error if finished else error, prompt_depth_attention=prompt_depth,
+                                 prompt_logprobs=prompt_lps)
         state.pieces.append(comp.text)
         state.token_ids += comp.token_ids
         if comp.logprobs:
@@ -185,4 +197,4 @@ class OutputProcessor:
             return None
         return RequestOutput(req.parent_id, req.prompt, req.prompt_token_ids,
                              [parent.done[i] for i in sorted(parent.done)], True, req.metrics, error=parent.error,
-                             prompt_depth_attention=parent.prompt_depth)
+                             prompt_depth_attention=parent.prompt_depth, prompt_logprobs=parent.prompt_logprobs)

@@ -24,6 +24,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+    rank: int | None = None  # of token_id in its distribution (1 = the most likely); set for prompt tokens
 
 
 @dataclass
@@ -74,6 +75,10 @@ class RequestOutput:
     error: str | None = None  # set when the request failed inside the engine
     # Per prompt token, when asked for (echo): in the first output that follows the prompt's last pass.
     prompt_depth_attention: list[DepthEntry] | None = None
+    # Per prompt token, when SamplingParams.prompt_logprobs asks (vLLM's RequestOutput.prompt_logprobs): None for
+    # the first token (nothing precedes it), then its logprob given the tokens before it, with top alternatives.
+    # In the first output after the prompt's last pass, like prompt_depth_attention.
+    prompt_logprobs: list[Logprob | None] | None = None
 
     def merge(self, later: RequestOutput) -> None:
         """Fold a later DELTA output of the same request into this one."""
@@ -87,3 +92,5 @@ class RequestOutput:
         self.error = self.error or later.error
         if self.prompt_depth_attention is None:
             self.prompt_depth_attention = later.prompt_depth_attention
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs

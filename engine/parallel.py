@@ -232,7 +232,8 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
             batch = dataclasses.replace(batch, kv_caches=kv, depth=depth.reserve(t) if depth else None)
             try:
                 with torch.inference_mode():
-                    model.compute_logits(model(batch))
+                    for _ in model.logits_pieces(model(batch)):  # the all-gathers rank 0 makes
+                        pass
             finally:
                 if depth is not None:
                     depth.release()

@@ -42,6 +42,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives per token (0: only the sampled one)
+    # vLLM's prompt_logprobs: the logprob of every prompt token after the first, plus this many top
+    # alternatives; such a request skips prefix-cache hits (every prompt row must be computed)
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     skip_special_tokens: bool = True
     depth_attention: bool = False  # return, per generated token, the AttnRes depth weights of every site
@@ -107,6 +110,11 @@ class SamplingParams:
             integer("logprobs", 0)
             if self.logprobs > 20:
                 raise InvalidParameterError(f"logprobs must be <= 20, got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", 0)
+            if self.prompt_logprobs > 20:
+                raise InvalidParameterError(f"prompt_logprobs must be <= 20, got {self.prompt_logprobs}",
+                                            "prompt_logprobs")
         self._validate_logit_bias()
 
     def _validate_logit_bias(self) -> None:
@@ -122,6 +130,11 @@ class SamplingParams:
                 raise bad(f"logit_bias keys must be non-negative token ids, got {tok!r}")
             if isinstance(bias, bool) or not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tok}")
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """Every prompt row must run (its depth weights or its logits are reported): no prefix-cache hit."""
+        return self.prompt_depth_attention or self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:

@@ -55,6 +55,8 @@ class RunnerOutput:
     depth: list[DepthEntry | None]  # per sampled token: the weights of the pass that produced it
     prompt_depth: dict[str, list[tuple[int, DepthEntry]]]  # request id -> (prompt position, weights), echo
     failed: list[tuple[Request, str, BaseException]]  # rows that could not be built or sampled
+    # request id -> (prompt position p >= 1, logprob of prompt token p given tokens [0, p)), prompt_logprobs
+    prompt_logprobs: dict[str, list[tuple[int, Logprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EngineCoreOutput:
     new_logprobs: list[Logprob] | None = None
     new_depth: list[DepthEntry] | None = None
     prompt_depth: list[tuple[int, DepthEntry]] | None = None
+    prompt_logprobs: list[tuple[int, Logprob]] | None = None
     error: str | None = None
 
     @property
@@ -154,7 +157,9 @@ class Scheduler:
     def _admit(self, rows: list[tuple[Request, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            hit, n_cached = ([], 0) if req.params.prompt_depth_attention else \
+            # a request that reports its prompt rows runs them all, unless it sampled already (recomputed after
+            # preemption: what it reports about its prompt was handed out)
+            hit, n_cached = ([], 0) if req.params.skips_prefix_cache and not req.num_output_tokens else \
                 self.kv.get_computed_blocks(req.request_id, req.token_ids)
             n = self._chunk(req, n_cached, budget)
             if not self.kv.allocate_slots(req.request_id, req.token_ids, n_cached, n, hit):
@@ -175,6 +180,7 @@ class Scheduler:
         finished. Rows that failed end their request with an error."""
         outputs = [self._fail(req, message) for req, message, _ in ran.failed]
         gone = {id(req) for req, _, _ in ran.failed}
+        gone_ids = {req.request_id for req, _, _ in ran.failed}
         for s in sched.scheduled:
             req = s.request
             if id(req) in gone or req.status is not RequestStatus.RUNNING:
@@ -197,15 +203,17 @@ class Scheduler:
             lp, depth = ran.logprobs[i], ran.depth[i]
             outputs.append(EngineCoreOutput(
                 req, [tok], [lp] if lp is not None else None, [depth] if depth is not None else None,
-                ran.prompt_depth.get(req.request_id)))
+                ran.prompt_depth.get(req.request_id), ran.prompt_logprobs.get(req.request_id)))
             if req.finish_reason is not None:
                 req.metrics.finished_time = now
                 self.finish(req)
-        if ran.prompt_depth:  # echo's prompt rows of chunks that sampled nothing yet
-            done = {req.request_id for req in ran.sampled}
-            outputs += [EngineCoreOutput(s.request, prompt_depth=ran.prompt_depth[s.request.request_id])
+        if ran.prompt_depth or ran.prompt_logprobs:  # prompt rows of chunks that sampled nothing yet
+            done = {req.request_id for req in ran.sampled} | gone_ids
+            outputs += [EngineCoreOutput(s.request, prompt_depth=ran.prompt_depth.get(rid),
+                                         prompt_logprobs=ran.prompt_logprobs.get(rid))
                         for s in sched.scheduled
-                        if s.request.request_id in ran.prompt_depth and s.request.request_id not in done]
+                        if (rid := s.request.request_id) not in done
+                        and (rid in ran.prompt_depth or rid in ran.prompt_logprobs)]
         return outputs
 
     @staticmethod

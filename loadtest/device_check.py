@@ -210,6 +210,31 @@ def check_bf16_and_sampling(folder: Path, vocab: int, device: str, attn_res: boo
     return {"bf16_greedy": [o.outputs[0].token_ids for o in greedy]}
 
 
+def check_prompt_logprobs(folder: Path, ref: torch.nn.Module, device: str) -> dict:
+    """prompt_logprobs on the device's kernels, chunked prefill and a warm prefix cache: the reference's."""
+    from engine import LLM, SamplingParams
+    from tests.tiny import PROMPTS
+
+    ref = ref.to(device)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    worst = 0.0
+    with LLM(str(folder), max_model_len=64, device=device, dtype="float32", kv_cache_memory=KV_BUDGET,
+             max_num_batched_tokens=5, block_size=4) as llm:
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=1))  # warm the prefix cache
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    for p, o in zip(PROMPTS, outs, strict=True):
+        with torch.no_grad():
+            want = torch.log_softmax(ref(torch.tensor([p], device=device))[0].float(), dim=-1).cpu()  # [T, V]
+        lps = o.prompt_logprobs
+        assert lps is not None and len(lps) == len(p) and lps[0] is None, "prompt_logprobs missing or short"
+        for i in range(1, len(p)):
+            lp = lps[i]
+            assert lp is not None and lp.token_id == p[i] and len(lp.top) == 2
+            worst = max(worst, abs(lp.logprob - float(want[i - 1, p[i]])))
+    assert worst < 2e-3, f"prompt logprobs differ from the reference by up to {worst:.2e}"
+    return {"max_abs_diff": worst}
+
+
 def check_gpu_memory_utilization(folder: Path, ref: torch.nn.Module) -> dict:
     """CUDA: the KV cache sized by --gpu-memory-utilization after the profile step serves correctly and lands
     near its target; a utilization that leaves no room is the one-line error."""
@@ -265,6 +290,8 @@ def correctness(report: Report, device: str, tmp: Path, quick: bool = False) -> 
                 continue  # no Triton on the CPU; the padded path runs with the static-table ops
             report.run(f"engine_vs_reference[{label}] fp32 {device} {mode_label(run_mode, device)}",
                        lambda f=folder, r=ref, m=run_mode: check_engine_vs_reference(f, r, device, quick, m))
+        report.run(f"prompt_logprobs[{label}] fp32 {device}",
+                   lambda f=folder, r=ref: check_prompt_logprobs(f, r, device))
         report.run(f"bf16_and_sampling[{label}] {device}",
                    lambda f=folder, c=cfg: check_bf16_and_sampling(f, c.vocab_size, device, c.is_attn_res))
         if device == "cuda" and mode == "block":

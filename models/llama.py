@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(d, shards, rope, dtype, comm)
         self.mlp = SwiGLU(d, shards, dtype, comm)
 
+
+# Rows of logits computed at once when a step wants many (prompt logprobs): [512, vocab] fp32 is 100 MB at a
+# 49k vocabulary, where a 2048-token chunk at once would be 400 MB (and as much again for its log-softmax).
+LOGITS_PIECE_ROWS = 512
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _RES_SITES = {"self_attention_res": 0, "mlp_res": 1}
@@ -180,6 +184,17 @@ class LlamaForServing(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
         return self.lm_head.logits(hidden)
+
+    def logits_pieces(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """[S, d] -> (first row, fp32 logits [<= LOGITS_PIECE_ROWS, vocab]) in row order: one piece unless a step
+        scores many prompt rows, whose full [S, vocab] could be GBs. Every tensor-parallel rank walks the same
+        pieces (each is one all-gather)."""
+        n = hidden.shape[0]
+        if n <= LOGITS_PIECE_ROWS:
+            yield 0, self.compute_logits(hidden)
+            return
+        for lo in range(0, n, LOGITS_PIECE_ROWS):
+            yield lo, self.compute_logits(hidden[lo:lo + LOGITS_PIECE_ROWS])
 
     def _forward_standard(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple) -> torch.Tensor:
         """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Tokenizer:
             self.bos_token_id: int | None = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
             self.eos_token_id: int | None = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
             self._special = {i for i in range(self.vocab_size) if self._sp.is_control(i)}
+            self.pad_token = self._sp.id_to_piece(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
         elif (folder / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -49,6 +51,8 @@ class Tokenizer:
             self.eos_token_id = self._token_id(cfg.get("eos_token"))
             self._special = set()
             self.add_bos = bool(cfg.get("add_bos_token", False))
+            pad = cfg.get("pad_token")
+            self.pad_token = pad.get("content") if isinstance(pad, dict) else pad
         else:
             raise FileNotFoundError(
                 f"no tokenizer in {folder}: expected tokenizer.model (sentencepiece) or tokenizer.json")
@@ -69,6 +73,7 @@ class Tokenizer:
         self._sp, self._hf = (backend, None) if is_sp else (None, backend)
         self.vocab_size = backend.get_piece_size() if is_sp else backend.get_vocab_size()
         self._special = {i for i in range(self.vocab_size) if backend.is_control(i)} if is_sp else set()
+        self.pad_token = backend.id_to_piece(backend.pad_id()) if is_sp and backend.pad_id() >= 0 else None
         self.chat_template = chat_template
         self.add_bos = add_bos
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
@@ -87,13 +92,49 @@ class Tokenizer:
         return self._sp.id_to_piece(i) if self._sp is not None else (self._hf.id_to_token(i) or "")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text in it ("<s>") becomes that token's id, as Hugging Face
+        tokenizers do (sentencepiece alone would spell it out in ordinary pieces)."""
         if self._sp is not None:
-            ids = list(self._sp.encode(text))
+            ids = self._sp_encode(text)
         else:
             ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @functools.cached_property
+    def _special_text(self) -> tuple[re.Pattern[str] | None, dict[str, int]]:
+        """sentencepiece: a pattern matching the text of any control or unknown piece, and each one's id."""
+        sp = self._sp
+        ids = {sp.id_to_piece(i): i for i in sorted(self._special | ({sp.unk_id()} if sp.unk_id() >= 0 else set()))}
+        if not ids:
+            return None, ids
+        return re.compile("|".join(re.escape(p) for p in sorted(ids, key=len, reverse=True))), ids
+
+    def _sp_encode(self, text: str) -> list[int]:
+        pattern, special = self._special_text
+        if pattern is None or pattern.search(text) is None:
+            return list(self._sp.encode(text))
+        ids: list[int] = []
+        at = 0
+        for m in pattern.finditer(text):
+            if m.start() > at:
+                ids += self._sp.encode(text[at:m.start()])
+            ids.append(special[m.group()])
+            at = m.end()
+        if at < len(text):
+            ids += self._sp.encode(text[at:])
+        return ids
+
+    @property
+    def is_sentencepiece(self) -> bool:
+        return self._sp is not None
+
+    @property
+    def unk_token(self) -> str | None:
+        if self._sp is not None:
+            return self._sp.id_to_piece(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
+        return None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         ids = [i for i in ids if 0 <= i < self.vocab_size]

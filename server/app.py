@@ -117,6 +117,9 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
                   **({"content": _SSE} if streams else {})}, **errors, **unauthorized})
     app.add_api_route("/v1/models", models.list, methods=["GET"], dependencies=auth,
                       responses={200: {"model": P.ModelList, "description": "Served models"}, **unauthorized})
+    app.add_api_route("/tokenizer_info", tokenization.tokenizer_info, methods=["GET"], dependencies=auth,
+                      responses={200: {"model": P.TokenizerInfoResponse, "description": "The model's tokenizer"},
+                                 **_BODY_ERRORS, **unauthorized})
 
     async def openapi_json() -> Response:
         return Response(json.dumps(app.openapi()), media_type="application/json")

@@ -25,6 +25,7 @@ FORWARDED = {
     "train": ("models.train", "train the built-in models (options: depthserve train --help)"),
     "inspect": ("engine.depth_inspect", "heatmaps of an AttnRes model's depth weights on prompts"),
     "bench": ("loadtest.bench", "benchmarks: latency (AttnRes vs standard), throughput (vs transformers), serving"),
+    "eval": ("engine.perplexity", "quality: perplexity and bits per byte of models on a text file"),
 }
 
 

@@ -74,6 +74,8 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     # depthserve extension: per token, the AttnRes depth weights of every mixing site (AttnRes models only)
     depth_attention: bool = False
+    # vLLM extension: per prompt token, its logprob given the tokens before it and this many top alternatives
+    prompt_logprobs: int | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a set field this server cannot honour."""
@@ -88,7 +90,14 @@ class _SamplingRequest(_Request):
             return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM
+            return "prompt_logprobs", ("prompt_logprobs are not available when stream is true (on /v1/completions, "
+                                       "echo with logprobs streams the prompt's logprobs in the first chunk)")
         return None
+
+    def wanted_prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """SamplingParams.prompt_logprobs: how many top alternatives each prompt token needs, or None."""
+        return self.prompt_logprobs
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Map to SamplingParams (which raises ValueError naming a bad field)."""
@@ -103,7 +112,8 @@ class _SamplingRequest(_Request):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, depth_attention=self.depth_attention,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            prompt_depth_attention=self.depth_attention and bool(getattr(self, "echo", False)))
+            prompt_depth_attention=self.depth_attention and bool(getattr(self, "echo", False)),
+            prompt_logprobs=self.wanted_prompt_logprobs(logprobs))
 
     @property
     def include_usage(self) -> bool:
@@ -132,9 +142,19 @@ class CompletionRequest(_SamplingRequest):
             return "suffix", "suffix is not supported"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", "best_of is not supported (it must be unset or equal to n)"
-        if self.logprobs is not None and self.echo:
-            return "echo", "echo together with logprobs is not supported (no prompt logprobs)"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens must be >= 1 (0 is allowed with echo: it scores the prompt without generating)"
         return super().unsupported()
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt (with its logprobs), nothing generated."""
+        return self.echo and self.max_tokens == 0
+
+    def wanted_prompt_logprobs(self, logprobs: int | None) -> int | None:
+        if self.echo and logprobs is not None:  # OpenAI's legacy echo + logprobs: an entry per prompt token
+            return max(logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
 
 class CompletionLogprobs(_Response):
@@ -149,6 +169,19 @@ class CompletionLogprobs(_Response):
 DepthAttention = list[list[list[float]]]  # per token: per mixing site: weights over its sources
 
 
+class PromptLogprob(_Response):
+    """vLLM's prompt_logprobs entry for one token: rank 1 is the most likely."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else token id -> its entry (the prompt token and the
+# top alternatives)
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
@@ -156,6 +189,7 @@ class CompletionChoice(_Response):
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM: the stop string or token that ended it
     depth_attention: DepthAttention | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Response):
@@ -266,6 +300,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(_Response):
@@ -325,6 +360,21 @@ class TokenizeResponse(_Response):
     count: int
     max_model_len: int
     tokens: list[int]
+
+
+class TokenizerInfoResponse(_Response):
+    """vLLM's /tokenizer_info: what a harness's remote tokenizer needs (lm-evaluation-harness reads the special
+    tokens' text and asks /tokenize for their ids, and renders chats with the template)."""
+
+    tokenizer_class: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    add_bos_token: bool = False
+    chat_template: str | None = None  # the one the server applies (a default when the checkpoint has none)
+    model_max_length: int
+    vocab_size: int
 
 
 class DetokenizeRequest(_Request):

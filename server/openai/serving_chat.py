@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -36,6 +37,11 @@ class OpenAIServingChat(OpenAIServing[P.ChatCompletionRequest]):
         if req.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
         return aliases
+
+    def response_extra(self, job: Job, req: P.ChatCompletionRequest) -> dict[str, Any]:
+        if req.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": O.prompt_logprobs(job.by_index()[0], req.prompt_logprobs, self.tokens.token_text)}
 
     def final_choice(self, out: CompletionOutput, choice: Choice, req: P.ChatCompletionRequest) -> P.ChatChoice:
         return O.chat_choice(out, choice, req, self.tokens.token_text)

@@ -46,13 +46,18 @@ class OpenAIServingCompletion(OpenAIServing[P.CompletionRequest]):
         return lambda: prompts
 
     def sampling_args(self, req: P.CompletionRequest) -> tuple[int | None, int | None]:
-        return req.max_tokens, req.logprobs
+        # echo with max_tokens 0 scores the prompt: one token is generated (the prompt's last pass samples
+        # anyway) and dropped, as vLLM does
+        return (1 if req.echo_only else req.max_tokens), req.logprobs
+
+    def shows_output(self, req: P.CompletionRequest) -> bool:
+        return not req.echo_only
 
     def final_choice(self, out: CompletionOutput, choice: Choice, req: P.CompletionRequest) -> P.CompletionChoice:
         return O.completion_choice(out, choice, req, self.tokens.token_text)
 
     def stream_prologue(self, job: Job, req: P.CompletionRequest) -> list[P.CompletionChoice]:
-        if not req.echo:
+        if not req.echo or req.logprobs is not None:  # echo + logprobs: the first chunk, with the prompt's logprobs
             return []
         return [P.CompletionChoice(index=c.index, text=c.prompt_text) for c in job.by_index()]
 

@@ -236,6 +236,14 @@ class OpenAIServing(Generic[Req]):
         """(max_tokens, logprobs) for SamplingParams."""
         raise NotImplementedError
 
+    def shows_output(self, req: Req) -> bool:
+        """Whether generated tokens are shown and counted (completions: not for echo with max_tokens 0)."""
+        return True
+
+    def response_extra(self, job: Job, req: Req) -> dict[str, Any]:
+        """Response-level fields beyond id, created, model, choices and usage (chat: prompt_logprobs)."""
+        return {}
+
     def param_aliases(self, req: Req) -> dict[str, str]:
         """SamplingParams/engine names that this endpoint's request calls otherwise."""
         return {}
@@ -257,7 +265,7 @@ class OpenAIServing(Generic[Req]):
         """The non-streaming response, once every choice has its final output."""
         choices = [self.final_choice(c.final, c, req) for c in job.by_index()]
         return self.response_model(id=job.id, created=job.created, model=job.model, choices=choices,
-                                   usage=job.usage())
+                                   usage=job.usage(), **self.response_extra(job, req))
 
     def stream_response(self, job: Job, choices: list[Any], usage: P.UsageInfo | None = None) -> BaseModel:
         return self.stream_model(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)
@@ -308,6 +316,8 @@ class OpenAIServing(Generic[Req]):
         aliases = self.param_aliases(req)
         rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
         reqs, choices = await asyncio.to_thread(lambda: self.fan_out(build_prompts(), params, rid, aliases))
+        for c in choices.values():
+            c.shows_output = self.shows_output(req)
         job = Job(rid, model, self.submit(reqs, deadline), choices)
         if req.stream:
             return EngineStream(self.sse(self.stream(job, req)), job.group)

@@ -1,4 +1,4 @@
-"""/tokenize and /detokenize (vLLM's extensions): the model's tokenizer over HTTP."""
+"""/tokenize, /detokenize and /tokenizer_info (vLLM's extensions): the model's tokenizer over HTTP."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 from fastapi.responses import Response
 
 from engine.async_engine import AsyncLLMEngine
+from models.tokenizer import DEFAULT_CHAT_TEMPLATE
 from server import protocol as P
 from server.errors import APIError
 from server.openai.serving_engine import ServedModels, Tokens, json_response
@@ -37,6 +38,14 @@ class OpenAIServingTokenization:
 
         ids = await asyncio.to_thread(encode)
         return json_response(P.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids))
+
+    async def tokenizer_info(self, model: str | None = None) -> Response:
+        tok = self._tokenizer(model)
+        return json_response(P.TokenizerInfoResponse(
+            tokenizer_class="SentencePieceTokenizer" if tok.is_sentencepiece else "PreTrainedTokenizerFast",
+            bos_token=tok.bos_token or None, eos_token=tok.eos_token or None, pad_token=tok.pad_token,
+            unk_token=tok.unk_token, add_bos_token=tok.add_bos, chat_template=tok.chat_template or DEFAULT_CHAT_TEMPLATE,
+            model_max_length=self.engine.max_model_len, vocab_size=self.engine.vocab_size))
 
     async def detokenize(self, body: P.DetokenizeRequest) -> Response:
         tok = self._tokenizer(body.model)

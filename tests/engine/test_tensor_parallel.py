@@ -54,3 +54,24 @@ def test_tp_rejects_indivisible_shapes(tmp_path) -> None:
     folder, _ = write_tiny(tmp_path / "m", tiny_config("none", layers=1))
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
         LLM(str(folder), tensor_parallel_size=3, max_model_len=64)
+
+
+@pytest.mark.slow
+def test_tp2_prompt_logprobs_over_several_logits_pieces(tmp_path) -> None:
+    """A 600-row prompt chunk is scored in two logits pieces, each an all-gather every rank must make."""
+    import torch
+
+    from models.llama import LOGITS_PIECE_ROWS
+
+    folder, ref = write_tiny(tmp_path / "m", tiny_config("block", 2, layers=2, max_pos=1024))
+    prompt = torch.randint(3, 400, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert len(prompt) > LOGITS_PIECE_ROWS
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    with LLM(str(folder), tensor_parallel_size=2, max_model_len=1024, num_threads=1,
+             max_num_batched_tokens=1024) as llm:
+        out = llm.generate({"prompt_token_ids": prompt}, params)[0]
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([prompt]))[0].float(), dim=-1)  # [T, V]
+    got = [lp.logprob for lp in out.prompt_logprobs[1:]]
+    assert got == pytest.approx(want[torch.arange(599), torch.tensor(prompt[1:])].tolist(), abs=1e-4)
+    assert out.outputs[0].token_ids == reference_greedy(ref, prompt, 2)

@@ -26,6 +26,7 @@ def test_device_check_quick_on_cpu(tmp_path: Path) -> None:
     names = [c["name"] for c in result["checks"]]
     assert any(n.startswith("imports") for n in names)
     assert sum(n.startswith("engine_vs_reference") for n in names) == 6  # per model: eager, padded(static-table)
+    assert sum(n.startswith("prompt_logprobs") for n in names) == 3
     padded = [c for c in result["checks"] if c["name"].endswith("padded(static-table)")]
     assert len(padded) == 3 and all(s["padded_steps"] > 0 for c in padded for s in c["detail"].values())
     if importlib.util.find_spec("triton") is not None:  # the kernel tests, interpreted (a few with --quick)

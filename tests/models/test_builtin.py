@@ -117,3 +117,16 @@ def test_chat_template_renders_speeches() -> None:
         assert out == ("[A platform before the castle.]\n\nUser.\nWho's there?\n\nFrancisco.\nNay, answer me.\n\n"
                        "User.\nLong live the king!\n\nAssistant.\n")
         assert template.render(messages=messages[1:2], add_generation_prompt=False) == "User.\nWho's there?\n\n"
+
+
+def test_special_token_text_encodes_to_its_id() -> None:
+    """As Hugging Face tokenizers do: lm-evaluation-harness learns the BOS id by tokenizing "<s>"."""
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer(BUILTIN / "shakespeare-attnres")
+    assert tok.encode("<s>", add_special_tokens=False) == [tok.bos_token_id] == [1]
+    assert tok.encode("</s>", add_special_tokens=False) == [tok.eos_token_id] == [2]
+    plain = tok.encode("Good night", add_special_tokens=False)
+    assert tok.encode("<s>Good night</s>") == [1, 1, *plain, 2]  # the BOS added, then the one in the text
+    assert tok.encode("Good night") == [1, *plain]  # text without special tokens is unchanged
+    assert (tok.pad_token, tok.unk_token, tok.is_sentencepiece) == (None, "<unk>", True)

@@ -62,7 +62,9 @@ CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "m
     ({"seed": 2**64}, "seed", "64-bit"),
     ({"prompt": [[1, 2], []]}, "prompt", "empty"),
     ({"prompt": [1, "a"]}, "prompt", "one of"),
-    ({"echo": True, "logprobs": 1}, "echo", "not supported"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs", "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "stream"),
+    ({"max_tokens": 0, "logprobs": 1}, "max_tokens", "echo"),
 ])
 def test_completion_400(http: httpx.Client, patch: dict, param: str, contains: str) -> None:
     check_error(http.post("/v1/completions", json={**COMPLETION, **patch}), 400, param, contains)
@@ -76,6 +78,7 @@ def test_completion_400(http: httpx.Client, patch: dict, param: str, contains: s
     ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ({"max_tokens": 300}, "messages", "300"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "prompt_logprobs"),
 ])
 def test_chat_400(http: httpx.Client, patch: dict, param: str, contains: str) -> None:
     check_error(http.post("/v1/chat/completions", json={**CHAT, **patch}), 400, param, contains)

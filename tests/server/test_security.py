@@ -15,7 +15,8 @@ ORIGIN = "http://app.test"
 PROTECTED = [("POST", "/v1/completions", {"prompt": "To be", "max_tokens": 1}),
              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
              ("GET", "/v1/models", None), ("POST", "/tokenize", {"prompt": "hi"}),
-             ("POST", "/detokenize", {"tokens": [5]}), ("GET", "/openapi.json", None)]
+             ("POST", "/detokenize", {"tokens": [5]}), ("GET", "/tokenizer_info", None),
+             ("GET", "/openapi.json", None)]
 BAD_KEYS = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
             {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"}, {"Authorization": "Bearer"}]
 
