@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,10 +27,7 @@ from server.errors import APIError, install_handlers
 from server.metrics import ServerMetrics
 from server.middleware import HostGuard
 from server.openai.routing import ApiKey, json_body_route
-from server.openai.serving_chat import OpenAIServingChat
-from server.openai.serving_completion import OpenAIServingCompletion
-from server.openai.serving_engine import ServedModels, Tokens
-from server.openai.serving_tokenization import OpenAIServingTokenization
+from server.openai.serving_models import ModelRouter
 
 logger = logging.getLogger("depthserve.server")
 
@@ -57,11 +54,16 @@ _SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                          "properties": {"data": {"type": "string"}}}}}
 
 
-def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
+def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_model_names: Sequence[str] = (),
+              api_key: str | None = None,
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
               request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
+    """The HTTP app around (unstarted) AsyncLLMEngines; its lifespan starts and stops them.
+
+    `engine`: one engine answering to every name in `served_model_names`, or {served name: engine} for
+    several models (server.openai.serving_models routes by the request's `model`; `served_model_names`
+    is then unused). Metrics carry each model's name in their `model_name` label.
 
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
@@ -69,24 +71,28 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     """
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
-    models = ServedModels(engine, served_model_names)
-    tokens = Tokens(engine)
-    completion = OpenAIServingCompletion(engine, models, tokens, request_timeout)
-    chat = OpenAIServingChat(engine, models, tokens, request_timeout)
-    tokenization = OpenAIServingTokenization(engine, models, tokens)
+    if isinstance(engine, AsyncLLMEngine):
+        router = ModelRouter([(engine, served_model_names)], request_timeout)
+    else:
+        router = ModelRouter([(e, [n]) for n, e in engine.items()], request_timeout)
+    engines = router.engines
     key = ApiKey(api_key) if api_key else None
-    metrics = ServerMetrics(lambda: engine.stats, models.names[0])
-    engine.observer = metrics
+    first = engines[0]
+    metrics = ServerMetrics(lambda: first.stats, router.served[0].names[0])
+    first.observer = metrics
+    for s in router.served[1:]:
+        s.engine.observer = metrics.add_model(lambda e=s.engine: e.stats, s.names[0])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not engine.started:
-            engine.start()
+        for e in engines:
+            if not e.started:
+                e.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.shutdown)
-            logger.info("engine stopped")
+            await asyncio.gather(*(asyncio.to_thread(e.shutdown) for e in engines))
+            logger.info("engine stopped" if len(engines) == 1 else f"{len(engines)} engines stopped")
 
     # no slash redirects: their absolute Location would echo the client's Host header
     app = FastAPI(title="depthserve", version="0.1.0", description="OpenAI-compatible API of a depthserve server.",
@@ -96,9 +102,10 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
     if allowed_hosts is not None:  # added last: the outermost, before CORS and routing
         app.add_middleware(HostGuard, patterns=list(allowed_hosts))
-    app.state.models = models
+    app.state.models = router
     app.state.metrics = metrics
-    app.state.engine = engine
+    app.state.engine = first
+    app.state.engines = engines
     install_handlers(app, request_timeout)
 
     auth = [Depends(key)] if key is not None else []
@@ -106,18 +113,18 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     body_route = json_body_route(max_body_bytes, request_timeout, key)
     route: Callable[..., Any]
     for path, route, ok, errors in (
-            ("/v1/completions", completion.create_completion, P.CompletionResponse, _GENERATE_ERRORS),
-            ("/v1/chat/completions", chat.create_chat_completion, P.ChatCompletionResponse, _GENERATE_ERRORS),
-            ("/tokenize", tokenization.tokenize, P.TokenizeResponse, _BODY_ERRORS),
-            ("/detokenize", tokenization.detokenize, P.DetokenizeResponse, _BODY_ERRORS)):
+            ("/v1/completions", router.create_completion, P.CompletionResponse, _GENERATE_ERRORS),
+            ("/v1/chat/completions", router.create_chat_completion, P.ChatCompletionResponse, _GENERATE_ERRORS),
+            ("/tokenize", router.tokenize, P.TokenizeResponse, _BODY_ERRORS),
+            ("/detokenize", router.detokenize, P.DetokenizeResponse, _BODY_ERRORS)):
         streams = errors is _GENERATE_ERRORS
         app.router.add_api_route(path, route, methods=["POST"], dependencies=auth, route_class_override=body_route,
                                  responses={
             200: {"model": ok, "description": "OK" + (" (text/event-stream when stream is true)" if streams else ""),
                   **({"content": _SSE} if streams else {})}, **errors, **unauthorized})
-    app.add_api_route("/v1/models", models.list, methods=["GET"], dependencies=auth,
+    app.add_api_route("/v1/models", router.list, methods=["GET"], dependencies=auth,
                       responses={200: {"model": P.ModelList, "description": "Served models"}, **unauthorized})
-    app.add_api_route("/tokenizer_info", tokenization.tokenizer_info, methods=["GET"], dependencies=auth,
+    app.add_api_route("/tokenizer_info", router.tokenizer_info, methods=["GET"], dependencies=auth,
                       responses={200: {"model": P.TokenizerInfoResponse, "description": "The model's tokenizer"},
                                  **_BODY_ERRORS, **unauthorized})
 
@@ -131,9 +138,12 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             "type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}}}},
         503: {**_ERROR, "description": "The engine has stopped"}})
     async def health() -> Response:
-        if engine.is_healthy:
+        down = next((s for s in router.served if not s.engine.is_healthy), None)
+        if down is None:
             return Response(b'{"status":"ok"}', media_type="application/json")
-        reason = engine.unavailable_reason or "the engine is not running"  # no internals: they are logged
+        reason = down.engine.unavailable_reason or "the engine is not running"  # no internals: they are logged
+        if len(engines) > 1:
+            reason = f"model {down.names[0]}: {reason}"
         return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,

@@ -42,8 +42,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                     "/v1/models, /tokenize, /detokenize) with Prometheus metrics at /metrics and /health.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from server.multi_model import allow_several_models
+
     EngineArgs.add_cli_args(p)
     ServerArgs.add_cli_args(p)
+    allow_several_models(p)
     return p
 
 
@@ -96,23 +99,41 @@ def serve(ns: argparse.Namespace) -> int:
     from server.args import ServerArgs
     from server.http import DrainingServer, protocol
     from server.middleware import host_allowlist
+    from server.multi_model import describe, plan_models
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = getattr(ns, "models", None) or [ns.model]
     try:
-        cfg = EngineArgs.from_cli_args(ns).create_engine_config()
         srv = ServerArgs.from_cli_args(ns).validate()
+        if len(models) == 1:
+            cfg = EngineArgs.from_cli_args(ns).create_engine_config()
+        else:  # one engine per model, the budgets split between them (server/multi_model.py)
+            plans = plan_models(EngineArgs.from_cli_args(ns), models, srv.served_model_name)
+            cfg = plans[0].config
+            logging.getLogger("depthserve").info("%d models: %s", len(plans), describe(plans))
     except ValueError as e:
         raise UserError(str(e)) from None
     sock = _listen_socket(srv.host, srv.port)
-    engine: LLMEngine | None = None
+    engines: list[LLMEngine] = []
     try:
         try:
-            engine = LLMEngine(cfg)
+            if len(models) == 1:
+                engines.append(LLMEngine(cfg))
+            else:
+                for p in plans:
+                    try:
+                        engines.append(LLMEngine(p.config))
+                    except (ValueError, OSError) as e:
+                        raise ValueError(f"model {p.name}: {e}") from None
         except (ValueError, OSError) as e:  # missing model, bad checkpoint, budget too small
             raise UserError(str(e)) from None
         names = srv.served_model_name or [cfg.model]
-        async_engine = AsyncLLMEngine(engine, max_queued_requests=srv.max_queued_requests)
-        app = build_app(async_engine, names, api_key=srv.api_key or None, max_body_bytes=srv.max_body_bytes,
+        async_engines = [AsyncLLMEngine(e, max_queued_requests=srv.max_queued_requests) for e in engines]
+        served: AsyncLLMEngine | dict[str, AsyncLLMEngine] = async_engines[0]
+        if len(models) > 1:
+            names = [p.name for p in plans]
+            served = dict(zip(names, async_engines, strict=True))
+        app = build_app(served, names, api_key=srv.api_key or None, max_body_bytes=srv.max_body_bytes,
                         metrics_require_auth=srv.metrics_require_auth, request_timeout=srv.request_timeout,
                         allowed_origins=srv.allowed_origins,
                         allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts))
@@ -120,8 +141,13 @@ def serve(ns: argparse.Namespace) -> int:
                                 limit_concurrency=srv.max_connections, http=protocol(srv.header_timeout))
         # past --shutdown-timeout, the engine stops and fails what is still running, so each request
         # ends with its own 503 / stream error event
-        server = DrainingServer(config, grace=srv.shutdown_timeout, expire=async_engine.shutdown)
-        logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", cfg.model, ", ".join(names),
+        def expire() -> None:
+            for e in async_engines:
+                e.shutdown()
+
+        server = DrainingServer(config, grace=srv.shutdown_timeout, expire=expire)
+        logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d",
+                                             ", ".join(str(e.config.model) for e in engines), ", ".join(names),
                                              srv.host, srv.port)
         # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in
         # place (it restores them) that re-raise is harmless and a SIGTERM'd server exits 0.
@@ -130,8 +156,8 @@ def serve(ns: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if engine is not None:
-            engine.shutdown()  # idempotent; the lifespan already did it unless start-up failed
+        for e in engines:
+            e.shutdown()  # idempotent; the lifespan already did it unless start-up failed
     return 0 if server.started else 1
 
 

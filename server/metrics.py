@@ -4,6 +4,9 @@ Names follow vLLM's (prefix `depthserve:`). Gauges and engine counters are read 
 the latest `EngineStats` snapshot, which the engine thread takes after each step, so a scrape never
 touches the engine. Latency histograms and finish reasons are observed where outputs are delivered
 (AsyncLLMEngine calls the RequestObserver methods below).
+
+A server with several models has one engine each and one registry for all: every series carries vLLM's
+`model_name` label, one value per model (`ServerMetrics.add_model` gives the next engine its observer).
 """
 
 from __future__ import annotations
@@ -29,16 +32,25 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
 
 
 class _EngineStatsCollector(Collector):
-    """Gauges and monotonic counters straight from the latest engine snapshot."""
+    """Gauges and monotonic counters straight from the latest engine snapshots, one series per model."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
-        self._stats = stats
-        self._model = model_name
+    def __init__(self) -> None:
+        self.models: list[tuple[str, Callable[[], EngineStats | None]]] = []
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
+        families: dict[str, Metric] = {}
+        for name, stats in self.models:
+            for m in self._collect_one(name, stats()):
+                if m.name in families:
+                    families[m.name].samples.extend(m.samples)
+                else:
+                    families[m.name] = m
+        yield from families.values()
+
+    @staticmethod
+    def _collect_one(model: str, s: EngineStats | None) -> Iterator[Metric]:
         labels = ["model_name"]
-        values = [self._model]
+        values = [model]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
@@ -76,20 +88,20 @@ class _EngineStatsCollector(Collector):
                                   labels=["model_name", "site", "source"])
             for i, site in enumerate(depth.mean_weight):
                 for j, v in enumerate(site):
-                    w.add_metric([self._model, str(i), str(j)], v)
+                    w.add_metric([model, str(i), str(j)], v)
             yield w
             e = GaugeMetricFamily(PREFIX + "depth_attention_entropy",
                                   "Mean entropy (nats) of a site's AttnRes depth weights, over sampled tokens.",
                                   labels=["model_name", "site"])
             for i, v in enumerate(depth.mean_entropy):
-                e.add_metric([self._model, str(i)], v)
+                e.add_metric([model, str(i)], v)
             yield e
             yield counter("depth_attention_tokens", "Sampled tokens whose depth weights are aggregated.",
                           float(depth.tokens))
 
 
 class ServerMetrics:
-    """All collectors of one server; implements AsyncLLMEngine's RequestObserver."""
+    """All collectors of one server; the RequestObserver of its first model's engine (`add_model` for more)."""
 
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -107,27 +119,60 @@ class ServerMetrics:
                                TTFT_BUCKETS)
         self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
                                ["model_name", "finished_reason"], registry=self.registry)
+        self._engines = _EngineStatsCollector()
+        self.registry.register(self._engines)
+        self._add_series(model_name, stats)
+        self._first = ModelObserver(self, model_name)
+
+    def _add_series(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        if any(name == model_name for name, _ in self._engines.models):
+            raise ValueError(f"model_name {model_name!r} is already in the metrics")
         for h in (self.ttft, self.itl, self.e2e, self.queue_time):  # export zeros from the start, so
             h.labels(model_name)  # dashboards and rate() see every series before the first request
         for reason in FINISH_REASONS:
             self.success.labels(model_name, reason)
-        self.registry.register(_EngineStatsCollector(stats, model_name))
+        self._engines.models.append((model_name, stats))
 
-    # ---- RequestObserver ---------------------------------------------------------------------------
+    def add_model(self, stats: Callable[[], EngineStats | None], model_name: str) -> ModelObserver:
+        """Series for another model's engine, in this registry; returns that engine's observer."""
+        self._add_series(model_name, stats)
+        return ModelObserver(self, model_name)
+
+    # ---- RequestObserver (of the first model) -------------------------------------------------------
     def observe_queue_time(self, seconds: float) -> None:
-        self.queue_time.labels(self.model_name).observe(max(seconds, 0.0))
+        self._first.observe_queue_time(seconds)
 
     def observe_first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(max(seconds, 0.0))
+        self._first.observe_first_token(seconds)
 
     def observe_inter_token(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(max(seconds, 0.0))
+        self._first.observe_inter_token(seconds)
 
     def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
-        reason = finish_reason if finish_reason in FINISH_REASONS else "error"
-        self.success.labels(self.model_name, reason).inc()
-        self.e2e.labels(self.model_name).observe(max(e2e_seconds, 0.0))
+        self._first.observe_finished(finish_reason, e2e_seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelObserver:
+    """One model's RequestObserver: observes into the server's histograms under its `model_name`."""
+
+    def __init__(self, metrics: ServerMetrics, model_name: str) -> None:
+        self.m = metrics
+        self.model_name = model_name
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.m.queue_time.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.m.ttft.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.m.itl.labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
+        reason = finish_reason if finish_reason in FINISH_REASONS else "error"
+        self.m.success.labels(self.model_name, reason).inc()
+        self.m.e2e.labels(self.model_name).observe(max(e2e_seconds, 0.0))

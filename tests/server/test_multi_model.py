@@ -1,0 +1,137 @@
+"""Several models behind one server (`depthserve serve --model A --model B`): routing by `model`, the same
+greedy answers as one-model servers, metrics labelled by model, a 404 naming the served models, and the
+memory budgets split between the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import ServerProcess, metric, scrape
+
+PROMPT = "To be, or not to be"
+
+
+@pytest.fixture(scope="module")
+def residual_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from tests.tiny import tiny_config, write_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-residual")
+    write_tiny(folder, tiny_config("none"), seed=1, tokenizer_from=tokenizer_dir)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model: Path, residual_model: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(tiny_model, "--model", str(residual_model), "--served-model-name", "attnres", "residual",
+                       log_dir=tmp_path_factory.mktemp("multi-logs")) as srv:
+        yield srv
+
+
+def _greedy(url: str, model: str) -> dict:
+    r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 12,
+                                                   "temperature": 0, "logprobs": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert r.json()["model"] == model
+    return {"text": choice["text"], "tokens": choice["logprobs"]["tokens"]}
+
+
+def test_each_model_answers_as_it_does_alone(two_models: ServerProcess, tiny_model: Path, residual_model: Path,
+                                             tmp_path: Path) -> None:
+    both = {name: _greedy(two_models.url, name) for name in ("attnres", "residual")}
+    assert both["attnres"] != both["residual"]  # really two models
+    for folder, name in ((tiny_model, "attnres"), (residual_model, "residual")):
+        with ServerProcess(folder, "--served-model-name", name, log_dir=tmp_path) as alone:
+            assert _greedy(alone.url, name) == both[name]
+    chat = httpx.post(two_models.url + "/v1/chat/completions", timeout=60, json={
+        "model": "residual", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert chat.status_code == 200 and chat.json()["model"] == "residual"
+    # no `model`: the first one, as a one-model server does
+    r = httpx.post(two_models.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+                   timeout=60)
+    assert r.json()["model"] == "attnres" and r.json()["choices"][0]["text"] == both["attnres"]["text"]
+
+
+def test_models_listed_and_unknown_model_is_404(two_models: ServerProcess, tiny_model: Path,
+                                                residual_model: Path) -> None:
+    cards = httpx.get(two_models.url + "/v1/models").json()["data"]
+    assert [(c["id"], c["root"]) for c in cards] == [("attnres", tiny_model.name), ("residual", residual_model.name)]
+    for path, body in (("/v1/completions", {"model": "gpt-4", "prompt": "x"}),
+                       ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/tokenize", {"model": "gpt-4", "prompt": "x"})):
+        r = httpx.post(two_models.url + path, json=body)
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert err["code"] == "model_not_found" and "attnres, residual" in err["message"]
+    assert httpx.get(two_models.url + "/tokenizer_info", params={"model": "gpt-4"}).status_code == 404
+    info = httpx.get(two_models.url + "/tokenizer_info", params={"model": "residual"})
+    assert info.status_code == 200 and info.json()["bos_token"] == "<s>"
+
+
+def test_metrics_carry_each_model_name(two_models: ServerProcess) -> None:
+    _greedy(two_models.url, "residual")
+    samples = scrape(two_models.url)
+    for name in ("attnres", "residual"):
+        assert f'depthserve:num_requests_running{{model_name="{name}"}}' in samples
+        assert f'depthserve:e2e_request_latency_seconds_count{{model_name="{name}"}}' in samples
+    assert metric(samples, "depthserve:generation_tokens_total", model_name="residual") >= 12
+    assert metric(samples, "depthserve:depth_cache_bytes", model_name="residual") == 0  # a standard model
+    assert metric(samples, "depthserve:depth_cache_bytes", model_name="attnres") > 0
+    # every line of the exposition has the label (one HELP/TYPE per family, both models' samples in it)
+    text = httpx.get(two_models.url + "/metrics").text
+    lines = [x for x in text.splitlines() if x.startswith("depthserve:")]
+    assert lines and all('model_name="' in x for x in lines)
+    assert text.count("# TYPE depthserve:num_requests_running ") == 1
+
+
+def test_memory_budgets_add_up(tiny_model: Path, residual_model: Path) -> None:
+    from engine.arg_utils import EngineArgs
+    from engine.config import parse_bytes
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import kv_bytes_per_block
+    from server.multi_model import plan_models
+
+    models = [str(tiny_model), str(residual_model), str(tiny_model)]
+    base = EngineArgs(model=models[0], kv_cache_memory="12MiB", depth_cache_memory="6MiB", num_threads=1,
+                      device="cpu")
+    plans = plan_models(base, models, ["a", "r", "b"])
+    assert [p.config.cache.kv_cache_memory for p in plans] == [4 << 20] * 3
+    assert [p.config.cache.depth_cache_memory for p in plans] == [2 << 20] * 3
+    kv_total = depth_total = 0
+    for p in plans:
+        eng = LLMEngine(p.config)
+        try:
+            kv_total += eng.kv.num_blocks * kv_bytes_per_block(eng.model_config, p.config.dtype,
+                                                               p.config.cache.block_size, 1)
+            depth_total += eng.depth.bytes if eng.depth is not None else 0
+            assert (eng.depth.bytes if eng.depth is not None else 0) <= p.config.cache.depth_cache_memory
+        finally:
+            eng.shutdown()
+    assert 0 < kv_total <= parse_bytes("12MiB") and 0 < depth_total <= parse_bytes("6MiB")
+    # one budget per model, in --model order; the CPU default (1 GiB) is the total
+    per = plan_models(base.__class__(**{**base.__dict__, "kv_cache_memory": "6MiB,2MiB,4MiB"}), models,
+                      ["a", "r", "b"])
+    assert [p.config.cache.kv_cache_memory for p in per] == [6 << 20, 2 << 20, 4 << 20]
+    default = plan_models(EngineArgs(model=models[0], device="cpu"), models[:2])
+    assert sum(p.config.cache.kv_cache_memory or 0 for p in default) == 1 << 30
+    assert [p.name for p in default] == [tiny_model.name, residual_model.name]
+
+
+@pytest.mark.parametrize(("names", "kv", "message"), [
+    (["a"], None, "1 names for 2 models"),
+    (["a", "a"], None, "two models would be served as 'a'"),
+    (None, None, "two models would be served as"),  # the same folder twice, no names
+    (["a", "b"], "1MiB,2MiB,3MiB", "3 sizes for 2 models"),
+])
+def test_plan_errors_say_what_to_do(tiny_model: Path, names: list[str] | None, kv: str | None, message: str) -> None:
+    from engine.arg_utils import EngineArgs
+    from server.multi_model import plan_models
+
+    with pytest.raises(ValueError, match=message):
+        plan_models(EngineArgs(model=str(tiny_model), kv_cache_memory=kv, device="cpu"),
+                    [str(tiny_model)] * 2, names)
