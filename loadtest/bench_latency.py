@@ -6,7 +6,8 @@ compared per pair, since this machine is noisy. Prints a Markdown table and writ
     python -m loadtest.bench_latency --layers 12 --hidden 512 --dtype bfloat16 --out bench_out/latency.json
 
 With `--kernels native reference` it times each model on each op backend instead (four engines per dtype,
-interleaved), and `--dtype` may name several dtypes, run one after the other.
+interleaved), and `--dtype` may name several dtypes, run one after the other. With `--model A --baseline B`
+it times those checkpoints instead, on text (loadtest/bench_models.py).
 """
 
 from __future__ import annotations
@@ -242,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_out/latency.json")
+    from loadtest import bench_models
+
+    bench_models.add_model_args(ap)
     a = ap.parse_args(argv)
+    if a.model or a.baseline:
+        return bench_models.latency_main(a)
     shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(*a.prefill, 128) + 64)
     if a.kernels:
         results = {"read_bandwidth_gbs": read_bandwidth(), "runs": []}

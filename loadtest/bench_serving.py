@@ -10,6 +10,11 @@ failures, like vLLM's benchmark_serving.
     python -m loadtest.bench_serving --num-prompts 64 --concurrency 8 --input-len 64 --output-len 32 \\
         --slo-ttft-ms 500 --slo-tpot-ms 100 --out bench_out/serving.json
 
+Several models behind one server (`depthserve serve --model A --model B`): `--model A B` sends the same
+request stream to each (the same lengths and prompts, drawn once per seed), interleaved: the stream is cut
+into `--rounds` parts and each part goes to every model in turn (A B, then B A, ...), so drift on a noisy
+machine falls on both. It prints each model's report and a side-by-side table; `--out` has them all.
+
 Definitions (streaming): TTFT is the time to the first chunk carrying generated text; TPOT is
 (latency - TTFT) / (output tokens - 1); ITL is every gap between successive text chunks; output tokens
 come from the server's usage (`stream_options.include_usage`). Without `--stream`, only end-to-end
@@ -365,17 +370,19 @@ async def amain(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         served = [c["id"] for c in cards]
-        if args.model is not None and served and args.model not in served:
-            print(f"bench_serving: error: model {args.model!r} is not served (served: {', '.join(served)})",
+        wanted = args.model or [served[0] if served else None]
+        unknown = [m for m in wanted if m is not None and served and m not in served]
+        if unknown:
+            print(f"bench_serving: error: model {unknown[0]!r} is not served (served: {', '.join(served)})",
                   file=sys.stderr)
             return 2
-        model = args.model or (served[0] if served else None)
-        max_len = next((c.get("max_model_len") for c in cards if c["id"] == model), None)
-        if max_len and (args.input_len + args.output_len) * (1 + args.range_ratio) > max_len:
-            print(f"bench_serving: warning: the longest requests may exceed max_model_len={max_len}",
-                  file=sys.stderr)
+        for model in wanted:
+            max_len = next((c.get("max_model_len") for c in cards if c["id"] == model), None)
+            if max_len and (args.input_len + args.output_len) * (1 + args.range_ratio) > max_len:
+                print(f"bench_serving: warning: the longest requests may exceed {model}'s max_model_len={max_len}",
+                      file=sys.stderr)
         try:
-            specs = await build_requests(client, args, model)
+            specs = {m: await build_requests(client, args, m) for m in wanted}
         except BenchError as e:
             print(f"bench_serving: error: {e}", file=sys.stderr)
             return 2
@@ -385,15 +392,62 @@ async def amain(args: argparse.Namespace) -> int:
         else:
             mode = f"fixed concurrency {args.concurrency}" if args.concurrency else "all at once"
             cap = ""
-        print(f"bench_serving: {len(specs)} requests to {args.base_url} ({model}, {args.endpoint}, "
-              f"{'streaming' if args.stream else 'not streaming'}), {mode}{cap}", file=sys.stderr)
-        results, duration = await run(client, specs, args, model)
-    summary = summarize(results, duration, args, model)
-    print(format_summary(summary))
+        print(f"bench_serving: {args.num_prompts} requests to {args.base_url} ({', '.join(map(str, wanted))}, "
+              f"{args.endpoint}, {'streaming' if args.stream else 'not streaming'}), {mode}{cap}", file=sys.stderr)
+        results, durations = await run_interleaved(client, specs, args)
+    summaries = {m: summarize(results[m], durations[m], args, m) for m in wanted}
+    for m, summary in summaries.items():
+        if len(wanted) > 1:
+            print(f"model: {m}")
+        print(format_summary(summary))
+    if len(wanted) > 1:
+        print(side_by_side(summaries))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1))
-    return 0 if summary["completed"] else 1
+        body = summaries[wanted[0]] if len(wanted) == 1 else {"models": summaries}
+        args.out.write_text(json.dumps(body, indent=1))
+    return 0 if all(s["completed"] for s in summaries.values()) else 1
+
+
+async def run_interleaved(client: httpx.AsyncClient, specs: dict[str | None, list[RequestSpec]],
+                          args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each model's requests in `--rounds` parts, the models in turn per part (reversed every other round);
+    per model: its results, and the time its parts took."""
+    models = list(specs)
+    if len(models) == 1:
+        results, duration = await run(client, specs[models[0]], args, models[0])
+        return {models[0]: results}, {models[0]: duration}
+    n = len(next(iter(specs.values())))
+    rounds = max(1, min(args.rounds, n))
+    bounds = [n * k // rounds for k in range(rounds + 1)]
+    results: dict = {m: [] for m in models}
+    durations: dict = {m: 0.0 for m in models}
+    for k in range(rounds):
+        for m in (models if k % 2 == 0 else models[::-1]):
+            part, duration = await run(client, specs[m][bounds[k]:bounds[k + 1]], args, m)
+            results[m] += part
+            durations[m] += duration
+    return results, durations
+
+
+def side_by_side(summaries: dict[str | None, dict[str, Any]]) -> str:
+    """Medians and throughput of each model, one column each (Markdown)."""
+    names = list(summaries)
+    lines = ["| | " + " | ".join(map(str, names)) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def row(label: str, get: Any, fmt: str) -> None:
+        cells = []
+        for m in names:
+            v = get(summaries[m])
+            cells.append("n/a" if v is None else format(v, fmt))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("completed", lambda s: s["completed"], "d")
+    row("output tok/s", lambda s: s["output_throughput"], ".1f")
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2EL")):
+        row(f"median {label} ms", lambda s, key=key: s[key]["p50"], ".2f")
+        row(f"P99 {label} ms", lambda s, key=key: s[key]["p99"], ".2f")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,7 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                    help="/v1/completions or /v1/chat/completions")
-    p.add_argument("--model", default=None, help="model name to send (None: the first of /v1/models)")
+    p.add_argument("--model", nargs="+", default=None, metavar="MODEL",
+                   help="model name(s) to send (None: the first of /v1/models); several: the same requests to each, "
+                        "interleaved")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="with several --model: parts the request stream is cut into, each sent to every model in turn")
     p.add_argument("--api-key", default=None, help="bearer token (None: $DEPTHSERVE_API_KEY if set)")
     p.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     p.add_argument("--concurrency", type=int, default=None,

@@ -6,6 +6,9 @@ reported). Also measures, in the same run, the memory-bandwidth roofline of batc
 (weight bytes per step / measured copy bandwidth) and where a batch-32 decode step's time goes.
 
     python -m loadtest.bench_throughput --num-prompts 64 --out bench_out/throughput.json
+
+With `--model A --baseline B` it runs the same requests through those checkpoints instead, in turn, and
+compares their throughput and per-request TTFT/TPOT (loadtest/bench_models.py).
 """
 
 from __future__ import annotations
@@ -200,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="batches of the pure decode rate (transformers runs those in --hf-batch and <= 64)")
     ap.add_argument("--decode-steps", type=int, default=32, help="decode steps per decode-rate case (0: skip)")
     ap.add_argument("--out", default="bench_out/throughput.json")
+    ap.add_argument("--repeats", type=int, default=2, help="with --model/--baseline: timed rounds (A B) after "
+                                                            "a warm-up round")
+    ap.add_argument("--seed", type=int, default=0, help="with --model/--baseline: seed of the request lengths")
+    from loadtest import bench_models
+
+    bench_models.add_model_args(ap)
     a = ap.parse_args(argv)
+    if a.model or a.baseline:
+        return bench_models.throughput_main(a)
     rng = random.Random(0)
     max_len = max(a.input_len[1] + a.output_len[1] + 8, 128, a.prefill_tokens + 8,
                   64 + a.decode_steps + 8)  # decode_profile and the decode rate: 64-token prompts

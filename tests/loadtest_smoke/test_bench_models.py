@@ -1,0 +1,105 @@
+"""Benchmarks of real checkpoints, on tiny ones: `bench latency|throughput --model A --baseline B` offline, and
+`bench serving --model A B` against one server with both (the same requests to each, interleaved). No timing
+is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.server.conftest import REPO, ServerProcess
+from tests.tiny import CORPUS
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    """--num-threads 1 sets torch's threads for this process: give the next tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
+    from tests.tiny import tiny_config, write_tiny
+
+    root = tmp_path_factory.mktemp("twins")
+    attnres, _ = write_tiny(root / "tiny-attnres", tiny_config("block", block_size=2), tokenizer_from=tokenizer_dir)
+    residual, _ = write_tiny(root / "tiny-residual", tiny_config("none"), tokenizer_from=tokenizer_dir)
+    return attnres, residual
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "prompts.txt"
+    p.write_text(CORPUS * 3, encoding="utf-8")
+    return p
+
+
+def test_latency_of_two_checkpoints(twins: tuple[Path, Path], text: Path, tmp_path: Path) -> None:
+    from loadtest import bench_latency
+
+    out = tmp_path / "lat.json"
+    assert bench_latency.main(["--model", str(twins[0]), "--baseline", str(twins[1]), "--prompts-file", str(text),
+                               "--prefill", "16", "400", "--batch", "2", "--repeats", "1", "--dtype", "float32",
+                               "--num-threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["models"]) == ["tiny-attnres", "tiny-residual"]
+    # 400 tokens do not fit the 256-token context: skipped, not failed
+    assert [r["case"] for r in res["rows"]] == ["prefill tokens=16", "decode batch=2"]
+    assert all(min(r["ms"].values()) > 0 for r in res["rows"])
+
+
+def test_throughput_of_two_checkpoints(twins: tuple[Path, Path], tmp_path: Path) -> None:
+    from loadtest import bench_throughput
+
+    out = tmp_path / "tp.json"
+    assert bench_throughput.main(["--model", str(twins[0]), "--baseline", str(twins[1]), "--num-prompts", "3",
+                                  "--input-len", "4", "12", "--output-len", "3", "5", "--repeats", "1",
+                                  "--max-num-seqs", "4", "--dtype", "float32", "--num-threads", "1",
+                                  "--out", str(out)]) == 0  # prompts: the built-in held-out text
+    res = json.loads(out.read_text())
+    assert set(res["tok_s"]) == {"tiny-attnres", "tiny-residual"} and min(res["tok_s"].values()) > 0
+    for name in res["tok_s"]:
+        assert len(res["requests"][name]["ttft_ms"]) == 3 and len(res["requests"][name]["tpot_ms"]) == 3
+
+
+def test_model_benchmarks_refuse_what_they_cannot_run(twins: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import bench_latency
+
+    assert bench_latency.main(["--model", str(twins[0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    assert bench_latency.main(["--model", str(twins[0]), "--baseline", str(tmp_path / "missing"),
+                               "--out", str(tmp_path / "x.json")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_model_server(twins: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(twins[0], "--model", str(twins[1]),
+                       log_dir=tmp_path_factory.mktemp("bench-models-logs")) as srv:
+        yield srv
+
+
+def test_bench_serving_sends_the_same_stream_to_each_model(two_model_server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    cmd = [sys.executable, "-m", "loadtest.bench_serving", "--base-url", two_model_server.url,
+           "--model", "tiny-attnres", "tiny-residual", "--rounds", "2", "--num-prompts", "6", "--concurrency", "3",
+           "--input-len", "12", "--output-len", "6", "--range-ratio", "0.5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + two_model_server.log()
+    assert "| median TTFT ms |" in proc.stdout
+    s = json.loads(out.read_text())["models"]
+    assert list(s) == ["tiny-attnres", "tiny-residual"]
+    lengths = {m: sorted((r["input_len"], r["output_len"]) for r in s[m]["requests"]) for m in s}
+    assert lengths["tiny-attnres"] == lengths["tiny-residual"] and len(lengths["tiny-attnres"]) == 6
+    assert all(s[m]["completed"] == 6 and s[m]["config"]["model"] == m for m in s)
