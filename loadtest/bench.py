@@ -1,4 +1,4 @@
-"""`depthserve bench latency|throughput ...`: the offline benchmarks (see each module's --help)."""
+"""`depthserve bench latency|throughput|serving|compare ...`: the benchmarks (see each module's --help)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ COMMANDS = {
     "latency": "loadtest.bench_latency",  # AttnRes vs standard residual, same shape, interleaved
     "throughput": "loadtest.bench_throughput",  # depthserve vs transformers generate(), roofline
     "serving": "loadtest.bench_serving",  # against a running server: TTFT, TPOT, ITL, goodput
+    "compare": "loadtest.bench_compare",  # models side by side: latency, throughput, perplexity, plots
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in COMMANDS:
-        print("usage: depthserve bench {latency,throughput,serving} [options]  (add --help for a command's options)",
+        print("usage: depthserve bench {latency,throughput,serving,compare} [options]  (add --help for a command's options)",
               file=sys.stderr)
         return 2
     import importlib

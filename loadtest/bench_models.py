@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine import LLMEngine, SamplingParams
+from engine import LLM, LLMEngine, SamplingParams
 from engine.arg_utils import EngineArgs
 from engine.outputs import RequestOutput, RequestOutputKind
 from loadtest.bench_latency import sync, write_json
@@ -74,11 +74,15 @@ def load_text(path: str | Path | None) -> str:
 
 @dataclass
 class Model:
-    """One model under test: its engine and its tokens of the text."""
+    """One model under test: its engine (in an LLM, for engine.perplexity) and its tokens of the text."""
 
     name: str
-    engine: LLMEngine
+    llm: LLM
     stream: list[int]  # the text's tokens (no special tokens)
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.llm.engine
 
     def prompt(self, n: int, offset: int = 0) -> list[int]:
         """n tokens of the text from `offset` on (wrapping around), after the BOS token when there is one."""
@@ -90,8 +94,10 @@ class Model:
 
 
 def engine_args(model: str, dtype: str, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                device: str = "auto", kernels: str = "auto", num_threads: int | None = None) -> EngineArgs:
-    return EngineArgs(model=model, dtype=dtype, kv_cache_memory="1GiB" if device != "cuda" else None,
+                device: str = "auto", kernels: str = "auto", num_threads: int | None = None,
+                kv_cache_memory: str | None = None) -> EngineArgs:
+    """Each model's engine options (kv_cache_memory None: 1 GiB on the CPU, the profiled rest on CUDA)."""
+    return EngineArgs(model=model, dtype=dtype, kv_cache_memory=kv_cache_memory,
                       depth_cache_memory="512MiB", max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=max_num_batched_tokens, device=device, kernels=kernels,
                       num_threads=num_threads)
@@ -100,19 +106,25 @@ def engine_args(model: str, dtype: str, max_num_seqs: int = 64, max_num_batched_
 def load_models(models: dict[str, str], text: str, args: EngineArgs) -> dict[str, Model]:
     """An engine per model (name -> folder or built-in name), and the text in each model's tokens."""
     out: dict[str, Model] = {}
-    for name, path in models.items():
-        try:
-            eng = LLMEngine(dataclasses.replace(args, model=path).create_engine_config())
-        except (ValueError, OSError) as e:
-            for m in out.values():
-                m.engine.shutdown()
-            raise BenchError(f"{name}: {e}") from None
-        if eng.tokenizer is None:
-            raise BenchError(f"{name} has no tokenizer: benchmarks on text need one")
-        stream = eng.tokenizer.encode(text, add_special_tokens=False)
-        if len(stream) < 8:
-            raise BenchError(f"the text is only {len(stream)} tokens for {name}: give a longer --prompts-file")
-        out[name] = Model(name, eng, stream)
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name != "model"}
+    try:
+        for name, path in models.items():
+            try:
+                llm = LLM(path, **kwargs)
+            except (ValueError, OSError) as e:
+                raise BenchError(f"{name}: {e}") from None
+            out[name] = Model(name, llm, [])
+            tok = llm.engine.tokenizer
+            if tok is None:
+                raise BenchError(f"{name} has no tokenizer: benchmarks on text need one")
+            out[name].stream = tok.encode(text, add_special_tokens=False)
+            if len(out[name].stream) < 8:
+                raise BenchError(f"the text is only {len(out[name].stream)} tokens for {name}: give a longer "
+                                 "--prompts-file")
+    except BenchError:
+        for m in out.values():
+            m.llm.shutdown()
+        raise
     return out
 
 
@@ -264,6 +276,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                    help="UTF-8 text the prompts are cut from (default: the built-in models' held-out plays)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--kv-cache-memory", default=None, help="each model's KV cache (default: the engine's)")
 
 
 def _setup(a: argparse.Namespace, dtype: str, max_num_seqs: int, max_tokens: int) -> dict[str, Model]:
@@ -271,7 +284,7 @@ def _setup(a: argparse.Namespace, dtype: str, max_num_seqs: int, max_tokens: int
         raise BenchError("give a --model and a --baseline to compare it with")
     names = named(a.model, a.baseline)
     args = engine_args("", dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_tokens),
-                       device=a.device, num_threads=a.num_threads)
+                       device=a.device, num_threads=a.num_threads, kv_cache_memory=a.kv_cache_memory)
     return load_models(names, load_text(a.prompts_file), args)
 
 

@@ -49,7 +49,7 @@ def test_latency_of_two_checkpoints(twins: tuple[Path, Path], text: Path, tmp_pa
     out = tmp_path / "lat.json"
     assert bench_latency.main(["--model", str(twins[0]), "--baseline", str(twins[1]), "--prompts-file", str(text),
                                "--prefill", "16", "400", "--batch", "2", "--repeats", "1", "--dtype", "float32",
-                               "--num-threads", "1", "--out", str(out)]) == 0
+                               "--num-threads", "1", "--kv-cache-memory", "16MiB", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert list(res["models"]) == ["tiny-attnres", "tiny-residual"]
     # 400 tokens do not fit the 256-token context: skipped, not failed
@@ -63,7 +63,7 @@ def test_throughput_of_two_checkpoints(twins: tuple[Path, Path], tmp_path: Path)
     out = tmp_path / "tp.json"
     assert bench_throughput.main(["--model", str(twins[0]), "--baseline", str(twins[1]), "--num-prompts", "3",
                                   "--input-len", "4", "12", "--output-len", "3", "5", "--repeats", "1",
-                                  "--max-num-seqs", "4", "--dtype", "float32", "--num-threads", "1",
+                                  "--max-num-seqs", "4", "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "16MiB",
                                   "--out", str(out)]) == 0  # prompts: the built-in held-out text
     res = json.loads(out.read_text())
     assert set(res["tok_s"]) == {"tiny-attnres", "tiny-residual"} and min(res["tok_s"].values()) > 0
@@ -103,3 +103,30 @@ def test_bench_serving_sends_the_same_stream_to_each_model(two_model_server: Ser
     lengths = {m: sorted((r["input_len"], r["output_len"]) for r in s[m]["requests"]) for m in s}
     assert lengths["tiny-attnres"] == lengths["tiny-residual"] and len(lengths["tiny-attnres"]) == 6
     assert all(s[m]["completed"] == 6 and s[m]["config"]["model"] == m for m in s)
+
+
+def test_compare_writes_one_report_with_plots(twins: tuple[Path, Path], text: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from loadtest import bench_compare
+
+    out = tmp_path / "report"
+    assert bench_compare.main([str(twins[0]), str(twins[1]), "--out-dir", str(out), "--prompts-file", str(text),
+                               "--eval-file", str(text), "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "16MiB",
+                               "--prefill", "16", "--batch", "1", "2", "--repeats", "1", "--num-prompts", "3",
+                               "--input-len", "4", "8", "--output-len", "3", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"] == "tiny-residual" and list(report["models"]) == ["tiny-attnres", "tiny-residual"]
+    assert all(p["perplexity"] > 1 and p["tokens"] > 100 for p in report["perplexity"].values())
+    assert list(report["depth_attention"]) == ["tiny-attnres"]  # only the AttnRes model has depth weights
+    md = (out / "report.md").read_text()
+    for png in ("latency.png", "ttft_tpot.png", "throughput.png", "perplexity.png", "depth_tiny-attnres.png"):
+        assert f"]({png})" in md and (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny-attnres |" in md and "## Quality" in md
+
+
+def test_compare_needs_two_models(twins: tuple[Path, Path], tmp_path: Path) -> None:
+    from loadtest import bench_compare
+
+    with pytest.raises(SystemExit) as e:
+        bench_compare.main([str(twins[0]), "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
