@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-file", default=None, help="text to score (default: the built-ins' held-out plays)")
     ap.add_argument("--prefill", type=int, nargs="+", default=[128, 448])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round (medians)")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
