@@ -99,7 +99,7 @@ def serve(ns: argparse.Namespace) -> int:
     from server.args import ServerArgs
     from server.http import DrainingServer, protocol
     from server.middleware import host_allowlist
-    from server.multi_model import describe, plan_models
+    from server.multi_model import describe, plan_models, startup_error
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = getattr(ns, "models", None) or [ns.model]
@@ -124,7 +124,7 @@ def serve(ns: argparse.Namespace) -> int:
                     try:
                         engines.append(LLMEngine(p.config))
                     except (ValueError, OSError) as e:
-                        raise ValueError(f"model {p.name}: {e}") from None
+                        raise startup_error(p, len(plans), e) from None
         except (ValueError, OSError) as e:  # missing model, bad checkpoint, budget too small
             raise UserError(str(e)) from None
         names = srv.served_model_name or [cfg.model]

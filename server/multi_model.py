@@ -27,7 +27,7 @@ from typing import Any
 from engine.arg_utils import EngineArgs
 from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, parse_bytes
 
-__all__ = ["ServedModelPlan", "allow_several_models", "default_name", "plan_models"]
+__all__ = ["ServedModelPlan", "allow_several_models", "default_name", "describe", "plan_models", "startup_error"]
 
 
 class _ModelOption(argparse.Action):
@@ -110,6 +110,15 @@ def plan_models(args: EngineArgs, models: Sequence[str], names: Sequence[str] | 
         except ValueError as e:
             raise ValueError(f"model {name}: {e}") from None
     return plans
+
+
+def startup_error(plan: ServedModelPlan, n: int, error: Exception) -> ValueError:
+    """A model's start-up failure, named, with the budgets' meaning when a budget is what failed."""
+    message = f"model {plan.name}: {error}"
+    if "-cache-memory" in message:
+        message += (f" (with {n} models --kv-cache-memory and --depth-cache-memory are totals, split evenly; "
+                    "a comma list such as 600MiB,400MiB gives each model its own)")
+    return ValueError(message)
 
 
 def describe(plans: Sequence[ServedModelPlan]) -> str:

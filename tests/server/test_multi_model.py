@@ -89,7 +89,7 @@ def test_metrics_carry_each_model_name(two_models: ServerProcess) -> None:
     assert text.count("# TYPE depthserve:num_requests_running ") == 1
 
 
-def test_memory_budgets_add_up(tiny_model: Path, residual_model: Path) -> None:
+def test_memory_budgets_add_up(tiny_model: Path, residual_model: Path, one_thread: None) -> None:
     from engine.arg_utils import EngineArgs
     from engine.config import parse_bytes
     from engine.llm_engine import LLMEngine
@@ -135,3 +135,32 @@ def test_plan_errors_say_what_to_do(tiny_model: Path, names: list[str] | None, k
     with pytest.raises(ValueError, match=message):
         plan_models(EngineArgs(model=str(tiny_model), kv_cache_memory=kv, device="cpu"),
                     [str(tiny_model)] * 2, names)
+
+
+def test_cuda_models_share_gpu_memory_utilization(tiny_model: Path, residual_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a KV budget on CUDA, the i-th of N engines profiles with u * i / N: each profile counts what the
+    engines before it hold, so each model's weights, activations and KV get u / N of the GPU."""
+    import torch
+
+    from engine.arg_utils import EngineArgs
+    from server.multi_model import plan_models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    models = [str(tiny_model), str(residual_model), str(tiny_model)]
+    plans = plan_models(EngineArgs(model=models[0], device="cuda", gpu_memory_utilization=0.9), models, ["a", "r", "b"])
+    assert [round(p.config.cache.gpu_memory_utilization, 6) for p in plans] == [0.3, 0.6, 0.9]
+    assert all(p.config.cache.kv_cache_memory is None for p in plans)
+    fixed = plan_models(EngineArgs(model=models[0], device="cuda", kv_cache_memory="3GiB"), models, ["a", "r", "b"])
+    assert [p.config.cache.kv_cache_memory for p in fixed] == [1 << 30] * 3  # a budget: split, not profiled
+    assert {p.config.cache.gpu_memory_utilization for p in fixed} == {0.9}
+
+
+def test_cli_says_budgets_are_totals(tiny_model: Path, residual_model: Path, one_thread: None,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    assert main(["serve", "--model", str(tiny_model), "--model", str(residual_model), "--kv-cache-memory", "64KiB",
+                 "--num-threads", "1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"model {tiny_model.name}:" in err and "totals, split evenly" in err
