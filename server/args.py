@@ -20,7 +20,8 @@ class ServerArgs(CliArgs):
     GROUP = "server"
 
     served_model_name: list[str] | None = option(
-        None, "name(s) clients pass as `model` (None: the --model value)", nargs="+", metavar="NAME")
+        None, "name(s) clients pass as `model` (None: the --model value); with several --model, one name per "
+              "model in the same order (None: each folder's name)", nargs="+", metavar="NAME")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on", type=int)
     # read from the environment after parsing, so `--help` never prints a key
