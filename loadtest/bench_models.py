@@ -96,8 +96,9 @@ class Model:
 def engine_args(model: str, dtype: str, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                 device: str = "auto", kernels: str = "auto", num_threads: int | None = None,
                 kv_cache_memory: str | None = None) -> EngineArgs:
-    """Each model's engine options (kv_cache_memory None: 1 GiB on the CPU, the profiled rest on CUDA)."""
-    return EngineArgs(model=model, dtype=dtype, kv_cache_memory=kv_cache_memory,
+    """Each model's engine options (kv_cache_memory None: 1 GiB on the CPU, the profiled rest on CUDA). No prefix
+    caching: every round sends the same prompts, and a cached prefill would time nothing."""
+    return EngineArgs(model=model, dtype=dtype, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
                       depth_cache_memory="512MiB", max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=max_num_batched_tokens, device=device, kernels=kernels,
                       num_threads=num_threads)

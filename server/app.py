@@ -92,7 +92,10 @@ def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_mode
             yield
         finally:
             await asyncio.gather(*(asyncio.to_thread(e.shutdown) for e in engines))
-            logger.info("engine stopped" if len(engines) == 1 else f"{len(engines)} engines stopped")
+            if len(engines) == 1:
+                logger.info("engine stopped")
+            else:
+                logger.info("%d engines stopped", len(engines))
 
     # no slash redirects: their absolute Location would echo the client's Host header
     app = FastAPI(title="depthserve", version="0.1.0", description="OpenAI-compatible API of a depthserve server.",

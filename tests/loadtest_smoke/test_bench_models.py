@@ -130,3 +130,10 @@ def test_compare_needs_two_models(twins: tuple[Path, Path], tmp_path: Path) -> N
     with pytest.raises(SystemExit) as e:
         bench_compare.main([str(twins[0]), "--out-dir", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_model_engines_time_every_prefill() -> None:
+    """Each round sends the same prompts: with prefix caching on, later rounds would time cache hits."""
+    from loadtest.bench_models import engine_args
+
+    assert engine_args("m", "float32").create_engine_config().cache.enable_prefix_caching is False
