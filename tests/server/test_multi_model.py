@@ -164,3 +164,37 @@ def test_cli_says_budgets_are_totals(tiny_model: Path, residual_model: Path, one
                  "--num-threads", "1", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert f"model {tiny_model.name}:" in err and "totals, split evenly" in err
+
+
+def test_health_names_the_model_whose_engine_stopped(tiny_model: Path, residual_model: Path,
+                                                     one_thread: None) -> None:
+    """In-process app of two engines: /health is ok while both serve, a 503 naming the model once one stops, and
+    the other keeps answering."""
+    import asyncio
+
+    from engine.async_engine import AsyncLLMEngine
+    from server.app import build_app
+    from tests.server.test_async_engine import make_engine
+
+    loop = asyncio.new_event_loop()
+    engines = {"attnres": AsyncLLMEngine(make_engine(tiny_model)), "residual": AsyncLLMEngine(make_engine(residual_model))}
+    app = build_app(engines)
+
+    async def get(path: str, **kw: object) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await (c.post(path, **kw) if kw else c.get(path))  # type: ignore[arg-type]
+
+    for e in engines.values():
+        e.start(loop)
+    try:
+        assert loop.run_until_complete(get("/health")).status_code == 200
+        engines["residual"].shutdown()
+        r = loop.run_until_complete(get("/health"))
+        assert r.status_code == 503 and r.json()["error"]["message"].startswith("model residual: ")
+        ok = loop.run_until_complete(get("/v1/completions", json={"model": "attnres", "prompt": "To be",
+                                                                   "max_tokens": 2}))
+        assert ok.status_code == 200, ok.text
+    finally:
+        for e in engines.values():
+            e.shutdown()
+        loop.close()
