@@ -137,3 +137,19 @@ def test_model_engines_time_every_prefill() -> None:
     from loadtest.bench_models import engine_args
 
     assert engine_args("m", "float32").create_engine_config().cache.enable_prefix_caching is False
+
+
+def test_compare_without_matplotlib_says_how_to_get_it(twins: tuple[Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from loadtest import bench_compare
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        bench_compare.main([str(twins[0]), str(twins[1]), "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert '".[viz]"' in err and "--no-plots" in err
