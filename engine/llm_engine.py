@@ -23,6 +23,7 @@ from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampling_params import SamplingParams, seed_for_sample
 from engine.scheduler import EngineCoreOutput, RunnerOutput, Scheduler
+from kernels import hugepages
 from kernels.ops import select_backend
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
@@ -90,6 +91,9 @@ class LLMEngine:
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
         self._setup_cuda_graphs(tp)
+        if self.runner.device.type == "cpu":  # weights in huge pages: fewer TLB misses per streamed weight
+            hugepages.back_model(self.model, [t for kv in self.runner.kv_caches for t in kv]
+                                 + (self.depth.tensors() if self.depth is not None else []))
         logger.info("engine ready: device %s, kernels %s, KV cache %d blocks of %d tokens (%.1f MiB), step budget "
                     "%d tokens, cudagraph: %s", config.device, self.kernels.name, num_blocks, config.cache.block_size,
                     num_blocks * per_block / 2**20, self.max_step_tokens, self.runner.cudagraph_status)

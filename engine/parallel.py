@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from engine.memory import kv_blocks_for, profile_step
 from engine.model_runner import allocate_kv, kv_bytes_per_block, kv_slots
+from kernels import hugepages
 from kernels.ops import REFERENCE, Backend
 from kvcache.depth_cache import DepthCache
 from models.attn_res import depth_pool_spec
@@ -223,6 +224,8 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     _barrier(dev)
     # too few blocks: rank 0 reports it and stops the group; one block keeps this rank valid until then
     kv = allocate_kv(model, kv_slots(max(num_blocks, 1), spec.block_size))
+    if dev.type == "cpu":
+        hugepages.back_model(model, [t for pair in kv for t in pair] + (depth.tensors() if depth is not None else []))
     try:
         while True:
             batch = recv_batch(control, dev)
