@@ -21,6 +21,7 @@ import torch
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.config import parse_dtype
+from kernels import hugepages
 from loadtest.bench_latency import (
     add_shape_args,
     make_engine,
@@ -34,9 +35,19 @@ from models.config import ModelConfig
 
 def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s of a large tensor copy (read + write counted), the decode roofline's denominator; on CUDA a
-    device-to-device copy timed with CUDA events."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    device-to-device copy timed with CUDA events. On a CPU the better of ordinary and huge pages (the engine's
+    weights sit in huge pages where the kernel allows: kernels/hugepages.py)."""
+    if device == "cpu":
+        return max(_copy_bandwidth(nbytes, repeats, device, huge) for huge in (False, True))
+    return _copy_bandwidth(nbytes, repeats, device, False)
+
+
+def _copy_bandwidth(nbytes: int, repeats: int, device: str, huge: bool) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    if huge:
+        hugepages.advise([src, dst], collapse=False)  # before the first touch
+    src.uniform_()
     dst.copy_(src)  # warm-up
     best = float("inf")
     for _ in range(repeats):
