@@ -7,15 +7,17 @@ token, and the map of one token.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 from pathlib import Path
 
-from engine.arg_utils import EngineArgs
+from engine.arg_utils import EngineArgs, FriendlyParser
+from engine.config import DTYPE_CHOICES
 from engine.depth_stats import entropy
 from engine.llm_engine import LLM
 from engine.sampling_params import SamplingParams
 
+MATPLOTLIB_INSTALL = 'pip install "matplotlib>=3.7"'
 Entry = list[list[float]]  # per site: weights over its sources
 
 
@@ -85,16 +87,21 @@ def inspect(model: str, prompts: list[str], out_dir: Path, max_tokens: int = 16,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="depthserve inspect", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=EngineArgs.model, help="an AttnRes model folder or built-in name")
+    ap = FriendlyParser(prog="depthserve inspect", description=__doc__)
+    ap.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    ap.add_argument("--model", default=EngineArgs.model, help="an AttnRes model folder, .gguf file or built-in name")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate after each prompt")
     ap.add_argument("--token-index", type=int, default=-1, help="which token of the first prompt to draw alone")
-    ap.add_argument("--dtype", default=EngineArgs.dtype, help="weight/activation dtype")
-    ap.add_argument("--out-dir", type=Path, default=Path("depth_inspect"))
+    ap.add_argument("--dtype", default=EngineArgs.dtype, choices=list(DTYPE_CHOICES),
+                    help="weight/activation dtype (auto: the checkpoint's)")
+    ap.add_argument("--out-dir", type=Path, default=Path("depth_inspect"), help="where the JSON and PNGs go")
     a = ap.parse_args(argv)
+    if a.model_tag is not None:
+        a.model = a.model_tag
+    if importlib.util.find_spec("matplotlib") is None:  # before the model runs, not after
+        ap.exit(2, f"depthserve inspect: error: the heatmaps need matplotlib: {MATPLOTLIB_INSTALL}\n")
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [ln for ln in a.prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]

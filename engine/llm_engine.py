@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from engine.arg_utils import EngineArgs
-from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_dtype
 from engine.cuda_graphs import capture_sizes, graphs_off_reason
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.errors import InvalidParameterError
@@ -28,7 +28,7 @@ from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
-from models.loader import load_config, load_model, load_tokenizer, resolve_model
+from models.loader import checkpoint_dtype, load_config, load_model, load_tokenizer, resolve_model
 from models.parallel_plan import shard_sizes
 from models.tokenizer import Tokenizer
 
@@ -44,6 +44,9 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
+        dtype, why = resolve_dtype(config.dtype, checkpoint_dtype(self.model_dir), config.device)
+        self.config = config = replace(config, dtype=dtype)
+        self.dtype_reason = why
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         if self.tokenizer is not None:
             _ = self.tokenizer.max_token_chars  # computed once here, not by the first request

@@ -1,6 +1,6 @@
 """Bounded soak / overload run against a depthserve server: mixed traffic, client disconnects, a 429 phase.
 
-    python -m loadtest.soak --url http://127.0.0.1:8000 --duration 20 --model shakespeare-attnres
+    depthserve soak --url http://127.0.0.1:8000 --duration 20 --model shakespeare-attnres
 
 For the first `--overload-fraction` of the run, `--overload-workers` clients send back to back (above a
 small --max-queued-requests this draws 429s); then `--workers` clients keep a load the server can take,
@@ -13,7 +13,6 @@ Aimed at your own server: non-loopback hosts are refused unless `--allow-remote`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
@@ -157,8 +156,10 @@ async def soak(url: str, model: str, duration: float, overload_fraction: float, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    from engine.arg_utils import FriendlyParser
+
+    p = FriendlyParser(prog="depthserve soak", description=__doc__)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server to soak")
     p.add_argument("--model", default=None, help="model name to send (default: the server's first)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds during which requests start")
     p.add_argument("--overload-fraction", type=float, default=0.4, help="leading share of the run overloaded")
@@ -166,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3, help="clients for the whole run")
     p.add_argument("--grace", type=float, default=2.0, help="seconds after the overload before 429s count late")
     p.add_argument("--timeout", type=float, default=30.0, help="cap on any one request")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the traffic mix")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     a = p.parse_args(argv)
     if not is_loopback(a.url) and not a.allow_remote:

@@ -1,7 +1,7 @@
-"""`depthserve` command line: `serve` (the default), `train`; `bench` will join them.
+"""`depthserve` command line: `serve` (the default), `train`, `inspect`, `bench`, `soak`.
 
     depthserve                                   # serve the built-in AttnRes model on 127.0.0.1:8000
-    depthserve serve --model ./my-model --port 9000 --api-key secret
+    depthserve serve ./my-model --port 9000 --api-key secret
     depthserve train --help                      # forwarded to models.train
 
 User mistakes (a missing model, a budget too small for one request, a port in use) end with one line on
@@ -25,6 +25,7 @@ FORWARDED = {
     "train": ("models.train", "train the built-in models (options: depthserve train --help)"),
     "inspect": ("engine.depth_inspect", "heatmaps of an AttnRes model's depth weights on prompts"),
     "bench": ("loadtest.bench", "benchmarks: latency (AttnRes vs standard), throughput (vs transformers), serving"),
+    "soak": ("loadtest.soak", "a bounded soak of a running server, with an overload phase and a pass/fail summary"),
 }
 
 
@@ -32,29 +33,56 @@ class UserError(Exception):
     """A problem the user can fix from the command line: reported in one line, exit status 2."""
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def _add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from engine.arg_utils import EngineArgs
     from server.args import ServerArgs
 
-    p = sub.add_parser(
-        "serve", help="run the OpenAI-compatible HTTP server (the default command)",
-        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize) with Prometheus metrics at /metrics and /health.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as vLLM takes it (same as --model)")
     EngineArgs.add_cli_args(p)
     ServerArgs.add_cli_args(p)
     return p
 
 
+SERVE_HELP = "run the OpenAI-compatible HTTP server (the default command)"
+SERVE_DESCRIPTION = ("Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,\n"
+                     "/v1/models, /tokenize, /detokenize), with Prometheus metrics at /metrics, and /health, /ping,\n"
+                     "/version.\n\n  depthserve serve                       # the built-in shakespeare-attnres\n"
+                     "  depthserve serve ./my-model --port 9000 --api-key secret")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """`depthserve serve` on its own, so that its mistakes print its usage, not the top-level one."""
+    from engine.arg_utils import FriendlyParser
+
+    return _add_serve_args(FriendlyParser(prog="depthserve serve", usage="%(prog)s [MODEL] [options]",
+                                          description=SERVE_DESCRIPTION))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from engine.arg_utils import DefaultsFormatter, FriendlyParser
+
+    parser = FriendlyParser(
         prog="depthserve", description="Serve, train and benchmark Attention Residual (AttnRes) language models.",
         epilog="With no command, `serve` runs. `depthserve COMMAND --help` shows a command's options.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _serve_parser(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=FriendlyParser)
+    _add_serve_args(sub.add_parser("serve", help=SERVE_HELP, description=SERVE_DESCRIPTION,
+                                   formatter_class=DefaultsFormatter))
     for name, (_, help_text) in FORWARDED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def apply_model_tag(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`serve MODEL` sets --model; both at once must agree."""
+    from models.loader import DEFAULT_MODEL
+
+    tag = getattr(ns, "model_tag", None)
+    if tag is not None:
+        if ns.model not in (DEFAULT_MODEL, tag):
+            parser.error(f"the model is given twice ({tag!r} and --model {ns.model!r}): give it once")
+        ns.model = tag
+    return ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(args[1:]) or 0)
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         args = ["serve", *args]
-    ns = build_parser().parse_args(args)
+    if args[0] == "serve":
+        parser = serve_parser()
+        ns = apply_model_tag(parser.parse_args(args[1:]), parser)
+    else:
+        ns = build_parser().parse_args(args)  # --help, or an unknown command (with the closest one)
     try:
         return serve(ns)
     except UserError as e:
