@@ -93,9 +93,7 @@ class LLMEngine:
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
         self._setup_cuda_graphs(tp)
-        logger.info("engine ready: device %s, kernels %s, KV cache %d blocks of %d tokens (%.1f MiB), step budget "
-                    "%d tokens, cudagraph: %s", config.device, self.kernels.name, num_blocks, config.cache.block_size,
-                    num_blocks * per_block / 2**20, self.max_step_tokens, self.runner.cudagraph_status)
+        self._log_startup(num_blocks, per_block)
         self.processor = OutputProcessor(self.tokenizer)
         self.depth_stats: DepthStats | None = None
         if config.depth_stats and mcfg.is_attn_res:
@@ -104,6 +102,30 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_step_tokens = 0
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
+
+    def _log_startup(self, num_blocks: int, per_block: int) -> None:
+        """What an operator checks first (vLLM prints the same facts): precision, context, KV capacity in
+        tokens and requests, the depth pool, threads and ranks."""
+        cfg, bs = self.config, self.config.cache.block_size
+        dtype = str(cfg.dtype).removeprefix("torch.")
+        logger.info("model %s: %s, dtype %s (%s), max_model_len %d", cfg.model,
+                    "Block AttnRes" if self.model_config.attn_res_mode == "block" else
+                    "Full AttnRes" if self.model_config.is_attn_res else "standard residual",
+                    dtype, self.dtype_reason, self.max_model_len)
+        per_request = -(-self.max_model_len // bs)
+        logger.info("KV cache size: %d tokens (%d blocks of %d, %.1f MiB per rank); maximum concurrency for %d "
+                    "tokens per request: %.2fx", num_blocks * bs, num_blocks, bs, num_blocks * per_block / 2**20,
+                    self.max_model_len, num_blocks / per_request)
+        if self.depth is not None:
+            logger.info("depth pool: %.1f MiB for %d tokens per step (--depth-cache-memory)",
+                        self.depth.bytes / 2**20, self.depth.capacity)
+        else:
+            logger.info("depth pool: none (standard residual model)")
+        logger.info("engine ready: device %s, kernels %s, threads %d, tensor_parallel_size %d, step budget %d "
+                    "tokens, max_num_seqs %d, prefix caching %s, cudagraph: %s", cfg.device, self.kernels.name,
+                    torch.get_num_threads(), cfg.parallel.tensor_parallel_size, self.max_step_tokens,
+                    cfg.scheduler.max_num_seqs, "on" if cfg.cache.enable_prefix_caching else "off",
+                    self.runner.cudagraph_status)
 
     # ---- start-up sizing ---------------------------------------------------------------------
     def _size_depth(self) -> tuple[DepthCache | None, int]:

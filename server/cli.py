@@ -29,6 +29,9 @@ FORWARDED = {
 }
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # one format: engine, server and uvicorn
+
+
 class UserError(Exception):
     """A problem the user can fix from the command line: reported in one line, exit status 2."""
 
@@ -128,7 +131,7 @@ def serve(ns: argparse.Namespace) -> int:
     from server.http import DrainingServer, protocol
     from server.middleware import host_allowlist
 
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=ns.log_level.upper(), format=LOG_FORMAT)
     try:
         cfg = EngineArgs.from_cli_args(ns).create_engine_config()
         srv = ServerArgs.from_cli_args(ns).validate()
@@ -146,14 +149,25 @@ def serve(ns: argparse.Namespace) -> int:
         app = build_app(async_engine, names, api_key=srv.api_key or None, max_body_bytes=srv.max_body_bytes,
                         metrics_require_auth=srv.metrics_require_auth, request_timeout=srv.request_timeout,
                         allowed_origins=srv.allowed_origins,
-                        allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts))
-        config = uvicorn.Config(app, log_level=srv.log_level, server_header=False,
+                        allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts),
+                        log_stats_interval=None if srv.disable_log_stats else srv.log_stats_interval,
+                        enable_docs=srv.enable_docs)
+        # log_config=None: uvicorn's loggers propagate to the root handler above, so its lines (access log
+        # included) have the same format as the engine's
+        config = uvicorn.Config(app, log_config=None, log_level=srv.uvicorn_log_level or srv.log_level,
+                                access_log=not srv.disable_uvicorn_access_log, server_header=False,
                                 limit_concurrency=srv.max_connections, http=protocol(srv.header_timeout))
         # past --shutdown-timeout, the engine stops and fails what is still running, so each request
         # ends with its own 503 / stream error event
         server = DrainingServer(config, grace=srv.shutdown_timeout, expire=async_engine.shutdown)
-        logging.getLogger("depthserve").info("serving %s as %s on http://%s:%d", cfg.model, ", ".join(names),
-                                             srv.host, srv.port)
+        log = logging.getLogger("depthserve")
+        if srv.api_key:
+            log.info("API key auth: on (Bearer) for /v1/*, /tokenize, /detokenize, /openapi.json%s",
+                     ", /metrics" if srv.metrics_require_auth else "")
+        else:
+            log.info("API key auth: off (set --api-key or DEPTHSERVE_API_KEY to require one)")
+        log.info("serving %s as %s on http://%s:%d (max_queued_requests %s)", cfg.model, ", ".join(names),
+                 srv.host, srv.port, srv.max_queued_requests or "unbounded")
         # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in
         # place (it restores them) that re-raise is harmless and a SIGTERM'd server exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,6 +40,12 @@ class Recorder:
     def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
         self.events.append(("finished", finish_reason))
 
+    def observe_request(self, stats: object) -> None:
+        self.events.append(("request", stats))
+
+    def observe_iteration_tokens(self, tokens: int) -> None:
+        self.events.append(("iteration", tokens))
+
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self.events if k == kind)
 
