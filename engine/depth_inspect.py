@@ -13,18 +13,12 @@ from pathlib import Path
 
 from engine.arg_utils import EngineArgs, FriendlyParser
 from engine.config import DTYPE_CHOICES
-from engine.depth_stats import entropy
+from engine.depth_stats import entropy, site_labels, source_label
 from engine.llm_engine import LLM
 from engine.sampling_params import SamplingParams
 
 MATPLOTLIB_INSTALL = 'pip install "matplotlib>=3.7"'
 Entry = list[list[float]]  # per site: weights over its sources
-
-
-def site_labels(num_sites: int) -> list[str]:
-    """Layer i attention/MLP for all sites but the last, which is the output head."""
-    labels = [f"L{i // 2} {'attn' if i % 2 == 0 else 'mlp'}" for i in range(num_sites - 1)]
-    return [*labels, "output"]
 
 
 def mean_map(entries: list[Entry]) -> list[list[float]]:
@@ -47,7 +41,7 @@ def draw(matrix: list[list[float]], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * width), 1.2 + 0.28 * len(matrix)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(matrix)), site_labels(len(matrix)), fontsize=7)
-    ax.set_xticks(range(width), ["emb", *[f"src{j}" for j in range(1, width)]], fontsize=7, rotation=45)
+    ax.set_xticks(range(width), [source_label(j) for j in range(width)], fontsize=7, rotation=45)
     ax.set_xlabel("source: completed blocks from the embedding on; a site's last source is its partial sum",
                   fontsize=7)
     ax.set_title(title, fontsize=9)

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.async_engine import FinishedRequestStats
+from engine.depth_stats import site_labels, source_label
 from engine.llm_engine import EngineStats
 
 PREFIX = "depthserve:"
@@ -99,15 +100,16 @@ class _EngineStatsCollector(Collector):
             w = GaugeMetricFamily(PREFIX + "depth_attention_weight",
                                   "Mean AttnRes depth weight of a site on a source, over sampled tokens.",
                                   labels=["model_name", "site", "source"])
+            sites = site_labels(len(depth.mean_weight))  # the names `depthserve inspect` plots use
             for i, site in enumerate(depth.mean_weight):
                 for j, v in enumerate(site):
-                    w.add_metric([self._model, str(i), str(j)], v)
+                    w.add_metric([self._model, sites[i], source_label(j)], v)
             yield w
             e = GaugeMetricFamily(PREFIX + "depth_attention_entropy",
                                   "Mean entropy (nats) of a site's AttnRes depth weights, over sampled tokens.",
                                   labels=["model_name", "site"])
             for i, v in enumerate(depth.mean_entropy):
-                e.add_metric([self._model, str(i)], v)
+                e.add_metric([self._model, sites[i]], v)
             yield e
             yield counter("depth_attention_tokens", "Sampled tokens whose depth weights are aggregated.",
                           float(depth.tokens))
