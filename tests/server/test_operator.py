@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from engine.llm_engine import EngineStats
 from server.metrics import buckets_1_2_5
 from server.stat_logger import StatLogger, stats_line
-from tests.server.conftest import ServerProcess, scrape
+from tests.server.conftest import REPO, ServerProcess, scrape
 
 KEY = "op-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -56,7 +57,7 @@ def test_request_token_buckets_are_vllms() -> None:
 @pytest.fixture(scope="module")
 def op_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     with ServerProcess(tiny_model, "--log-level", "info", "--log-stats-interval", "0.2", "--api-key", KEY,
-                       "--enable-docs", log_dir=tmp_path_factory.mktemp("op-logs")) as srv:
+                       "--enable-docs", "--depth-metrics", log_dir=tmp_path_factory.mktemp("op-logs")) as srv:
         yield srv
 
 
@@ -100,6 +101,21 @@ def test_vllm_metrics_and_stats_line_after_a_request(op_server: ServerProcess) -
     assert "uvicorn.access" in log  # the access log, in the same format
     lines = [ln for ln in log.splitlines() if ln.strip()]
     assert all(LOG_LINE.match(ln) for ln in lines), [ln for ln in lines if not LOG_LINE.match(ln)][:3]
+
+
+def test_every_metric_the_dashboard_queries_exists(op_server: ServerProcess) -> None:
+    dashboard = json.loads((REPO / "grafana" / "depthserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried = {name for e in exprs for name in re.findall(r"depthserve:[A-Za-z0-9_:]+", e)}
+    assert len(queried) > 20
+    name = httpx.get(op_server.url + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+    r = httpx.post(op_server.url + "/v1/completions", headers=AUTH,  # so the depth weights have values
+                   json={"model": name, "prompt": "To be", "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200
+    exposed = {k.partition("{")[0] for k in scrape(op_server.url)}
+    assert sorted(queried - exposed) == []
+    panels = " ".join(p["title"] for p in dashboard["panels"])
+    assert "Depth pool use" in panels and "Depth-attention weights" in panels
 
 
 def test_quiet_switches(tiny_model: Path, tmp_path: Path) -> None:
