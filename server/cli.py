@@ -91,6 +91,7 @@ def apply_model_tag(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in FORWARDED:
+        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)  # the engine's warnings, in the one format
         module = importlib.import_module(FORWARDED[args[0]][0])
         return int(module.main(args[1:]) or 0)
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
