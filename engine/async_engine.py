@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from engine.outputs import CompletionOutput, RequestOutput
@@ -69,7 +69,8 @@ class FinishedRequestStats:
     """
 
     prompt_tokens: int
-    generation_tokens: int
+    generation_tokens: int  # over all n samples
+    max_sample_tokens: int  # the longest sample's
     prefill_seconds: float | None
     decode_seconds: float | None
     inference_seconds: float | None
@@ -81,7 +82,7 @@ class _Track:
 
     group: RequestGroup
     scheduled_seen: bool = False
-    generated: int = 0  # tokens delivered so far, over all samples
+    generated: dict[int, int] = field(default_factory=dict)  # sample index -> tokens delivered so far
     detached: bool = False  # aborted by the client: still observed for metrics, no longer queued
 
 
@@ -458,14 +459,16 @@ class AsyncLLMEngine:
         if not track.scheduled_seen and m.first_scheduled_time is not None:
             track.scheduled_seen = True
             obs.observe_queue_time(m.first_scheduled_time - m.arrival_time)
-        track.generated += sum(len(c.token_ids) for c in out.outputs)
+        for c in out.outputs:
+            track.generated[c.index] = track.generated.get(c.index, 0) + len(c.token_ids)
         if out.finished:
             end = m.finished_time if m.finished_time is not None else time.monotonic()
             obs.observe_finished(out.outputs[0].finish_reason or "error" if out.outputs else "error",
                                  end - m.arrival_time)
             first, start, last = m.first_token_time, m.first_scheduled_time, m.last_token_time
             obs.observe_request(FinishedRequestStats(
-                prompt_tokens=len(out.prompt_token_ids), generation_tokens=track.generated,
+                prompt_tokens=len(out.prompt_token_ids), generation_tokens=sum(track.generated.values()),
+                max_sample_tokens=max(track.generated.values(), default=0),
                 prefill_seconds=first - start if first is not None and start is not None else None,
                 decode_seconds=last - first if last is not None and first is not None else None,
                 inference_seconds=last - start if last is not None and start is not None else None))

@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 NEW_METRICS = ["request_prompt_tokens", "request_generation_tokens", "time_per_output_token_seconds",
                "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
-               "iteration_tokens_total", "cache_config_info"]
+               "request_max_num_generation_tokens", "iteration_tokens_total", "cache_config_info"]
 
 
 def stats(**kw: float) -> EngineStats:
