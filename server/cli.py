@@ -11,6 +11,7 @@ stderr and exit status 2; SIGTERM/SIGINT drain in-flight requests, stop the engi
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import signal
@@ -96,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(args[1:]) or 0)
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         args = ["serve", *args]
+    if args[0] not in ("serve", "-h", "--help") and not difflib.get_close_matches(args[0], ["serve", *FORWARDED]):
+        print(f"usage: depthserve [-h] COMMAND ...\ndepthserve: error: unknown command {args[0]!r}; to serve a "
+              f"model: depthserve serve {args[0]}", file=sys.stderr)
+        return EXIT_USAGE
     if args[0] == "serve":
         parser = serve_parser()
         ns = apply_model_tag(parser.parse_args(args[1:]), parser)

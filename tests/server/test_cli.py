@@ -60,6 +60,8 @@ def test_typo_prints_the_subcommand_usage_and_the_closest_flag(capsys: pytest.Ca
     assert "did you mean --port" in capsys.readouterr().err
     assert main(["bench", "latncy"]) == 2
     assert "did you mean latency?" in capsys.readouterr().err
+    assert main(["./my-model"]) == 2  # vLLM needs `serve` too: say so
+    assert "to serve a model: depthserve serve ./my-model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["serve", "--help"], ["inspect", "--help"], ["soak", "--help"]])
