@@ -3,7 +3,7 @@
 Random weights (speed does not depend on them). Runs are interleaved A B A B ... and medians are
 compared per pair, since this machine is noisy. Prints a Markdown table and writes JSON.
 
-    python -m loadtest.bench_latency --layers 12 --hidden 512 --dtype bfloat16 --out bench_out/latency.json
+    depthserve bench latency --layers 12 --hidden 512 --dtype bfloat16 --out bench_out/latency.json
 
 With `--kernels native reference` it times each model on each op backend instead (four engines per dtype,
 interleaved), and `--dtype` may name several dtypes, run one after the other.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.arg_utils import EngineArgs
+from engine.arg_utils import EngineArgs, FriendlyParser
 from engine.config import parse_dtype
 from kernels import hugepages
 from models.checkpoint import save_checkpoint
@@ -239,7 +239,7 @@ def depth_attention_cost(shape: dict, blocks: int, dtype: str, batch: int, repea
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FriendlyParser(prog="depthserve bench latency", description=__doc__)
     add_shape_args(ap)
     ap.add_argument("--blocks", type=int, default=8, help="N: number of AttnRes blocks (0: Full AttnRes)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"], help="one or more dtypes, run one after the other")

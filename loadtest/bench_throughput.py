@@ -5,12 +5,11 @@ batching, then through `model.generate()` in static batches at several batch siz
 reported). Also measures, in the same run, the memory-bandwidth roofline of batch-1 decode
 (weight bytes per step / measured copy bandwidth) and where a batch-32 decode step's time goes.
 
-    python -m loadtest.bench_throughput --num-prompts 64 --out bench_out/throughput.json
+    depthserve bench throughput --num-prompts 64 --out bench_out/throughput.json
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
+from engine.arg_utils import FriendlyParser
 from engine.config import parse_dtype
 from kernels import hugepages
 from loadtest.bench_latency import (
@@ -197,7 +197,7 @@ def prefill_vs_hf(folder: Path, dtype: str, n_tokens: int, max_len: int, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FriendlyParser(prog="depthserve bench throughput", description=__doc__)
     add_shape_args(ap)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-prompts", type=int, default=64)

@@ -15,10 +15,12 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import PlainTextResponse, Response
 
 from engine.async_engine import AsyncLLMEngine
@@ -31,8 +33,19 @@ from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completion import OpenAIServingCompletion
 from server.openai.serving_engine import ServedModels, Tokens
 from server.openai.serving_tokenization import OpenAIServingTokenization
+from server.stat_logger import StatLogger
 
 logger = logging.getLogger("depthserve.server")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("depthserve")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.1.0"
+
+
+VERSION = _version()
 
 _ERROR = {"model": P.ErrorResponse}
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -57,15 +70,32 @@ _SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                          "properties": {"data": {"type": "string"}}}}}
 
 
+def _cache_info(engine: AsyncLLMEngine) -> dict[str, object] | None:
+    """cache_config_info's labels: vLLM's names (num_gpu_blocks is the KV block count, on CPU too), plus the
+    depth pool's size in tokens per step."""
+    eng = engine.engine
+    cfg, kv = getattr(eng, "config", None), getattr(eng, "kv", None)
+    if cfg is None or kv is None:
+        return None
+    depth = getattr(eng, "depth", None)
+    return {"block_size": cfg.cache.block_size, "cache_dtype": str(cfg.dtype).removeprefix("torch."),
+            "enable_prefix_caching": cfg.cache.enable_prefix_caching,
+            "gpu_memory_utilization": cfg.cache.gpu_memory_utilization, "num_gpu_blocks": kv.num_blocks,
+            "depth_pool_tokens": depth.capacity if depth is not None else 0}
+
+
 def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key: str | None = None,
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
               request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
-              allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+              allowed_hosts: Sequence[str] | None = None, log_stats_interval: float | None = None,
+              enable_docs: bool = False) -> FastAPI:
     """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
 
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
     `allowed_hosts`: Host header patterns served (server.middleware.HostGuard), others get 400; None: any.
+    `log_stats_interval`: seconds between stats log lines while busy (None: none). `enable_docs`: Swagger UI
+    at /docs.
     """
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
@@ -75,21 +105,26 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     chat = OpenAIServingChat(engine, models, tokens, request_timeout)
     tokenization = OpenAIServingTokenization(engine, models, tokens)
     key = ApiKey(api_key) if api_key else None
-    metrics = ServerMetrics(lambda: engine.stats, models.names[0])
+    metrics = ServerMetrics(lambda: engine.stats, models.names[0], max_model_len=engine.max_model_len,
+                            cache_info=_cache_info(engine))
     engine.observer = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not engine.started:
             engine.start()
+        stat_task = (asyncio.create_task(StatLogger(lambda: engine.stats, log_stats_interval).run())
+                     if log_stats_interval else None)
         try:
             yield
         finally:
+            if stat_task is not None:
+                stat_task.cancel()
             await asyncio.to_thread(engine.shutdown)
             logger.info("engine stopped")
 
     # no slash redirects: their absolute Location would echo the client's Host header
-    app = FastAPI(title="depthserve", version="0.1.0", description="OpenAI-compatible API of a depthserve server.",
+    app = FastAPI(title="depthserve", version=VERSION, description="OpenAI-compatible API of a depthserve server.",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -135,6 +170,24 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
             return Response(b'{"status":"ok"}', media_type="application/json")
         reason = engine.unavailable_reason or "the engine is not running"  # no internals: they are logged
         return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
+
+    @app.api_route("/ping", methods=["GET", "POST"], responses={
+        200: {"description": "The engine is serving (as /health; vLLM's and SageMaker's probe)"},
+        503: {**_ERROR, "description": "The engine has stopped"}})
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version", responses={200: {"description": "The server's version", "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"version": {"type": "string"}},
+                                        "required": ["version"]}}}}})
+    async def version() -> Response:
+        return Response(json.dumps({"version": VERSION}), media_type="application/json")
+
+    if enable_docs:
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="depthserve API")
+
+        app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition",

@@ -161,9 +161,10 @@ def test_tp2_reads_quantized_shards_like_tp1(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "q8.gguf", cfg, random_model(cfg, seed=7).state_dict(), lambda name: Q.Q8_0)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": IDS}, {"prompt_token_ids": [1, 20, 30]}]
-    with LLM(str(path), max_model_len=64, kv_cache_memory="4MiB") as llm:
+    with LLM(str(path), max_model_len=64, kv_cache_memory="4MiB", dtype="float32") as llm:
         tp1 = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-    with LLM(str(path), tensor_parallel_size=2, max_model_len=64, kv_cache_memory="4MiB", num_threads=1) as llm:
+    with LLM(str(path), tensor_parallel_size=2, max_model_len=64, kv_cache_memory="4MiB", num_threads=1,
+             dtype="float32") as llm:
         tp2 = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     assert tp2 == tp1
 
@@ -293,7 +294,7 @@ def smol_path() -> Path:
 def smol_llm(smol_path: Path):  # type: ignore[no-untyped-def]
     from engine import LLM
 
-    llm = LLM(SMOL, max_model_len=512, kv_cache_memory="32MiB")
+    llm = LLM(SMOL, max_model_len=512, kv_cache_memory="32MiB", dtype="float32")  # as transformers dequantizes
     yield llm
     llm.shutdown()
 
