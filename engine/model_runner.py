@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -175,6 +176,7 @@ class ModelRunner:
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
+        masks = self.sampler.prepare_masks([r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp])
         pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
         batch = self._batch(rows) if pad is None else self._padded_batch(rows, pad)
         weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
@@ -195,7 +197,7 @@ class ModelRunner:
         finally:
             if self.depth is not None and batch.depth is not None:
                 self.depth.release()
-        return self._sample(rows, logits, weights)
+        return self._sample(rows, logits, weights, masks)
 
     def _rows(self, sched: SchedulerOutput) -> _Rows:
         rows = _Rows()
@@ -321,7 +323,8 @@ class ModelRunner:
         return []
 
     # ---- sampling ------------------------------------------------------------------------------
-    def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor]) -> RunnerOutput:
+    def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor],
+                masks: Future[torch.Tensor] | None = None) -> RunnerOutput:
         sampled = [r for r, s in zip(rows.reqs, rows.sample, strict=True) if s]
         depth_of: dict[int, DepthEntry] = {}  # id(request) -> its sampled row's weights
         prompt_depth: dict[str, list[tuple[int, DepthEntry]]] = {}
@@ -334,7 +337,7 @@ class ModelRunner:
                 if pos < req.num_prompt_tokens and req.params.prompt_depth_attention:
                     prompt_depth.setdefault(req.request_id, []).append((pos, entry))
         out = RunnerOutput([], [], [], [], prompt_depth, rows.failed)
-        for req, result in zip(sampled, self._sample_rows(logits, sampled), strict=True):
+        for req, result in zip(sampled, self._sample_rows(logits, sampled, masks), strict=True):
             if isinstance(result, BaseException):
                 out.failed.append((req, "sampling failed", result))
                 continue
@@ -344,11 +347,11 @@ class ModelRunner:
             out.depth.append(depth_of.get(id(req)))
         return out
 
-    def _sample_rows(self, logits: torch.Tensor,
-                     reqs: list[Request]) -> list[tuple[int, Logprob | None] | BaseException]:
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request], masks: Future[torch.Tensor] | None = None
+                     ) -> list[tuple[int, Logprob | None] | BaseException]:
         """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
         try:
-            out = self.sampler(logits, reqs)
+            out = self.sampler(logits, reqs, masks.result() if masks is not None else None)
             return list(zip(out.token_ids, out.logprobs, strict=True))
         except Exception:  # noqa: BLE001
             logger.exception("batched sampling failed; sampling row by row")
