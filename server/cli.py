@@ -114,7 +114,8 @@ def serve(ns: argparse.Namespace) -> int:
         app = build_app(async_engine, names, api_key=srv.api_key or None, max_body_bytes=srv.max_body_bytes,
                         metrics_require_auth=srv.metrics_require_auth, request_timeout=srv.request_timeout,
                         allowed_origins=srv.allowed_origins,
-                        allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts))
+                        allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts),
+                        tool_call_parser=srv.tool_call_parser if srv.enable_auto_tool_choice else None)
         config = uvicorn.Config(app, log_level=srv.log_level, server_header=False,
                                 limit_concurrency=srv.max_connections, http=protocol(srv.header_timeout))
         # past --shutdown-timeout, the engine stops and fails what is still running, so each request

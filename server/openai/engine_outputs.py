@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.outputs import CompletionOutput, DepthEntry, Logprob, RequestOutput
 from server import protocol as P
@@ -32,6 +33,7 @@ class Choice:
     final: CompletionOutput | None = None  # non-streaming: the finished sample
     prompt_depth: list[DepthEntry] | None = None  # echo + depth_attention: one entry per prompt token
     started: bool = False  # streaming: a chunk with generated tokens was sent
+    tool_stream: Any = None  # chat with tools, streaming: its tool_calls.ToolStream
 
 
 def update(choice: Choice, out: RequestOutput, comp: CompletionOutput) -> None:

@@ -74,7 +74,13 @@ def test_completion_400(http: httpx.Client, patch: dict, param: str, contains: s
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content", "text"),
     ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "--enable-auto-tool-choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": {"name": "g"}}},
+     "tool_choice", "not among the tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+     "tools.0.function.name", "function name"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "one"),
     ({"max_tokens": 300}, "messages", "300"),
 ])
 def test_chat_400(http: httpx.Client, patch: dict, param: str, contains: str) -> None:
