@@ -141,3 +141,15 @@ def test_apply_bitmask_masks_rows_and_padding() -> None:
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 2]
     assert torch.isfinite(logits[1]).all()  # not a constrained row
     assert torch.isfinite(logits[2]).nonzero().flatten().tolist() == [32]
+
+
+def test_slow_compiles_are_refused_with_a_bound(llm: LLM) -> None:
+    from engine.structured import GrammarCompiler
+
+    eng = llm.engine
+    slow = GrammarCompiler(eng.tokenizer, eng.model_config.eos_token_ids, eng.model_config.vocab_size,
+                           timeout_s=1e-9)  # nothing compiles that fast
+    big = {"type": "object", "properties": {f"k{i}": {"type": "string", "pattern": "[a-z]{1,20}"} for i in range(50)}}
+    with pytest.raises(InvalidParameterError, match="took more than") as e:
+        slow.matcher(StructuredOutputsParams(json=big))
+    assert e.value.param == "json"
