@@ -229,18 +229,22 @@ def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
     return bm
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# byte value -> its 8 bits, as "banned" (bit clear): one lookup per mask byte unpacks a bitmask row
+_BANNED_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) == 0  # [256, 8]
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """logits [S, V] in place: -inf where the bitmask [S, W] (W * 32 >= the tokenizer's vocabulary) disallows,
-    on the given rows; columns past the mask (vocabulary padding of the model) are disallowed too."""
+    on the given rows; columns past the mask (vocabulary padding of the model) are disallowed too.
+
+    The int32 words are read as little-endian bytes (token 32w + j is bit j of word w: byte j // 8, bit j % 8)."""
     s, v = logits.shape
     dev = logits.device
     every = len(rows) == s
-    bm = (bitmask if every else bitmask[rows]).to(dev, non_blocking=True)  # [R, W]
-    banned = ((bm.unsqueeze(-1) >> _BITS.to(dev)) & 1).view(bm.shape[0], -1) == 0  # [R, W * 32]
-    if banned.shape[1] < v:
+    bm = (bitmask if every else bitmask[rows]).contiguous()  # [R, W]
+    table = _BANNED_BITS.to(dev)
+    banned = table.index_select(0, bm.view(torch.uint8).flatten().to(dev, torch.int32)).view(bm.shape[0], -1)
+    if banned.shape[1] < v:  # [R, W * 32] -> [R, V]
         banned = torch.nn.functional.pad(banned, (0, v - banned.shape[1]), value=True)
     banned = banned[:, :v]
     if every:
