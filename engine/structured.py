@@ -231,6 +231,14 @@ def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
 
 # byte value -> its 8 bits, as "banned" (bit clear): one lookup per mask byte unpacks a bitmask row
 _BANNED_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) == 0  # [256, 8]
+_BANNED_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _banned_bits(dev: torch.device) -> torch.Tensor:
+    table = _BANNED_ON.get(dev)
+    if table is None:  # a benign race: two threads may both copy it
+        table = _BANNED_ON[dev] = _BANNED_BITS.to(dev)
+    return table
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -242,7 +250,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     dev = logits.device
     every = len(rows) == s
     bm = (bitmask if every else bitmask[rows]).contiguous()  # [R, W]
-    table = _BANNED_BITS.to(dev)
+    table = _banned_bits(dev)
     banned = table.index_select(0, bm.view(torch.uint8).flatten().to(dev, torch.int32)).view(bm.shape[0], -1)
     if banned.shape[1] < v:  # [R, W * 32] -> [R, V]
         banned = torch.nn.functional.pad(banned, (0, v - banned.shape[1]), value=True)
