@@ -103,7 +103,8 @@ def plan(req: P.ChatCompletionRequest, auto_parser: str | None) -> ToolPlan | No
     if choice in ("none", "required"):
         return ToolPlan(choice, tools, parallel=parallel)  # type: ignore[arg-type]
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) and choice.get("type", "function") == "function" else None
         if not isinstance(name, str):
             raise APIError(400, "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}",
                            param="tool_choice")
@@ -131,10 +132,11 @@ def for_plain_template(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] |
     out = []
     for m in msgs:
         calls = m.get("tool_calls")
-        if m.get("role") == "assistant" and calls:
+        if m.get("role") == "assistant" and isinstance(calls, list) and calls:
             blocks = []
             for c in calls:
-                fn = c.get("function", {}) if isinstance(c, dict) else {}
+                fn = c.get("function") if isinstance(c, dict) else None
+                fn = fn if isinstance(fn, dict) else {}
                 args = fn.get("arguments", "{}")
                 with contextlib.suppress(ValueError):
                     args = json.loads(args) if isinstance(args, str) else args

@@ -81,3 +81,17 @@ def test_plain_template_gets_tools_and_past_calls() -> None:
     assert out[0]["role"] == "system" and "<tools>" in out[0]["content"] and "get_weather" in out[0]["content"]
     assert out[2]["content"] == '<tool_call>\n{"name": "duel", "arguments": {"with": "Tybalt"}}\n</tool_call>'
     assert out[3] == msgs[2]
+
+
+def test_odd_shapes_are_400s_or_ignored_not_errors() -> None:
+    from server.errors import APIError
+
+    req = P.ChatCompletionRequest(messages=[P.ChatMessage(role="user", content="hi")], tools=list(TOOLS),
+                                  tool_choice={"type": "function", "function": "duel"})
+    with pytest.raises(APIError) as e:
+        T.plan(req, None)
+    assert e.value.param == "tool_choice"
+    odd = [{"role": "assistant", "content": "x", "tool_calls": 5},
+           {"role": "assistant", "content": "", "tool_calls": ["a", {"function": "f"}]}]
+    out = T.for_plain_template(odd, None)
+    assert out[0] == odd[0] and "<tool_call>" in out[1]["content"]
