@@ -178,3 +178,29 @@ def test_tool_results_go_back_through_the_template(client: openai.OpenAI) -> Non
     out = client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=[WEATHER], tool_choice="none",
                                          temperature=0.0, max_tokens=5)
     assert out.choices[0].message.tool_calls in (None, [])
+
+
+def test_auto_tool_choice_parses_hermes_calls_streamed_or_not(client: openai.OpenAI) -> None:
+    # a regex makes the tiny model write a Hermes call, as a tool-trained model would on its own
+    said = 'Let me see. <tool_call>{"name": "get_weather", "arguments": {"city": "Verona", "days": 2}}</tool_call>'
+    kw = dict(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER, DUEL], temperature=0.0, max_tokens=200,
+              extra_body={"structured_outputs": {"regex": re.escape(said)}})
+    c = client.chat.completions.create(**kw).choices[0]  # type: ignore[call-overload]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me see."
+    [call] = c.message.tool_calls
+    assert call.function.name == "get_weather" and _args(call) == {"city": "Verona", "days": 2}
+    content, calls = "", {}
+    for chunk in client.chat.completions.create(**kw, stream=True):  # type: ignore[call-overload]
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                got = calls.setdefault(tc.index, ["", ""])
+                got[0] += tc.function.name or ""
+                got[1] += tc.function.arguments or ""
+            last = ch.finish_reason
+    assert content.strip() == "Let me see." and last == "tool_calls"
+    assert calls == {0: [call.function.name, call.function.arguments]}
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER], max_tokens=30,
+                                           temperature=0.0, extra_body={"guided_choice": ["No tools today."]})
+    assert plain.choices[0].message.content == "No tools today." and not plain.choices[0].message.tool_calls
+    assert plain.choices[0].finish_reason == "stop"
