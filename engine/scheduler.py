@@ -214,7 +214,8 @@ class Scheduler:
     @staticmethod
     def _check_stop(req: Request, tok: int) -> None:
         """Token-level stops, in vLLM's order: min_tokens holds everything off, then EOS, stop token
-        ids, then length, then a grammar that takes no more tokens. Stop strings need text: the output processor applies them."""
+        ids, then length, then a grammar that takes no more tokens. Stop strings need text: the output
+        processor applies them."""
         p = req.params
         if req.num_output_tokens >= p.min_tokens:
             if tok in req.eos_token_ids:

@@ -95,3 +95,11 @@ def test_odd_shapes_are_400s_or_ignored_not_errors() -> None:
            {"role": "assistant", "content": "", "tool_calls": ["a", {"function": "f"}]}]
     out = T.for_plain_template(odd, None)
     assert out[0] == odd[0] and "<tool_call>" in out[1]["content"]
+
+
+def test_auto_tool_choice_flag_needs_a_parser() -> None:
+    from server.args import ServerArgs
+
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        ServerArgs(enable_auto_tool_choice=True).validate()
+    assert ServerArgs(enable_auto_tool_choice=True, tool_call_parser="hermes").validate().tool_call_parser == "hermes"
