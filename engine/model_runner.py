@@ -70,6 +70,7 @@ class _Rows:
     ids: list[int] = field(default_factory=list)
     failed: list[tuple[Request, str, BaseException]] = field(default_factory=list)
     depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
+    masks: Future[torch.Tensor] | None = None  # grammar bitmasks of the sampled rows, filled during the forward
 
     def is_pure_decode(self) -> bool:
         """Every row has one new token and no depth weights are recorded: the step can be padded."""
@@ -176,7 +177,7 @@ class ModelRunner:
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
-        masks = self.sampler.prepare_masks([r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp])
+        rows.masks = self.sampler.prepare_masks([r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp])
         pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
         batch = self._batch(rows) if pad is None else self._padded_batch(rows, pad)
         weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
@@ -197,7 +198,7 @@ class ModelRunner:
         finally:
             if self.depth is not None and batch.depth is not None:
                 self.depth.release()
-        return self._sample(rows, logits, weights, masks)
+        return self._sample(rows, logits, weights)
 
     def _rows(self, sched: SchedulerOutput) -> _Rows:
         rows = _Rows()
@@ -323,8 +324,7 @@ class ModelRunner:
         return []
 
     # ---- sampling ------------------------------------------------------------------------------
-    def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor],
-                masks: Future[torch.Tensor] | None = None) -> RunnerOutput:
+    def _sample(self, rows: _Rows, logits: torch.Tensor, weights: list[torch.Tensor]) -> RunnerOutput:
         sampled = [r for r, s in zip(rows.reqs, rows.sample, strict=True) if s]
         depth_of: dict[int, DepthEntry] = {}  # id(request) -> its sampled row's weights
         prompt_depth: dict[str, list[tuple[int, DepthEntry]]] = {}
@@ -337,7 +337,7 @@ class ModelRunner:
                 if pos < req.num_prompt_tokens and req.params.prompt_depth_attention:
                     prompt_depth.setdefault(req.request_id, []).append((pos, entry))
         out = RunnerOutput([], [], [], [], prompt_depth, rows.failed)
-        for req, result in zip(sampled, self._sample_rows(logits, sampled, masks), strict=True):
+        for req, result in zip(sampled, self._sample_rows(logits, sampled, rows.masks), strict=True):
             if isinstance(result, BaseException):
                 out.failed.append((req, "sampling failed", result))
                 continue
