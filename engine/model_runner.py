@@ -351,7 +351,7 @@ class ModelRunner:
                      ) -> list[tuple[int, Logprob | None] | BaseException]:
         """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
         try:
-            out = self.sampler(logits, reqs, masks.result() if masks is not None else None)
+            out = self.sampler(logits, reqs) if masks is None else self.sampler(logits, reqs, masks.result())
             return list(zip(out.token_ids, out.logprobs, strict=True))
         except Exception:  # noqa: BLE001
             logger.exception("batched sampling failed; sampling row by row")
