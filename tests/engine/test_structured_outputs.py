@@ -153,3 +153,25 @@ def test_slow_compiles_are_refused_with_a_bound(llm: LLM) -> None:
     with pytest.raises(InvalidParameterError, match="took more than") as e:
         slow.matcher(StructuredOutputsParams(json=big))
     assert e.value.param == "json"
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_standard_and_full_attnres_models(tmp_path: Path, tokenizer_dir: Path, mode: str) -> None:
+    folder, _ = write_tiny(tmp_path, tiny_config(mode, layers=3), tokenizer_from=tokenizer_dir)
+    llm = LLM(str(folder), max_model_len=128, seed=1)
+    p = SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=30, structured_outputs={"regex": "[a-z]{2,4}-[0-9]"})
+    for c in llm.generate(PROMPTS[:2], p)[0].outputs:
+        assert re.fullmatch("[a-z]{2,4}-[0-9]", c.text), c.text
+
+
+def test_preempted_requests_keep_their_grammar_state(tokenizer_dir: Path, tmp_path: Path) -> None:
+    folder, _ = write_tiny(tmp_path, tiny_config("block", 2, layers=3), tokenizer_from=tokenizer_dir)
+    llm = LLM(str(folder), max_model_len=64, num_kv_blocks=8, block_size=8, seed=1)  # 5 requests cannot all fit
+    small = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"enum": ["x", "y"]}},
+             "required": ["a", "b"], "additionalProperties": False}
+    p = SamplingParams(temperature=1.0, seed=4, max_tokens=40, structured_outputs={"json": small})
+    for out in llm.generate(PROMPTS, p):
+        doc = json.loads(out.outputs[0].text)
+        assert set(doc) == {"a", "b"} and 0 <= doc["a"] <= 9 and doc["b"] in ("x", "y")
+    assert llm.engine.scheduler.stats.num_preemptions > 0
