@@ -172,7 +172,8 @@ class GrammarCompiler:
         self.timeout_s = timeout_s
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        # a few workers, so that one slow spec does not make the compiles queued behind it time out
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-compile")
 
     def matcher(self, spec: StructuredOutputsParams) -> Any:
         """A fresh matcher for `spec`; InvalidParameterError (param: the spec's kind) if it does not compile."""
