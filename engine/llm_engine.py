@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +24,7 @@ from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampling_params import SamplingParams, seed_for_sample
 from engine.scheduler import EngineCoreOutput, RunnerOutput, Scheduler
+from engine.structured import GrammarCompiler, StructuredOutputsParams
 from kernels import hugepages
 from kernels.ops import select_backend
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
@@ -104,6 +106,8 @@ class LLMEngine:
             self.depth_stats = DepthStats()
             self.runner.record_all = True
         self._ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self._grammars_lock = threading.Lock()
         self.last_step_tokens = 0
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
 
@@ -261,7 +265,22 @@ class LLMEngine:
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
                       eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids,
                       device=self.config.device)
+        if params.structured_outputs is not None:
+            req.grammar = self.compile_grammar(params.structured_outputs)
         return req
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
+        """A fresh matcher for a structured-output spec (compiled once per spec, then copied); safe from any
+        thread. InvalidParameterError naming the spec's kind when it is invalid, too large or too slow."""
+        if self.tokenizer is None:
+            raise InvalidParameterError("structured outputs need the model's tokenizer; this model has none",
+                                        "structured_outputs")
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.eos_token_ids,
+                                                 self.model_config.vocab_size)
+                self.runner.sampler.grammar_vocab_size = self._grammars.ll_tok.vocab_size
+        return self._grammars.matcher(spec)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
         return self.add_built_request(self.make_request(prompt, params, request_id))
@@ -277,6 +296,9 @@ class LLMEngine:
                     arrival_time=req.metrics.arrival_time, parent_id=req.request_id, index=j,
                     device=self.config.device)
             for j in range(p.n)]
+        if req.grammar is not None and p.n > 1:  # each sample follows the grammar on its own
+            for sample in samples:
+                sample.grammar = req.grammar.deep_copy()
         self.processor.add(samples)
         for sample in samples:
             self.scheduler.add_request(sample)

@@ -88,14 +88,15 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
               request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
               allowed_hosts: Sequence[str] | None = None, log_stats_interval: float | None = None,
-              enable_docs: bool = False) -> FastAPI:
+              enable_docs: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """The HTTP app around an (unstarted) AsyncLLMEngine; its lifespan starts and stops the engine.
 
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
     `allowed_hosts`: Host header patterns served (server.middleware.HostGuard), others get 400; None: any.
     `log_stats_interval`: seconds between stats log lines while busy (None: none). `enable_docs`: Swagger UI
-    at /docs.
+    at /docs. `tool_call_parser`: the format tool_choice "auto" parses (--enable-auto-tool-choice); None: "auto"
+    is refused.
     """
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
@@ -103,6 +104,7 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Sequence[str], api_key
     tokens = Tokens(engine)
     completion = OpenAIServingCompletion(engine, models, tokens, request_timeout)
     chat = OpenAIServingChat(engine, models, tokens, request_timeout)
+    chat.tool_call_parser = tool_call_parser
     tokenization = OpenAIServingTokenization(engine, models, tokens)
     key = ApiKey(api_key) if api_key else None
     metrics = ServerMetrics(lambda: engine.stats, models.names[0], max_model_len=engine.max_model_len,

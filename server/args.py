@@ -57,6 +57,11 @@ class ServerArgs(CliArgs):
                                        type=float, metavar="SECONDS")
     enable_docs: bool = option(False, "serve the interactive API docs (Swagger UI) at /docs; the OpenAPI "
                                       "document it reads stays behind --api-key")
+    enable_auto_tool_choice: bool = option(
+        False, "let chat requests with tools use tool_choice 'auto' (the default with tools): the model's tool "
+               "calls are parsed out of its text by --tool-call-parser")
+    tool_call_parser: str | None = option(None, "the model's tool-call format for tool_choice 'auto'",
+                                          choices=["hermes"], metavar="NAME")
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -88,6 +93,8 @@ class ServerArgs(CliArgs):
             raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
         if not self.log_stats_interval > 0:
             raise ValueError(f"--log-stats-interval must be > 0 seconds, got {self.log_stats_interval}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (hermes)")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         return self

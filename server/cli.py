@@ -158,7 +158,8 @@ def serve(ns: argparse.Namespace) -> int:
                         allowed_origins=srv.allowed_origins,
                         allowed_hosts=host_allowlist(srv.host, srv.allowed_hosts),
                         log_stats_interval=None if srv.disable_log_stats else srv.log_stats_interval,
-                        enable_docs=srv.enable_docs)
+                        enable_docs=srv.enable_docs,
+                        tool_call_parser=srv.tool_call_parser if srv.enable_auto_tool_choice else None)
         # log_config=None: uvicorn's loggers propagate to the root handler above, so its lines (access log
         # included) have the same format as the engine's
         config = uvicorn.Config(app, log_config=None, log_level=srv.uvicorn_log_level or srv.log_level,
