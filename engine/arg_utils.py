@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from engine.config import (
     DEVICES,
-    DTYPES,
+    DTYPE_CHOICES,
     CacheConfig,
     EngineConfig,
     ParallelConfig,
@@ -28,7 +31,47 @@ from engine.config import (
 from kernels.ops import BACKENDS
 from models.loader import DEFAULT_MODEL
 
-__all__ = ["EngineArgs", "flag_name", "option"]
+__all__ = ["DefaultsFormatter", "EngineArgs", "FriendlyParser", "flag_name", "option"]
+
+
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once: not for flags off by default, nor where the help already says it
+    (BooleanOptionalAction adds its own; `(None: ...)` explains an unset option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class FriendlyParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors suggest the closest flag or choice (`--max-num-seq` -> did you mean
+    `--max-num-seqs`?) after this command's own usage, with DefaultsFormatter unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a typo is an error with a suggestion, not another flag
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}\n")
+
+    def _suggestion(self, message: str) -> str:
+        if (m := re.search(r"unrecognized arguments: (.*)", message)) is not None:
+            words = [w.split("=", 1)[0] for w in m.group(1).split() if w.startswith("-")]
+            known = list(self._option_string_actions)
+        elif (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)) is not None:
+            words, known = [m.group(1)], re.findall(r"'([^']*)'", m.group(2))
+        else:
+            return ""
+        for word in words:
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}? ({self.prog} --help lists them all)"
+        return f" ({self.prog} --help lists the options)" if words else ""
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - argparse's own word
@@ -100,8 +143,10 @@ class EngineArgs(CliArgs):
 
     model: str = option(DEFAULT_MODEL, "a Hugging Face style checkpoint folder, a .gguf file or the name of a "
                                        "built-in model")
-    dtype: str | torch.dtype = option("float32", "weight/activation dtype (float32, bfloat16, float16; "
-                                                 "also fp32, bf16, fp16)", choices=list(DTYPES))
+    dtype: str | torch.dtype = option(
+        "auto", "weight/activation dtype: auto (the checkpoint's: bfloat16 for the built-in models; bfloat16 for a "
+                "quantized GGUF or a float16 checkpoint on cpu), float32, bfloat16, float16 (also fp32, bf16, fp16)",
+        choices=list(DTYPE_CHOICES))
     device: str = option("auto", "where the model, KV cache and sampling run: cpu, cuda, or auto (cuda when "
                                  "torch.cuda.is_available() and there are at least --tensor-parallel-size GPUs, "
                                  "else cpu)", choices=list(DEVICES))
@@ -187,7 +232,7 @@ class EngineArgs(CliArgs):
         try:
             dtype = parse_dtype(self.dtype)
         except ValueError:
-            errors.append(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r} (--dtype)")
+            errors.append(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r} (--dtype)")
             dtype = torch.float32
         device = self._device(errors)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from engine.outputs import CompletionOutput, RequestOutput
@@ -57,6 +57,23 @@ class RequestObserver(Protocol):
     def observe_first_token(self, seconds: float) -> None: ...
     def observe_inter_token(self, seconds: float) -> None: ...
     def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None: ...
+    def observe_request(self, stats: FinishedRequestStats) -> None: ...
+    def observe_iteration_tokens(self, tokens: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """Per-request sizes and phase times of a finished request (vLLM's request-level histograms).
+
+    prefill: first scheduled -> first token; decode: first token -> last token; inference: both.
+    """
+
+    prompt_tokens: int
+    generation_tokens: int  # over all n samples
+    max_sample_tokens: int  # the longest sample's
+    prefill_seconds: float | None
+    decode_seconds: float | None
+    inference_seconds: float | None
 
 
 @dataclass
@@ -65,6 +82,7 @@ class _Track:
 
     group: RequestGroup
     scheduled_seen: bool = False
+    generated: dict[int, int] = field(default_factory=dict)  # sample index -> tokens delivered so far
     detached: bool = False  # aborted by the client: still observed for metrics, no longer queued
 
 
@@ -309,6 +327,8 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         eng = self.engine
         busy = False
+        s = self.stats  # prompt + generated tokens processed so far, for the per-step count
+        tokens_so_far = s.prompt_tokens + s.generation_tokens if s is not None else 0
         try:
             while True:
                 with self._cond:
@@ -322,6 +342,8 @@ class AsyncLLMEngine:
                 if eng.has_unfinished_requests():
                     outputs.extend(self._step())
                 stats = eng.stats()
+                step_tokens = stats.prompt_tokens + stats.generation_tokens - tokens_so_far
+                tokens_so_far += step_tokens
                 busy = eng.has_unfinished_requests()
                 with self._cond:
                     self._num_waiting = stats.num_waiting
@@ -332,7 +354,7 @@ class AsyncLLMEngine:
                         if out.finished and out.metrics.finished_time is None:
                             out.metrics.finished_time = now
                 latencies, eng.scheduler.latencies = eng.scheduler.latencies, []
-                self._post(self._deliver, outputs, stats, latencies)
+                self._post(self._deliver, outputs, stats, latencies, step_tokens)
         except BaseException as e:  # noqa: BLE001 - any escape kills the loop: report, never hang clients
             logger.exception("engine loop died")
             self._dead = e
@@ -403,10 +425,12 @@ class AsyncLLMEngine:
         self.stats = stats
 
     def _deliver(self, outputs: list[RequestOutput], stats: EngineStats,
-                 latencies: list[tuple[bool, float]] = ()) -> None:  # type: ignore[assignment]
+                 latencies: list[tuple[bool, float]] = (), step_tokens: int = 0) -> None:  # type: ignore[assignment]
         self.stats = stats
         if self.observer is not None:  # per token, measured in the engine: also for non-streamed requests
             try:
+                if step_tokens > 0:
+                    self.observer.observe_iteration_tokens(step_tokens)
                 for first, seconds in latencies:
                     if first:
                         self.observer.observe_first_token(seconds)
@@ -435,10 +459,19 @@ class AsyncLLMEngine:
         if not track.scheduled_seen and m.first_scheduled_time is not None:
             track.scheduled_seen = True
             obs.observe_queue_time(m.first_scheduled_time - m.arrival_time)
+        for c in out.outputs:
+            track.generated[c.index] = track.generated.get(c.index, 0) + len(c.token_ids)
         if out.finished:
             end = m.finished_time if m.finished_time is not None else time.monotonic()
             obs.observe_finished(out.outputs[0].finish_reason or "error" if out.outputs else "error",
                                  end - m.arrival_time)
+            first, start, last = m.first_token_time, m.first_scheduled_time, m.last_token_time
+            obs.observe_request(FinishedRequestStats(
+                prompt_tokens=len(out.prompt_token_ids), generation_tokens=sum(track.generated.values()),
+                max_sample_tokens=max(track.generated.values(), default=0),
+                prefill_seconds=first - start if first is not None and start is not None else None,
+                decode_seconds=last - first if last is not None and first is not None else None,
+                inference_seconds=last - start if last is not None and start is not None else None))
 
     def _fail_all(self, err: BaseException) -> None:
         tracks, self._tracks = self._tracks, {}

@@ -13,7 +13,8 @@ import torch
 from kernels.ops import BACKENDS
 from models.config import ModelConfig
 
-__all__ = ["DEFAULT_KV_CACHE_MEMORY", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes"]
+__all__ = ["AUTO", "DEFAULT_KV_CACHE_MEMORY", "DTYPE_CHOICES", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes", "parse_dtype",
+           "resolve_dtype"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30}
@@ -34,12 +35,35 @@ def parse_bytes(value: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *DTYPES)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | str:
+    """A dtype spelling -> torch.dtype; "auto" stays "auto" until the checkpoint is read (resolve_dtype)."""
+    if isinstance(name, torch.dtype) or name == AUTO:
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {name!r}")
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {name!r}")
     return DTYPES[name]
+
+
+def resolve_dtype(requested: torch.dtype | str, stored: torch.dtype | None, device: str) -> tuple[torch.dtype, str]:
+    """The serving dtype for `--dtype requested` and the checkpoint's stored dtype, and why (for the log).
+
+    auto keeps the checkpoint's precision (bf16 stays bf16, fp32 stays fp32), except float16 on a CPU
+    (CPU float16 matmuls are emulated; bfloat16 has the same size and the native kernels) and a quantized
+    checkpoint (no float type of its own), which get bfloat16: on CPU it decodes faster than fp32
+    (the small-M kernel streams half the bytes; loadtest/RESULTS.md) and prefill computes in fp32 anyway.
+    """
+    if isinstance(requested, torch.dtype):
+        return requested, "as requested"
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if stored is None:
+        return torch.bfloat16, "auto: the checkpoint is quantized"
+    if stored == torch.float16 and not device.startswith("cuda"):
+        return torch.bfloat16, "auto: the checkpoint is float16, which a CPU emulates"
+    return stored, f"auto: the checkpoint's dtype ({name.get(stored, str(stored))})"
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | str = AUTO  # "auto": resolve_dtype() once the checkpoint is read
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

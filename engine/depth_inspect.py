@@ -7,22 +7,18 @@ token, and the map of one token.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 from pathlib import Path
 
-from engine.arg_utils import EngineArgs
-from engine.depth_stats import entropy
+from engine.arg_utils import EngineArgs, FriendlyParser
+from engine.config import DTYPE_CHOICES
+from engine.depth_stats import entropy, site_labels, source_label
 from engine.llm_engine import LLM
 from engine.sampling_params import SamplingParams
 
+MATPLOTLIB_INSTALL = 'pip install "matplotlib>=3.7"'
 Entry = list[list[float]]  # per site: weights over its sources
-
-
-def site_labels(num_sites: int) -> list[str]:
-    """Layer i attention/MLP for all sites but the last, which is the output head."""
-    labels = [f"L{i // 2} {'attn' if i % 2 == 0 else 'mlp'}" for i in range(num_sites - 1)]
-    return [*labels, "output"]
 
 
 def mean_map(entries: list[Entry]) -> list[list[float]]:
@@ -45,7 +41,7 @@ def draw(matrix: list[list[float]], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * width), 1.2 + 0.28 * len(matrix)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(matrix)), site_labels(len(matrix)), fontsize=7)
-    ax.set_xticks(range(width), ["emb", *[f"src{j}" for j in range(1, width)]], fontsize=7, rotation=45)
+    ax.set_xticks(range(width), [source_label(j) for j in range(width)], fontsize=7, rotation=45)
     ax.set_xlabel("source: completed blocks from the embedding on; a site's last source is its partial sum",
                   fontsize=7)
     ax.set_title(title, fontsize=9)
@@ -85,16 +81,21 @@ def inspect(model: str, prompts: list[str], out_dir: Path, max_tokens: int = 16,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="depthserve inspect", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=EngineArgs.model, help="an AttnRes model folder or built-in name")
+    ap = FriendlyParser(prog="depthserve inspect", description=__doc__)
+    ap.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    ap.add_argument("--model", default=EngineArgs.model, help="an AttnRes model folder, .gguf file or built-in name")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens to generate after each prompt")
     ap.add_argument("--token-index", type=int, default=-1, help="which token of the first prompt to draw alone")
-    ap.add_argument("--dtype", default=EngineArgs.dtype, help="weight/activation dtype")
-    ap.add_argument("--out-dir", type=Path, default=Path("depth_inspect"))
+    ap.add_argument("--dtype", default=EngineArgs.dtype, choices=list(DTYPE_CHOICES),
+                    help="weight/activation dtype (auto: the checkpoint's)")
+    ap.add_argument("--out-dir", type=Path, default=Path("depth_inspect"), help="where the JSON and PNGs go")
     a = ap.parse_args(argv)
+    if a.model_tag is not None:
+        a.model = a.model_tag
+    if importlib.util.find_spec("matplotlib") is None:  # before the model runs, not after
+        ap.exit(2, f"depthserve inspect: error: the heatmaps need matplotlib: {MATPLOTLIB_INSTALL}\n")
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [ln for ln in a.prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]

@@ -10,6 +10,17 @@ import math
 from dataclasses import dataclass
 
 
+def site_labels(num_sites: int) -> list[str]:
+    """Names of the mixing sites in forward order: layer i's attention and MLP, then the output head. The
+    plots of `depthserve inspect` and the metrics' `site` label use the same names."""
+    return [*(f"L{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}" for i in range(num_sites - 1)), "output"]
+
+
+def source_label(j: int) -> str:
+    """Name of a site's j-th source: the embedding, then completed blocks; a site's last is its partial sum."""
+    return "emb" if j == 0 else f"src{j}"
+
+
 def entropy(weights: list[float]) -> float:
     """Shannon entropy (nats) of one site's weights over its sources."""
     return -sum(w * math.log(w) for w in weights if w > 0)

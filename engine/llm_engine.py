@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from engine.arg_utils import EngineArgs
-from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from engine.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_dtype
 from engine.cuda_graphs import capture_sizes, graphs_off_reason
 from engine.depth_stats import DepthStats, DepthStatsSnapshot
 from engine.errors import InvalidParameterError
@@ -23,12 +24,14 @@ from engine.parallel import TPGroup, WorkerDiedError, WorkerSpec
 from engine.request import Request
 from engine.sampling_params import SamplingParams, seed_for_sample
 from engine.scheduler import EngineCoreOutput, RunnerOutput, Scheduler
+from engine.structured import GrammarCompiler, StructuredOutputsParams
+from kernels import hugepages
 from kernels.ops import select_backend
 from kvcache.depth_cache import DepthCache, max_tokens_for_budget
 from kvcache.kv_manager import KVCacheManager
 from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
-from models.loader import load_config, load_model, load_tokenizer, resolve_model
+from models.loader import checkpoint_dtype, load_config, load_model, load_tokenizer, resolve_model
 from models.parallel_plan import shard_sizes
 from models.tokenizer import Tokenizer
 
@@ -44,6 +47,9 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
+        dtype, why = resolve_dtype(config.dtype, checkpoint_dtype(self.model_dir), config.device)
+        self.config = config = replace(config, dtype=dtype)
+        self.dtype_reason = why
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         if self.tokenizer is not None:
             _ = self.tokenizer.max_token_chars  # computed once here, not by the first request
@@ -90,17 +96,44 @@ class LLMEngine:
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
         self._setup_cuda_graphs(tp)
-        logger.info("engine ready: device %s, kernels %s, KV cache %d blocks of %d tokens (%.1f MiB), step budget "
-                    "%d tokens, cudagraph: %s", config.device, self.kernels.name, num_blocks, config.cache.block_size,
-                    num_blocks * per_block / 2**20, self.max_step_tokens, self.runner.cudagraph_status)
+        if self.runner.device.type == "cpu":  # weights in huge pages: fewer TLB misses per streamed weight
+            hugepages.back_model(self.model, [t for kv in self.runner.kv_caches for t in kv]
+                                 + (self.depth.tensors() if self.depth is not None else []))
+        self._log_startup(num_blocks, per_block)
         self.processor = OutputProcessor(self.tokenizer)
         self.depth_stats: DepthStats | None = None
         if config.depth_stats and mcfg.is_attn_res:
             self.depth_stats = DepthStats()
             self.runner.record_all = True
         self._ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self._grammars_lock = threading.Lock()
         self.last_step_tokens = 0
         self.fatal_error: str | None = None  # set when the engine cannot continue (a TP worker died)
+
+    def _log_startup(self, num_blocks: int, per_block: int) -> None:
+        """What an operator checks first (vLLM prints the same facts): precision, context, KV capacity in
+        tokens and requests, the depth pool, threads and ranks."""
+        cfg, bs = self.config, self.config.cache.block_size
+        dtype = str(cfg.dtype).removeprefix("torch.")
+        logger.info("model %s: %s, dtype %s (%s), max_model_len %d", cfg.model,
+                    "Block AttnRes" if self.model_config.attn_res_mode == "block" else
+                    "Full AttnRes" if self.model_config.is_attn_res else "standard residual",
+                    dtype, self.dtype_reason, self.max_model_len)
+        per_request = -(-self.max_model_len // bs)
+        logger.info("KV cache size: %d tokens (%d blocks of %d, %.1f MiB per rank); maximum concurrency for %d "
+                    "tokens per request: %.2fx", num_blocks * bs, num_blocks, bs, num_blocks * per_block / 2**20,
+                    self.max_model_len, num_blocks / per_request)
+        if self.depth is not None:
+            logger.info("depth pool: %.1f MiB for %d tokens per step (--depth-cache-memory)",
+                        self.depth.bytes / 2**20, self.depth.capacity)
+        else:
+            logger.info("depth pool: none (standard residual model)")
+        logger.info("engine ready: device %s, kernels %s, threads %d, tensor_parallel_size %d, step budget %d "
+                    "tokens, max_num_seqs %d, prefix caching %s, cudagraph: %s", cfg.device, self.kernels.name,
+                    torch.get_num_threads(), cfg.parallel.tensor_parallel_size, self.max_step_tokens,
+                    cfg.scheduler.max_num_seqs, "on" if cfg.cache.enable_prefix_caching else "off",
+                    self.runner.cudagraph_status)
 
     # ---- start-up sizing ---------------------------------------------------------------------
     def _size_depth(self) -> tuple[DepthCache | None, int]:
@@ -232,7 +265,22 @@ class LLMEngine:
         req = Request(rid, ids, params, prompt=text, max_model_len=self.max_model_len,
                       eos_token_ids=() if params.ignore_eos else self.model_config.eos_token_ids,
                       device=self.config.device)
+        if params.structured_outputs is not None:
+            req.grammar = self.compile_grammar(params.structured_outputs)
         return req
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
+        """A fresh matcher for a structured-output spec (compiled once per spec, then copied); safe from any
+        thread. InvalidParameterError naming the spec's kind when it is invalid, too large or too slow."""
+        if self.tokenizer is None:
+            raise InvalidParameterError("structured outputs need the model's tokenizer; this model has none",
+                                        "structured_outputs")
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.eos_token_ids,
+                                                 self.model_config.vocab_size)
+                self.runner.sampler.grammar_vocab_size = self._grammars.ll_tok.vocab_size
+        return self._grammars.matcher(spec)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
         return self.add_built_request(self.make_request(prompt, params, request_id))
@@ -248,6 +296,9 @@ class LLMEngine:
                     arrival_time=req.metrics.arrival_time, parent_id=req.request_id, index=j,
                     device=self.config.device)
             for j in range(p.n)]
+        if req.grammar is not None and p.n > 1:  # each sample follows the grammar on its own
+            for sample in samples:
+                sample.grammar = req.grammar.deep_copy()
         self.processor.add(samples)
         for sample in samples:
             self.scheduler.add_request(sample)

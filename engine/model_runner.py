@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +72,7 @@ class _Rows:
     depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
     # prompt_logprobs: rows whose logits score the next prompt token, (request, position, row)
     prompt_rows: list[tuple[Request, int, int]] = field(default_factory=list)
+    masks: Future[torch.Tensor] | None = None  # grammar bitmasks of the sampled rows, filled during the forward
 
     def is_pure_decode(self) -> bool:
         """Every row has one new token, no depth weights are recorded and no prompt row is scored: the step
@@ -180,6 +182,7 @@ class ModelRunner:
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
         prompt_lps: dict[str, list[tuple[int, Logprob]]] = {}
+        rows.masks = self.sampler.prepare_masks([r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp])
         pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
         batch = self._batch(rows) if pad is None else self._padded_batch(rows, pad)
         weights: list[torch.Tensor] = []  # per mixing site [R, n_site], when rows are recorded
@@ -388,7 +391,7 @@ class ModelRunner:
                 if pos < req.num_prompt_tokens and req.params.prompt_depth_attention:
                     prompt_depth.setdefault(req.request_id, []).append((pos, entry))
         out = RunnerOutput([], [], [], [], prompt_depth, rows.failed)
-        for req, result in zip(sampled, self._sample_rows(logits, sampled), strict=True):
+        for req, result in zip(sampled, self._sample_rows(logits, sampled, rows.masks), strict=True):
             if isinstance(result, BaseException):
                 out.failed.append((req, "sampling failed", result))
                 continue
@@ -398,11 +401,11 @@ class ModelRunner:
             out.depth.append(depth_of.get(id(req)))
         return out
 
-    def _sample_rows(self, logits: torch.Tensor,
-                     reqs: list[Request]) -> list[tuple[int, Logprob | None] | BaseException]:
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request], masks: Future[torch.Tensor] | None = None
+                     ) -> list[tuple[int, Logprob | None] | BaseException]:
         """Sample the batch; if that fails, each row alone, so one request's row fails only itself."""
         try:
-            out = self.sampler(logits, reqs)
+            out = self.sampler(logits, reqs) if masks is None else self.sampler(logits, reqs, masks.result())
             return list(zip(out.token_ids, out.logprobs, strict=True))
         except Exception:  # noqa: BLE001
             logger.exception("batched sampling failed; sampling row by row")

@@ -137,8 +137,11 @@ class OutputProcessor:
         finishing = c.finished
         new = ""
         if state.detokenizer is not None:
-            # the token that a stop rule ended the sample with (EOS, a stop token id) is not text
-            by_token = req.finish_reason == "stop" and req.stop_reason is None or isinstance(req.stop_reason, int)
+            # the token that a stop rule ended the sample with (EOS, a stop token id) is not text; the last
+            # token of a completed grammar is
+            by_token = isinstance(req.stop_reason, int) or (
+                req.finish_reason == "stop" and req.stop_reason is None
+                and not (req.grammar is not None and c.new_token_ids and c.new_token_ids[-1] not in req.eos_token_ids))
             if c.new_token_ids and not (finishing and by_token):
                 new = state.detokenizer.add(c.new_token_ids)
             if finishing:

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from engine.memory import kv_blocks_for, profile_step
 from engine.model_runner import allocate_kv, kv_bytes_per_block, kv_slots
+from kernels import hugepages
 from kernels.ops import REFERENCE, Backend
 from kvcache.depth_cache import DepthCache
 from models.attn_res import depth_pool_spec
@@ -203,8 +204,18 @@ def _barrier(device: torch.device) -> None:
     dist.barrier(**({"device_ids": [device.index]} if device.type == "cuda" else {}))
 
 
-def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
+def _parent_logging() -> tuple[int, str | None]:
+    """The root logger's level and format, so a spawned worker logs in the server's one format."""
+    root = logging.getLogger()
+    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter is not None), None)
+    return root.level, fmt
+
+
+def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec,
+                 log: tuple[int, str | None] = (logging.WARNING, None)) -> None:
     """One TP rank > 0: load its shard, then run every broadcast batch until told to stop."""
+    if log[1] is not None:
+        logging.basicConfig(level=log[0], format=log[1])
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     dev = rank_device(spec.device, rank)
@@ -223,6 +234,8 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec) -> None:
     _barrier(dev)
     # too few blocks: rank 0 reports it and stops the group; one block keeps this rank valid until then
     kv = allocate_kv(model, kv_slots(max(num_blocks, 1), spec.block_size))
+    if dev.type == "cpu":
+        hugepages.back_model(model, [t for pair in kv for t in pair] + (depth.tensors() if depth is not None else []))
     try:
         while True:
             batch = recv_batch(control, dev)
@@ -251,7 +264,7 @@ class TPGroup:
         self._listener = loopback_listener()
         port = int(self._listener.getsockname()[1])
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, args=(r, world, port, spec), daemon=True,
+        self.procs = [ctx.Process(target=_worker_main, args=(r, world, port, spec, _parent_logging()), daemon=True,
                                   name=f"depthserve-tp{r}") for r in range(1, world)]
         for p in self.procs:
             p.start()

@@ -13,12 +13,17 @@ Each search returns the first index whose CDF exceeds the target, clamped to the
 rises, so a zero-probability token (masked by top-k/top-p/min-p, or vocabulary padding) is never returned,
 even when the target rounds up to the total.
 
+A request with a grammar (engine/structured.py) gets its disallowed tokens set to -inf first, before
+penalties, temperature, top-k, top-p and min-p; its logprobs are those of the masked distribution (the
+grammar's renormalised, before penalties and temperature), so the sampled token's logprob is always finite.
+
 Everything runs on the logits' device (the engine's); the results come back to the host once per step
 (the sampled ids with one `.tolist()`, the logprob rows in one copy).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 from engine.outputs import Logprob
 from engine.request import Request
+from engine.structured import apply_bitmask, fill_bitmask
 
 
 @dataclass
@@ -121,15 +127,39 @@ class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.grammar_vocab_size = 0  # the grammar tokenizer's vocabulary (set by the engine with its compiler)
+        self._mask_pool: ThreadPoolExecutor | None = None
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
-        """logits: [S, V] fp32, one row per request in `reqs`."""
+    def prepare_masks(self, reqs: list[Request]) -> Future[torch.Tensor] | None:
+        """Start filling the grammar bitmask of the rows to be sampled on a helper thread (llguidance drops the
+        GIL), so it overlaps the forward; None when no request has a grammar."""
+        if not any(r.grammar is not None for r in reqs):
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        return self._mask_pool.submit(fill_bitmask, [r.grammar for r in reqs], self.grammar_vocab_size)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], bitmask: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """logits: [S, V] fp32, one row per request in `reqs`; bitmask [S, W] int32 (prepare_masks), or None
+        to compute it here when a request has a grammar."""
         raw = logits
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if constrained:
+            if bitmask is None:
+                bitmask = fill_bitmask([r.grammar for r in reqs], self.grammar_vocab_size)
+            raw = logits = logits.clone()
+            apply_bitmask(logits, bitmask, constrained)
         if any(r.params.has_penalties or r.num_output_tokens < r.params.min_tokens for r in reqs):
-            logits = logits.clone()  # keep the raw distribution for logprobs
+            logits = logits.clone()  # keep the raw (grammar-masked) distribution for logprobs
             self._apply_penalties(logits, reqs)
             self._apply_min_tokens(logits, reqs)
             logits.clamp_(max=MAX_LOGIT)
+            if constrained:  # min_tokens may ban the only token the grammar allows (EOS): the grammar wins
+                idx = torch.tensor(constrained, dtype=torch.long, device=logits.device)
+                dead = idx[torch.isneginf(logits[idx].amax(-1))]
+                if dead.numel():
+                    logits[dead] = raw[dead]
         greedy = [r.params.greedy for r in reqs]
         dev = logits.device
         if all(greedy):
@@ -147,14 +177,14 @@ class Sampler:
         lps: list[Logprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:
-            # the raw model distribution, as vLLM reports it; one copy to the host
+            # the raw model distribution as vLLM reports it (grammar-masked rows: the masked one); one copy to the host
             logp = torch.log_softmax(raw[want], dim=-1).cpu()
             for j, i in enumerate(want):
                 k = reqs[i].params.logprobs or 0
                 top = []
                 if k:
                     v, ix = logp[j].topk(k)
-                    top = list(zip(ix.tolist(), v.tolist(), strict=True))
+                    top = [(t, x) for t, x in zip(ix.tolist(), v.tolist(), strict=True) if x != float("-inf")]
                 lps[i] = Logprob(ids[i], float(logp[j, ids[i]]), top)
         return SamplerOutput(ids, lps)
 

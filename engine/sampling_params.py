@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidParameterError
 from engine.outputs import RequestOutputKind
+from engine.structured import StructuredOutputsParams
 
 # Below this temperature, logits / T overflows or its softmax is a one-hot anyway: sample greedily (vLLM's
 # _SAMPLING_EPS), so that T = 1e-300 gives the argmax rather than NaNs.
@@ -50,11 +51,18 @@ class SamplingParams:
     depth_attention: bool = False  # return, per generated token, the AttnRes depth weights of every site
     prompt_depth_attention: bool = False  # also per prompt token (echo); disables prefix-cache hits for it
     output_kind: RequestOutputKind = RequestOutputKind.DELTA  # DELTA for streams, FINAL_ONLY for one answer
+    # a grammar the output must follow (JSON schema, regex, choice, EBNF); a dict is read as its fields
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise InvalidParameterError(f"structured_outputs: {e}", "structured_outputs") from e
         self.validate()
 
     def validate(self) -> None:
@@ -116,6 +124,9 @@ class SamplingParams:
                 raise InvalidParameterError(f"prompt_logprobs must be <= 20, got {self.prompt_logprobs}",
                                             "prompt_logprobs")
         self._validate_logit_bias()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidParameterError("structured_outputs must be a StructuredOutputsParams or a dict of its fields",
+                                        "structured_outputs")
 
     def _validate_logit_bias(self) -> None:
         def bad(message: str) -> InvalidParameterError:

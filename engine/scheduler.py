@@ -199,6 +199,9 @@ class Scheduler:
             if m.first_token_time is None:
                 m.first_token_time = now
             m.last_token_time = now
+            if req.grammar is not None and not req.grammar.consume_token(tok):
+                outputs.append(self._fail(req, "the sampled token broke the request's grammar"))
+                continue
             self._check_stop(req, tok)
             lp, depth = ran.logprobs[i], ran.depth[i]
             outputs.append(EngineCoreOutput(
@@ -219,7 +222,8 @@ class Scheduler:
     @staticmethod
     def _check_stop(req: Request, tok: int) -> None:
         """Token-level stops, in vLLM's order: min_tokens holds everything off, then EOS, stop token
-        ids, then length. Stop strings need text: the output processor applies them."""
+        ids, then length, then a grammar that takes no more tokens. Stop strings need text: the output
+        processor applies them."""
         p = req.params
         if req.num_output_tokens >= p.min_tokens:
             if tok in req.eos_token_ids:
@@ -230,6 +234,8 @@ class Scheduler:
                 return
         if (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) or req.num_tokens >= req.max_model_len:
             req.finish_reason = "length"
+        elif req.grammar is not None and req.grammar.is_stopped():  # the grammar is complete: nothing may follow
+            req.finish_reason = "stop"
 
     def _fail(self, req: Request, message: str) -> EngineCoreOutput:
         self.finish(req, "error")

@@ -38,6 +38,10 @@ class DepthCache:
     def bytes(self) -> int:
         return self.capacity * self.spec.bytes_per_token
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The pool's buffers (for memory advice: kernels/hugepages.py)."""
+        return [t for t in vars(self._pool).values() if isinstance(t, torch.Tensor)]
+
     def reserve(self, num_tokens: int) -> DepthBuffers:
         """Lend rows [0, num_tokens) for one step; release() must follow."""
         if self.rows_in_use:

@@ -13,11 +13,32 @@ COMMANDS = {
 }
 
 
+USAGE = ("usage: depthserve bench {latency,throughput,serving,compare} [options]  "
+         "(depthserve bench COMMAND --help)")
+HELP = {
+    "latency": "AttnRes vs a standard-residual model of the same shape: decode and prefill times, interleaved "
+               "(--model A --baseline B: two checkpoints)",
+    "throughput": "depthserve vs transformers generate() on the same model, and the decode roofline "
+                  "(--model A --baseline B: two checkpoints)",
+    "serving": "a running server under load: TTFT, TPOT, ITL, E2E latency, goodput (--model A B: per model)",
+    "compare": "models side by side: latency, throughput, perplexity, depth attention, in a report with plots",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\ncommands:")
+        for name, what in HELP.items():
+            print(f"  {name:<11} {what}")
+        return 0
     if not args or args[0] not in COMMANDS:
-        print("usage: depthserve bench {latency,throughput,serving,compare} [options]  (add --help for a command's options)",
-              file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(args[0], list(COMMANDS), n=1) if args else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"{USAGE}\ndepthserve bench: error: {'unknown command ' + repr(args[0]) if args else 'no command'}"
+              f"{hint} (depthserve bench --help)", file=sys.stderr)
         return 2
     import importlib
 

@@ -7,7 +7,7 @@ end-to-end latency (mean / p50 / p90 / p99), request and token throughput, goodp
 failures, like vLLM's benchmark_serving.
 
     depthserve serve --num-threads 1 &
-    python -m loadtest.bench_serving --num-prompts 64 --concurrency 8 --input-len 64 --output-len 32 \\
+    depthserve bench serving --num-prompts 64 --concurrency 8 --input-len 64 --output-len 32 \\
         --slo-ttft-ms 500 --slo-tpot-ms 100 --out bench_out/serving.json
 
 Several models behind one server (`depthserve serve --model A --model B`): `--model A B` sends the same
@@ -451,9 +451,9 @@ def side_by_side(summaries: dict[str | None, dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_serving",
-                                description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from engine.arg_utils import FriendlyParser
+
+    p = FriendlyParser(prog="depthserve bench serving", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                    help="/v1/completions or /v1/chat/completions")

@@ -5,7 +5,7 @@ batching, then through `model.generate()` in static batches at several batch siz
 reported). Also measures, in the same run, the memory-bandwidth roofline of batch-1 decode
 (weight bytes per step / measured copy bandwidth) and where a batch-32 decode step's time goes.
 
-    python -m loadtest.bench_throughput --num-prompts 64 --out bench_out/throughput.json
+    depthserve bench throughput --num-prompts 64 --out bench_out/throughput.json
 
 With `--model A --baseline B` it runs the same requests through those checkpoints instead, in turn, and
 compares their throughput and per-request TTFT/TPOT (loadtest/bench_models.py).
@@ -13,7 +13,6 @@ compares their throughput and per-request TTFT/TPOT (loadtest/bench_models.py).
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import tempfile
@@ -23,7 +22,9 @@ from pathlib import Path
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
+from engine.arg_utils import FriendlyParser
 from engine.config import parse_dtype
+from kernels import hugepages
 from loadtest.bench_latency import (
     add_shape_args,
     make_engine,
@@ -37,9 +38,19 @@ from models.config import ModelConfig
 
 def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s of a large tensor copy (read + write counted), the decode roofline's denominator; on CUDA a
-    device-to-device copy timed with CUDA events."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    device-to-device copy timed with CUDA events. On a CPU the better of ordinary and huge pages (the engine's
+    weights sit in huge pages where the kernel allows: kernels/hugepages.py)."""
+    if device == "cpu":
+        return max(_copy_bandwidth(nbytes, repeats, device, huge) for huge in (False, True))
+    return _copy_bandwidth(nbytes, repeats, device, False)
+
+
+def _copy_bandwidth(nbytes: int, repeats: int, device: str, huge: bool) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    if huge:
+        hugepages.advise([src, dst], collapse=False)  # before the first touch
+    src.uniform_()
     dst.copy_(src)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -189,7 +200,7 @@ def prefill_vs_hf(folder: Path, dtype: str, n_tokens: int, max_len: int, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = FriendlyParser(prog="depthserve bench throughput", description=__doc__)
     add_shape_args(ap)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-prompts", type=int, default=64)

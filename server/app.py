@@ -15,10 +15,12 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import PlainTextResponse, Response
 
 from engine.async_engine import AsyncLLMEngine
@@ -28,8 +30,19 @@ from server.metrics import ServerMetrics
 from server.middleware import HostGuard
 from server.openai.routing import ApiKey, json_body_route
 from server.openai.serving_models import ModelRouter
+from server.stat_logger import StatLogger
 
 logger = logging.getLogger("depthserve.server")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("depthserve")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.1.0"
+
+
+VERSION = _version()
 
 _ERROR = {"model": P.ErrorResponse}
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -54,11 +67,26 @@ _SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                          "properties": {"data": {"type": "string"}}}}}
 
 
+def _cache_info(engine: AsyncLLMEngine) -> dict[str, object] | None:
+    """cache_config_info's labels: vLLM's names (num_gpu_blocks is the KV block count, on CPU too), plus the
+    depth pool's size in tokens per step."""
+    eng = engine.engine
+    cfg, kv = getattr(eng, "config", None), getattr(eng, "kv", None)
+    if cfg is None or kv is None:
+        return None
+    depth = getattr(eng, "depth", None)
+    return {"block_size": cfg.cache.block_size, "cache_dtype": str(cfg.dtype).removeprefix("torch."),
+            "enable_prefix_caching": cfg.cache.enable_prefix_caching,
+            "gpu_memory_utilization": cfg.cache.gpu_memory_utilization, "num_gpu_blocks": kv.num_blocks,
+            "depth_pool_tokens": depth.capacity if depth is not None else 0}
+
+
 def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_model_names: Sequence[str] = (),
               api_key: str | None = None,
               max_body_bytes: int = 8 << 20, metrics_require_auth: bool = False,
               request_timeout: float | None = None, allowed_origins: Sequence[str] = (),
-              allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+              allowed_hosts: Sequence[str] | None = None, log_stats_interval: float | None = None,
+              enable_docs: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """The HTTP app around (unstarted) AsyncLLMEngines; its lifespan starts and stops them.
 
     `engine`: one engine answering to every name in `served_model_names`, or {served name: engine} for
@@ -68,29 +96,40 @@ def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_mode
     `request_timeout` (seconds, from arrival): a generation still running then is aborted (504 or a
     stream error event). `allowed_origins`: browser origins allowed by CORS ("*" for any); empty: none.
     `allowed_hosts`: Host header patterns served (server.middleware.HostGuard), others get 400; None: any.
+    `log_stats_interval`: seconds between stats log lines while busy (None: none). `enable_docs`: Swagger UI
+    at /docs. `tool_call_parser`: the format tool_choice "auto" parses (--enable-auto-tool-choice); None: "auto"
+    is refused.
     """
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
     if isinstance(engine, AsyncLLMEngine):
-        router = ModelRouter([(engine, served_model_names)], request_timeout)
+        router = ModelRouter([(engine, served_model_names)], request_timeout, tool_call_parser)
     else:
-        router = ModelRouter([(e, [n]) for n, e in engine.items()], request_timeout)
+        router = ModelRouter([(e, [n]) for n, e in engine.items()], request_timeout, tool_call_parser)
     engines = router.engines
     key = ApiKey(api_key) if api_key else None
     first = engines[0]
-    metrics = ServerMetrics(lambda: first.stats, router.served[0].names[0])
+    # one registry: the request-token buckets reach the longest max_model_len of the models
+    metrics = ServerMetrics(lambda: first.stats, router.served[0].names[0],
+                            max_model_len=max(e.max_model_len for e in engines), cache_info=_cache_info(first))
     first.observer = metrics
     for s in router.served[1:]:
-        s.engine.observer = metrics.add_model(lambda e=s.engine: e.stats, s.names[0])
+        s.engine.observer = metrics.add_model(lambda e=s.engine: e.stats, s.names[0], cache_info=_cache_info(s.engine))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for e in engines:
             if not e.started:
                 e.start()
+        # one stats line per model and interval; with several models each line starts with the model's name
+        stat_tasks = [asyncio.create_task(StatLogger(lambda e=s.engine: e.stats, log_stats_interval,
+                                                     prefix=f"{s.names[0]}: " if len(engines) > 1 else "").run())
+                      for s in router.served] if log_stats_interval else []
         try:
             yield
         finally:
+            for t in stat_tasks:
+                t.cancel()
             await asyncio.gather(*(asyncio.to_thread(e.shutdown) for e in engines))
             if len(engines) == 1:
                 logger.info("engine stopped")
@@ -98,7 +137,7 @@ def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_mode
                 logger.info("%d engines stopped", len(engines))
 
     # no slash redirects: their absolute Location would echo the client's Host header
-    app = FastAPI(title="depthserve", version="0.1.0", description="OpenAI-compatible API of a depthserve server.",
+    app = FastAPI(title="depthserve", version=VERSION, description="OpenAI-compatible API of a depthserve server.",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -148,6 +187,24 @@ def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_mode
         if len(engines) > 1:
             reason = f"model {down.names[0]}: {reason}"
         return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
+
+    @app.api_route("/ping", methods=["GET", "POST"], responses={
+        200: {"description": "The engine is serving (as /health; vLLM's and SageMaker's probe)"},
+        503: {**_ERROR, "description": "The engine has stopped"}})
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version", responses={200: {"description": "The server's version", "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"version": {"type": "string"}},
+                                        "required": ["version"]}}}}})
+    async def version() -> Response:
+        return Response(json.dumps({"version": VERSION}), media_type="application/json")
+
+    if enable_docs:
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="depthserve API")
+
+        app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
     @app.get("/metrics", dependencies=auth if metrics_require_auth else [], response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition",

@@ -13,6 +13,7 @@ from engine.config import parse_bytes
 __all__ = ["LOG_LEVELS", "ServerArgs"]
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+UVICORN_LOG_LEVELS = [*LOG_LEVELS, "trace"]
 
 
 @dataclass
@@ -49,6 +50,19 @@ class ServerArgs(CliArgs):
     shutdown_timeout: float = option(10.0, "seconds to let in-flight requests finish on SIGTERM; those still "
                                            "running then end with a 503 (or a stream error event)", type=float)
     log_level: str = option("info", "log level of the server and engine", choices=LOG_LEVELS)
+    uvicorn_log_level: str | None = option(
+        None, "log level of uvicorn's own loggers (None: --log-level)", choices=UVICORN_LOG_LEVELS)
+    disable_uvicorn_access_log: bool = option(False, "do not log one line per HTTP request")
+    disable_log_stats: bool = option(False, "do not log the periodic throughput / queue / cache line")
+    log_stats_interval: float = option(5.0, "seconds between two stats lines while the server is busy",
+                                       type=float, metavar="SECONDS")
+    enable_docs: bool = option(False, "serve the interactive API docs (Swagger UI) at /docs; the OpenAPI "
+                                      "document it reads stays behind --api-key")
+    enable_auto_tool_choice: bool = option(
+        False, "let chat requests with tools use tool_choice 'auto' (the default with tools): the model's tool "
+               "calls are parsed out of its text by --tool-call-parser")
+    tool_call_parser: str | None = option(None, "the model's tool-call format for tool_choice 'auto'",
+                                          choices=["hermes"], metavar="NAME")
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -78,6 +92,10 @@ class ServerArgs(CliArgs):
             raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
+        if not self.log_stats_interval > 0:
+            raise ValueError(f"--log-stats-interval must be > 0 seconds, got {self.log_stats_interval}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (hermes)")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         return self

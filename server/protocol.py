@@ -2,7 +2,7 @@
 
 Requests are strict (no "1" -> 1 or true -> 1 coercion) and reject unknown fields, as OpenAI does,
 so a typo like `max_token` is a 400 rather than a silently ignored setting. Fields OpenAI defines that
-this server cannot honour (tools, suffix, ...) are accepted by the schema and refused with a
+this server cannot honour (suffix, ...) are accepted by the schema and refused with a
 clear message by `unsupported()`, naming the field.
 """
 
@@ -76,6 +76,13 @@ class _SamplingRequest(_Request):
     depth_attention: bool = False
     # vLLM extension: per prompt token, its logprob given the tokens before it and this many top alternatives
     prompt_logprobs: int | None = None
+    # structured outputs (server/openai/structured.py): OpenAI's response_format, vLLM's fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a set field this server cannot honour."""
@@ -236,7 +243,6 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -244,12 +250,6 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tools are not supported"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool_choice is not supported"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs to be true"
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -278,9 +278,30 @@ class ChatLogprobs(_Response):
     content: list[ChatLogprobEntry] | None = None
 
 
+class FunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None  # a JSON object, as text
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCall(_Response):
+    id: str | None = None
+    type: Literal["function"] | None = "function"
+    function: FunctionCall
+    index: int | None = None  # streamed deltas only
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatMessageOut(_Response):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -308,6 +329,7 @@ class DeltaMessage(_Response):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -41,7 +41,8 @@ def test_dockerfile_contract() -> None:
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the runtime must not run as root"
     assert re.search(r"^EXPOSE\s+8000\b", text, re.M)
     health = re.search(r"^HEALTHCHECK(?:[^\n]*\\\n)*[^\n]*", text, re.M)
-    assert health and "/health" in health.group(0) and "curl" not in health.group(0)
+    assert health and "server.healthcheck" in health.group(0) and "curl" not in health.group(0)
+    assert "8000" not in health.group(0), "the healthcheck follows the served port"
     assert re.search(r'^CMD\s+\[.*"--host", "0\.0\.0\.0"', text, re.M)
     assert "ARG TORCH_INDEX_URL" in text
 
@@ -61,3 +62,14 @@ def test_dockerignore_keeps_only_the_package() -> None:
     for entry in copied:
         for name in entry.split():
             assert name.rstrip("/") in allowed, f"{name} is copied but excluded by .dockerignore"
+
+
+def test_healthcheck_follows_the_served_port() -> None:
+    from server.healthcheck import health_url
+
+    assert health_url(["/opt/venv/bin/depthserve", "serve", "--host", "0.0.0.0", "--port", "8000"]) == \
+        "http://127.0.0.1:8000/health"
+    assert health_url(["depthserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--port=9001"]) == \
+        "http://127.0.0.1:9001/health"
+    assert health_url(["depthserve"]) == "http://127.0.0.1:8000/health"
+    assert health_url(["depthserve", "serve", "--host", "::", "--port", "7000"]) == "http://[::1]:7000/health"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.outputs import CompletionOutput, DepthEntry, Logprob, RequestOutput
 from server import protocol as P
@@ -36,6 +37,7 @@ class Choice:
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token, the first None
     echoed: bool = False  # streaming echo + logprobs: the prompt (text and logprobs) was sent
+    tool_stream: Any = None  # chat with tools, streaming: its tool_calls.ToolStream
 
 
 def update(choice: Choice, out: RequestOutput, comp: CompletionOutput) -> None:

@@ -52,7 +52,8 @@ class ApiKey:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
+                           "authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Bearer realm="depthserve"'})  # RFC 6750
 
     async def __call__(self, request: Request, _: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
         self.check(request)

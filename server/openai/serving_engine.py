@@ -39,10 +39,13 @@ from engine.async_engine import (
 from engine.outputs import RequestOutputKind
 from engine.request import Request as EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutputsParams
 from server import errors as E
 from server import protocol as P
 from server.errors import APIError
 from server.openai import engine_outputs as O
+from server.openai import structured as S
+from server.openai import tool_calls as T
 from server.openai.engine_outputs import Choice
 
 logger = logging.getLogger("depthserve.server")
@@ -116,7 +119,8 @@ class Tokens:
             s = tok.decode([token_id], skip_special_tokens=False) or piece
         return s, tuple(s.encode())
 
-    def render_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[P.ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         tok = self.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so it cannot serve chat: use /v1/completions "
@@ -140,8 +144,11 @@ class Tokens:
             if d["role"] == "developer":
                 d["role"] = "system"
             msgs.append(d)
+        if not tok.template_knows_tools and (tools or any(m.get("tool_calls") for m in msgs)):
+            msgs = T.for_plain_template(msgs, tools)
+            tools = None
         try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as e:  # noqa: BLE001 - template errors are caused by the messages sent
             raise APIError(400, f"cannot apply the chat template to these messages: {E.scrub(str(e))}",
                            param="messages") from None
@@ -248,6 +255,13 @@ class OpenAIServing(Generic[Req]):
         """SamplingParams/engine names that this endpoint's request calls otherwise."""
         return {}
 
+    def structured(self, req: Req) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's output constraint and the field that set it (chat adds tool calls)."""
+        return S.spec_of(req)
+
+    def aliases(self, req: Req) -> dict[str, str]:
+        return {**S.aliases(self.structured(req)[1]), **self.param_aliases(req)}
+
     def final_choice(self, out: Any, choice: Choice, req: Req) -> BaseModel:
         """A finished engine output as a response choice."""
         raise NotImplementedError
@@ -275,10 +289,11 @@ class OpenAIServing(Generic[Req]):
         if bad is not None:
             raise APIError(400, bad[1], param=bad[0])
         max_tokens, logprobs = self.sampling_args(req)
+        spec, _ = self.structured(req)
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            return replace(req.sampling_params(max_tokens, logprobs), structured_outputs=spec)
         except ValueError as e:
-            raise E.invalid_parameter(e, self.fields, self.prompt_field, self.param_aliases(req)) from None
+            raise E.invalid_parameter(e, self.fields, self.prompt_field, self.aliases(req)) from None
 
     def fan_out(self, prompts: list[Prompt], params: SamplingParams, rid: str,
                 aliases: dict[str, str]) -> tuple[list[EngineRequest], dict[tuple[str, int], Choice]]:
@@ -313,7 +328,7 @@ class OpenAIServing(Generic[Req]):
         build_prompts = self.prompts(req)
         params = replace(self.sampling(req), output_kind=RequestOutputKind.DELTA if req.stream
                          else RequestOutputKind.FINAL_ONLY)
-        aliases = self.param_aliases(req)
+        aliases = self.aliases(req)
         rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
         reqs, choices = await asyncio.to_thread(lambda: self.fan_out(build_prompts(), params, rid, aliases))
         for c in choices.values():

@@ -40,10 +40,11 @@ class ServedEngine:
 
 
 class ModelRouter:
-    """Routes by the request's `model`; the routes of build_app call these methods."""
+    """Routes by the request's `model`; the routes of build_app call these methods. `tool_call_parser`: the
+    format every model's chat endpoint parses for tool_choice "auto" (--enable-auto-tool-choice)."""
 
     def __init__(self, served: Sequence[tuple[AsyncLLMEngine, Sequence[str]]],
-                 request_timeout: float | None = None) -> None:
+                 request_timeout: float | None = None, tool_call_parser: str | None = None) -> None:
         if not served:
             raise ValueError("at least one model is needed")
         self.served: list[ServedEngine] = []
@@ -51,9 +52,10 @@ class ModelRouter:
         for engine, names in served:
             models = ServedModels(engine, names)
             tokens = Tokens(engine)
+            chat = OpenAIServingChat(engine, models, tokens, request_timeout)
+            chat.tool_call_parser = tool_call_parser  # every model's tool_choice "auto" (None: refused)
             s = ServedEngine(engine, models, OpenAIServingCompletion(engine, models, tokens, request_timeout),
-                             OpenAIServingChat(engine, models, tokens, request_timeout),
-                             OpenAIServingTokenization(engine, models, tokens))
+                             chat, OpenAIServingTokenization(engine, models, tokens))
             for n in models.names:
                 if n in self._by_name:
                     raise ValueError(f"served model name {n!r} is used twice: give each model its own name "

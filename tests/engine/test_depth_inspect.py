@@ -14,7 +14,7 @@ def test_inspect_writes_json_and_pngs(tmp_path: Path, tokenizer_dir: Path) -> No
     out = tmp_path / "out"
     assert main(["--model", str(folder), "--prompt", "To be, or not", "--max-tokens", "3", "--out-dir", str(out)]) == 0
     data = json.loads((out / "depth_attention.json").read_text())
-    assert data["sites"][0] == "L0 attn" and data["sites"][-1] == "output" and len(data["sites"]) == 7
+    assert data["sites"][0] == "L0.attn" and data["sites"][-1] == "output" and len(data["sites"]) == 7
     req = data["requests"][0]
     assert len(req["depth_attention"]) == len(req["tokens"])
     assert all(abs(sum(site) - 1) < 1e-3 for entry in req["depth_attention"] for site in entry)

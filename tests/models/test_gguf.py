@@ -5,6 +5,7 @@ Hugging Face transformers and answers a chat question."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,9 +162,10 @@ def test_tp2_reads_quantized_shards_like_tp1(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "q8.gguf", cfg, random_model(cfg, seed=7).state_dict(), lambda name: Q.Q8_0)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": IDS}, {"prompt_token_ids": [1, 20, 30]}]
-    with LLM(str(path), max_model_len=64, kv_cache_memory="4MiB") as llm:
+    with LLM(str(path), max_model_len=64, kv_cache_memory="4MiB", dtype="float32") as llm:
         tp1 = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-    with LLM(str(path), tensor_parallel_size=2, max_model_len=64, kv_cache_memory="4MiB", num_threads=1) as llm:
+    with LLM(str(path), tensor_parallel_size=2, max_model_len=64, kv_cache_memory="4MiB", num_threads=1,
+             dtype="float32") as llm:
         tp2 = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     assert tp2 == tp1
 
@@ -293,7 +295,7 @@ def smol_path() -> Path:
 def smol_llm(smol_path: Path):  # type: ignore[no-untyped-def]
     from engine import LLM
 
-    llm = LLM(SMOL, max_model_len=512, kv_cache_memory="32MiB")
+    llm = LLM(SMOL, max_model_len=512, kv_cache_memory="32MiB", dtype="float32")  # as transformers dequantizes
     yield llm
     llm.shutdown()
 
@@ -335,3 +337,69 @@ def test_smollm2_chat_answers_paris(smol_llm) -> None:  # type: ignore[no-untype
     print(f"SmolLM2 answer: {out.text!r}")
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # ends on <|im_end|>, the GGUF's EOS
+
+
+# ---- (c) structured outputs and forced tool calls on SmolLM2 (temperature 0, its 49k BPE vocabulary) ---------
+SMOL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Verona", "London"]},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 40},
+        "capital": {"type": "boolean"},
+        "location": {"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                                      "continent": {"type": "string", "enum": ["Europe", "Asia"]}},
+                     "required": ["country", "continent"], "additionalProperties": False},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 2},
+    },
+    "required": ["city", "population_millions", "capital", "location", "landmarks"],
+    "additionalProperties": False,
+}
+SMOL_QUESTIONS = ["Describe Paris as JSON.", "Tell me about Rome.", "Which city is Romeo from?", "Give me a city in Asia."]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def _chat(llm, text: str, tools: list | None = None) -> str:  # type: ignore[no-untyped-def]
+    from server.openai.tool_calls import for_plain_template
+
+    msgs = for_plain_template([{"role": "user", "content": text}], tools)
+    return llm.engine.tokenizer.apply_chat_template(msgs)
+
+
+@pytest.mark.slow
+def test_smollm2_strict_schema_choice_and_regex(smol_llm) -> None:  # type: ignore[no-untyped-def]
+    from engine import SamplingParams
+
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    prompts = [_chat(smol_llm, q) for q in SMOL_QUESTIONS]
+    outs = smol_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=160, structured_outputs={"json": SMOL_SCHEMA}))
+    for o in outs:
+        c = o.outputs[0]
+        assert c.finish_reason == "stop", c.text
+        jsonschema_rs.validate(SMOL_SCHEMA, json.loads(c.text))
+    choice = smol_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                       structured_outputs={"choice": ["yes", "no"]}))
+    assert all(o.outputs[0].text in ("yes", "no") for o in choice)
+    regex = r"[A-Z][a-z]{1,8}, [0-9]{4}"
+    dated = smol_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, structured_outputs={"regex": regex}))
+    assert all(re.fullmatch(regex, o.outputs[0].text) for o in dated), [o.outputs[0].text for o in dated]
+
+
+@pytest.mark.slow
+def test_smollm2_forced_tool_calls_validate(smol_llm) -> None:  # type: ignore[no-untyped-def]
+    from engine import SamplingParams
+    from server.openai.tool_calls import ToolPlan, parse_output
+
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    params_schema = WEATHER["function"]["parameters"]
+    plans = [ToolPlan("named", (WEATHER,), name="get_weather"), ToolPlan("required", (WEATHER,), parallel=False)]
+    prompt = _chat(smol_llm, "Is it cold in Oslo, in fahrenheit?", [WEATHER])
+    outs = smol_llm.generate([prompt] * 2, [SamplingParams(temperature=0, max_tokens=80, structured_outputs=tp.spec())
+                                            for tp in plans])  # two grammars in one batch
+    for tp, o in zip(plans, outs, strict=True):
+        content, calls = parse_output(tp, o.outputs[0].text)
+        assert content is None and len(calls) == 1, o.outputs[0].text
+        assert calls[0].function.name == "get_weather"
+        jsonschema_rs.validate(params_schema, json.loads(calls[0].function.arguments))

@@ -40,6 +40,12 @@ class Recorder:
     def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
         self.events.append(("finished", finish_reason))
 
+    def observe_request(self, stats: object) -> None:
+        self.events.append(("request", stats))
+
+    def observe_iteration_tokens(self, tokens: int) -> None:
+        self.events.append(("iteration", tokens))
+
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self.events if k == kind)
 
@@ -80,6 +86,30 @@ def test_stream_matches_offline_and_feeds_metrics(tiny_model: Path) -> None:
     assert ids == ref.outputs[0].token_ids and text == ref.outputs[0].text
     assert rec.count("ttft") == 1 and rec.count("itl") == 5 and rec.count("queue") == 1
     assert ("finished", "length") in rec.events
+    (stats,) = [s for kind, s in rec.events if kind == "request"]
+    assert stats.prompt_tokens == len(ref.prompt_token_ids)
+    assert stats.generation_tokens == stats.max_sample_tokens == 6
+    assert stats.prefill_seconds >= 0 and stats.decode_seconds >= 0
+    assert stats.inference_seconds == pytest.approx(stats.prefill_seconds + stats.decode_seconds)
+    steps = [t for kind, t in rec.events if kind == "iteration"]
+    assert sum(steps) == len(ref.prompt_token_ids) + 6 and len(steps) >= 6  # prefill, then one token a step
+
+
+def test_request_stats_count_every_sample(tiny_model: Path) -> None:
+    async def run() -> Recorder:
+        rec = Recorder()
+        eng = AsyncLLMEngine(make_engine(tiny_model), observer=rec)
+        eng.start()
+        try:
+            params = SamplingParams(n=3, max_tokens=4, ignore_eos=True, seed=1)
+            async for _ in eng.generate("To be", params, "n3"):
+                pass
+            return rec
+        finally:
+            eng.shutdown()
+
+    (stats,) = [s for kind, s in asyncio.run(run()).events if kind == "request"]
+    assert stats.generation_tokens == 12 and stats.max_sample_tokens == 4
 
 
 def test_validation_errors_raise_before_queueing(tiny_model: Path) -> None:

@@ -97,8 +97,8 @@ def test_depth_metrics_flag(tiny_model, tmp_path) -> None:  # type: ignore[no-un
         assert r.status_code == 200
         samples = scrape(srv.url)
         assert metric(samples, "depthserve:depth_attention_tokens_total") == 3
-        assert metric(samples, "depthserve:depth_attention_weight", site="0", source="0") == pytest.approx(1.0)
-        total = metric(samples, "depthserve:depth_attention_weight", site="1")
+        assert metric(samples, "depthserve:depth_attention_weight", site="L0.attn", source="emb") == pytest.approx(1.0)
+        total = metric(samples, "depthserve:depth_attention_weight", site="L0.mlp")
         assert total == pytest.approx(1.0, abs=1e-3)  # one site's mean weights sum to one
-        assert metric(samples, "depthserve:depth_attention_entropy", site="0") == pytest.approx(0.0, abs=1e-6)
+        assert metric(samples, "depthserve:depth_attention_entropy", site="L0.attn") == pytest.approx(0.0, abs=1e-6)
     assert srv.proc.returncode == 0

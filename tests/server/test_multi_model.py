@@ -28,6 +28,7 @@ def residual_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 def two_models(tiny_model: Path, residual_model: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with ServerProcess(tiny_model, "--model", str(residual_model), "--served-model-name", "attnres", "residual",
+                       "--log-level", "info", "--log-stats-interval", "0.2",
                        log_dir=tmp_path_factory.mktemp("multi-logs")) as srv:
         yield srv
 
@@ -87,6 +88,29 @@ def test_metrics_carry_each_model_name(two_models: ServerProcess) -> None:
     lines = [x for x in text.splitlines() if x.startswith("depthserve:")]
     assert lines and all('model_name="' in x for x in lines)
     assert text.count("# TYPE depthserve:num_requests_running ") == 1
+    # issue 18's metrics, per model: request histograms, cache_config_info, and no _created series
+    assert "_created" not in text
+    for name in ("attnres", "residual"):
+        assert metric(samples, "depthserve:request_generation_tokens_sum", model_name=name) >= 0
+        assert any(k.startswith("depthserve:cache_config_info{") and f'model_name="{name}"' in k
+                   and 'num_gpu_blocks="' in k for k in samples)
+    assert metric(samples, "depthserve:request_generation_tokens_sum", model_name="residual") >= 12
+    assert metric(samples, "depthserve:request_prefill_time_seconds_count", model_name="residual") >= 1
+    assert metric(samples, "depthserve:iteration_tokens_total_count", model_name="residual") >= 1
+
+
+def test_stats_lines_name_their_model(two_models: ServerProcess) -> None:
+    import time
+
+    for name in ("attnres", "residual"):
+        _greedy(two_models.url, name)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(f"{n}: Avg prompt throughput" in two_models.log()
+                                                  for n in ("attnres", "residual")):
+        time.sleep(0.1)
+    log = two_models.log()
+    assert "attnres: Avg prompt throughput" in log and "residual: Avg prompt throughput" in log
+    assert "API key auth: off" in log and "2 models: attnres" in log
 
 
 def test_memory_budgets_add_up(tiny_model: Path, residual_model: Path, one_thread: None) -> None:
@@ -106,7 +130,7 @@ def test_memory_budgets_add_up(tiny_model: Path, residual_model: Path, one_threa
     for p in plans:
         eng = LLMEngine(p.config)
         try:
-            kv_total += eng.kv.num_blocks * kv_bytes_per_block(eng.model_config, p.config.dtype,
+            kv_total += eng.kv.num_blocks * kv_bytes_per_block(eng.model_config, eng.config.dtype,
                                                                p.config.cache.block_size, 1)
             depth_total += eng.depth.bytes if eng.depth is not None else 0
             assert (eng.depth.bytes if eng.depth is not None else 0) <= p.config.cache.depth_cache_memory
@@ -198,3 +222,60 @@ def test_health_names_the_model_whose_engine_stopped(tiny_model: Path, residual_
         for e in engines.values():
             e.shutdown()
         loop.close()
+
+
+def test_cli_takes_one_positional_model_or_several_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import apply_model_tag, serve_parser
+
+    def parse(*argv: str):  # type: ignore[no-untyped-def]
+        p = serve_parser()
+        return apply_model_tag(p.parse_args(list(argv)), p)
+
+    one = parse("./a")
+    assert one.model == "./a" and not one.models
+    assert parse("--model", "./a", "--model", "./b").models == ["./a", "./b"]
+    assert parse("./a", "--model", "./a").model == "./a"
+    with pytest.raises(SystemExit) as e:
+        parse("./a", "--model", "./b", "--model", "./c")
+    assert e.value.code == 2 and "give every model with --model" in capsys.readouterr().err
+
+
+def test_metrics_add_model_observes_every_histogram() -> None:
+    from engine.async_engine import FinishedRequestStats
+    from server.metrics import ServerMetrics
+
+    info = {"block_size": 16, "num_gpu_blocks": 10}
+    m = ServerMetrics(lambda: None, "a", max_model_len=256, cache_info=info)
+    b = m.add_model(lambda: None, "b", cache_info={**info, "num_gpu_blocks": 20})
+    b.observe_request(FinishedRequestStats(prompt_tokens=7, generation_tokens=5, max_sample_tokens=5,
+                                           prefill_seconds=0.1, decode_seconds=0.2, inference_seconds=0.3))
+    b.observe_inter_token(0.01)
+    b.observe_iteration_tokens(12)
+    text = m.render()[0].decode()
+    for series in ("request_prompt_tokens_sum", "request_generation_tokens_count", "time_per_output_token_seconds_count",
+                   "request_prefill_time_seconds_count", "request_decode_time_seconds_count",
+                   "request_inference_time_seconds_count", "request_max_num_generation_tokens_count",
+                   "iteration_tokens_total_count"):
+        assert f'depthserve:{series}{{model_name="b"}} 1.0' in text or \
+            f'depthserve:{series}{{model_name="b"}} 7.0' in text, series
+        assert f'depthserve:{series}{{model_name="a"}} 0.0' in text, series
+    assert 'model_name="a",num_gpu_blocks="10"' in text and 'model_name="b",num_gpu_blocks="20"' in text
+    assert "_created" not in text
+    with pytest.raises(ValueError, match="already"):
+        m.add_model(lambda: None, "b")
+
+
+def test_every_model_gets_the_tool_call_parser(tiny_model: Path, residual_model: Path, one_thread: None) -> None:
+    from engine.async_engine import AsyncLLMEngine
+    from server.app import build_app
+    from tests.server.test_async_engine import make_engine
+
+    engines = {"attnres": AsyncLLMEngine(make_engine(tiny_model)), "residual": AsyncLLMEngine(make_engine(residual_model))}
+    try:
+        app = build_app(engines, tool_call_parser="hermes", enable_docs=True)
+        assert [s.chat.tool_call_parser for s in app.state.models.served] == ["hermes", "hermes"]
+        paths = {getattr(r, "path", None) for r in app.routes}
+        assert {"/ping", "/version", "/docs", "/metrics", "/health"} <= paths
+    finally:
+        for e in engines.values():
+            e.shutdown()

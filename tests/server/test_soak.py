@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.soak import verdict
 from tests.server.conftest import REPO, ServerProcess, metric, scrape, wait_for_metric
 
 P = "depthserve:"
@@ -50,8 +51,9 @@ def test_soak_with_overload_leaves_nothing_behind(tiny_model: Path, tmp_path: Pa
         growth_mib = (rss_kib(srv.proc.pid) - before) / 1024
         print(f"\nsoak: {json.dumps(s)}; RSS {before / 1024:.0f} MiB, growth {growth_mib:+.1f} MiB")
 
-        assert s["failed"] == 0 and s["late_429"] == 0, s
+        assert s["failed"] == 0 and s["late_429"] == 0 and s["verdict"] == "pass", s
         assert s["rejected_429"] > 0 and s["hangups"] > 0 and s["ok"] > 50, s
+        assert s["overload"]["first_429_at_clients"] is not None, s  # the queue bound was found
         for name in ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_held",
                      "depth_cache_rows_in_use"):
             assert wait_for_metric(srv.url, P + name, lambda v: v == 0) == 0, name
@@ -61,3 +63,21 @@ def test_soak_with_overload_leaves_nothing_behind(tiny_model: Path, tmp_path: Pa
         assert growth_mib < RSS_GROWTH_MIB, f"server RSS grew {growth_mib:.1f} MiB"
         assert srv.proc.poll() is None
     assert "Traceback" not in srv.log(), srv.log()[-3000:]
+
+
+def summary(**kw: object) -> dict:
+    base = {"requests": 100, "seconds": 20.0, "ok": 90, "rejected_429": 0, "hangups": 10, "failed": 0, "late_429": 0,
+            "failures": [], "overload": {"clients": 192, "first_429_at_clients": None, "peak_running": 64,
+                                         "peak_waiting": 120}}
+    return {**base, **kw}
+
+
+def test_verdict_says_what_to_set_when_the_bound_is_never_reached() -> None:
+    ok, lines = verdict(summary(), 192)
+    assert ok and lines[0].startswith("soak: PASS")
+    assert "no 429 up to 192 concurrent clients" in lines[1] and "--max-queued-requests" in lines[1]
+    ok, lines = verdict(summary(rejected_429=5, overload={"clients": 48, "first_429_at_clients": 48,
+                                                          "peak_running": 4, "peak_waiting": 4}), 192)
+    assert ok and "answered 429 at 48 concurrent clients" in lines[1]
+    ok, lines = verdict(summary(failed=1, failures=["500:boom"], late_429=2), 192)
+    assert not ok and lines[0].startswith("soak: FAIL") and "FAIL, 2 requests" in lines[2] and "500:boom" in lines[3]
