@@ -188,11 +188,13 @@ def build_app(engine: AsyncLLMEngine | Mapping[str, AsyncLLMEngine], served_mode
             reason = f"model {down.names[0]}: {reason}"
         return APIError(503, reason, "service_unavailable_error", code="engine_unavailable").response()
 
-    @app.api_route("/ping", methods=["GET", "POST"], responses={
-        200: {"description": "The engine is serving (as /health; vLLM's and SageMaker's probe)"},
-        503: {**_ERROR, "description": "The engine has stopped"}})
     async def ping() -> Response:
         return await health()
+
+    for method in ("GET", "POST"):  # one route per method: each needs its own OpenAPI operation id
+        app.add_api_route("/ping", ping, methods=[method], operation_id=f"ping_{method.lower()}", responses={
+            200: {"description": "The engine is serving (as /health; vLLM's and SageMaker's probe)"},
+            503: {**_ERROR, "description": "The engine has stopped"}})
 
     @app.get("/version", responses={200: {"description": "The server's version", "content": {
         "application/json": {"schema": {"type": "object", "properties": {"version": {"type": "string"}},
