@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from engine.config import (
     EngineConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     parse_bytes,
     parse_dtype,
 )
@@ -191,6 +193,11 @@ class EngineArgs(CliArgs):
     max_cuda_graph_batch_size: int | None = option(
         None, "cuda: the largest decode batch captured as a CUDA graph (sizes 1, 2, 4, 8, then steps of 8; "
               "larger decode batches run eagerly; None: min(max_num_seqs, 256))", type=int)
+    # speculative decoding
+    speculative_config: dict[str, Any] | str | None = option(
+        None, 'speculative decoding as a JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+              '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\': drafts from each request\'s own prompt and '
+              'output, verified in one forward (greedy output unchanged; sampled output distribution unchanged)')
     # parallel
     tensor_parallel_size: int = option(1, "tensor-parallel ranks (processes the model is sharded over; over "
                                           "NCCL, one GPU each, on cuda, over gloo on cpu)", type=int)
@@ -223,6 +230,23 @@ class EngineArgs(CliArgs):
                               "--tensor-parallel-size, or use device='cpu' for gloo tensor parallelism "
                               "(--device, --tensor-parallel-size)")
         return self.device
+
+    def _speculative(self, errors: list[str]) -> SpeculativeConfig | None:
+        """--speculative-config: a JSON string (the CLI) or a dict (LLM(...)); None or {} is off."""
+        value = self.speculative_config
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                errors.append(f"speculative_config is not valid JSON ({e}) (--speculative-config)")
+                return None
+        if value is None or value == {}:
+            return None
+        try:
+            return SpeculativeConfig.from_dict(value)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{e} (--speculative-config)")
+            return None
 
     def create_engine_config(self) -> EngineConfig:
         """Validate every option (ValueError naming the field and flag, all problems in one message)."""
@@ -257,9 +281,11 @@ class EngineArgs(CliArgs):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in BACKENDS:
             errors.append(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r} (--kernels)")
+        spec = self._speculative(errors)
         if errors:
             raise ValueError("; ".join(errors))
         return EngineConfig(
+            speculative=spec,
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
             depth_stats=self.depth_stats, device=device, kernels=self.kernels, enforce_eager=self.enforce_eager,
             max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,

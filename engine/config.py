@@ -13,7 +13,7 @@ import torch
 from kernels.ops import BACKENDS
 from models.config import ModelConfig
 
-__all__ = ["AUTO", "DEFAULT_KV_CACHE_MEMORY", "DTYPE_CHOICES", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "parse_bytes", "parse_dtype",
+__all__ = ["AUTO", "DEFAULT_KV_CACHE_MEMORY", "DTYPE_CHOICES", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "SpeculativeConfig", "parse_bytes", "parse_dtype",
            "resolve_dtype"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
@@ -113,6 +113,49 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
+SPEC_METHODS = ("ngram",)
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """n-gram (prompt lookup) speculation, vLLM's keys: draft up to `num_speculative_tokens` tokens that
+    followed the latest earlier occurrence of the longest suffix n-gram (prompt_lookup_max..min) of a
+    request's own tokens, and verify them in the next step's forward."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.method not in SPEC_METHODS:
+            errors.append(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}")
+        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                errors.append(f"speculative_config.{name} must be an integer >= {low}, got {v!r}")
+        if not errors and self.prompt_lookup_min > self.prompt_lookup_max:
+            errors.append(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                          f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpeculativeConfig:
+        """From vLLM's JSON object; ValueError naming unknown or bad keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {d!r}")
+        unknown = sorted(set(d) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(SPEC_KEYS)}")
+        if "method" not in d:
+            raise ValueError("speculative_config.method is required (\"ngram\")")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -127,6 +170,7 @@ class EngineConfig:
     kernels: str = "auto"  # op backend (kernels.ops.BACKENDS): auto | native | reference | triton
     enforce_eager: bool = False  # never capture CUDA graphs
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (None: min(max_num_seqs, 256))
+    speculative: SpeculativeConfig | None = None  # None: no drafts (the non-speculative path, unchanged)
 
     def __post_init__(self) -> None:
         if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:

@@ -57,6 +57,13 @@ class InputBatch:
             self.block_table[row, have:len(block_ids)] = torch.tensor(block_ids[have:], dtype=torch.long)
             self.num_blocks[row] = len(block_ids)
 
+    def truncate(self, req_id: str, num_blocks: int) -> None:
+        """The request gave back its blocks past `num_blocks` (a speculative step's rejected drafts): the next
+        sync_blocks writes whatever it holds there afresh."""
+        row = self.row_of.get(req_id)
+        if row is not None:
+            self.num_blocks[row] = min(self.num_blocks[row], num_blocks)
+
     def wait_for_upload(self) -> None:
         """Before the host buffers are rewritten: the previous step's copies out of them have finished."""
         if self._uploaded is not None:

@@ -91,7 +91,7 @@ class LLMEngine:
             self.shutdown()
             raise
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_step_tokens, config.speculative)
         self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group,
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)

@@ -67,6 +67,7 @@ class _Rows:
     reqs: list[Request] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
+    drafts: list[tuple[int, ...]] = field(default_factory=list)  # per row: drafted tokens to verify (or ())
     ids: list[int] = field(default_factory=list)
     failed: list[tuple[Request, str, BaseException]] = field(default_factory=list)
     depth_rows: list[tuple[Request, int, int]] = field(default_factory=list)  # (request, position, row)
@@ -178,6 +179,8 @@ class ModelRunner:
             self.inputs.remove(rid)
         for req in sched.preempted:  # recomputed from scratch later: new blocks, new row
             self.inputs.remove(req.request_id)
+        for rid, kept in sched.trimmed.items():  # speculative steps gave back tail blocks
+            self.inputs.truncate(rid, kept)
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
@@ -247,7 +250,8 @@ class ModelRunner:
             req, n = s.request, s.num_new_tokens
             start, row0 = req.num_computed_tokens, len(rows.ids)
             try:
-                ids = req.token_ids[start:start + n]
+                ids = req.token_ids[start:start + n] if not s.spec_token_ids else \
+                    [*req.token_ids[start:], *s.spec_token_ids]  # its last token, then the drafts
                 if len(ids) != n or n < 1:
                     raise RuntimeError(f"{req!r} has {len(ids)} tokens to run, scheduled {n}")
                 self.inputs.sync_blocks(req.request_id, self.kv.block_ids(req.request_id))
@@ -259,6 +263,7 @@ class ModelRunner:
             rows.reqs.append(req)
             rows.num_new.append(n)
             rows.sample.append(s.sample)
+            rows.drafts.append(s.spec_token_ids)
             rows.ids += ids
             rows.depth_rows += planned
             rows.prompt_rows += scored
@@ -309,6 +314,10 @@ class ModelRunner:
                 meta.prefills.append(PrefillSpan(row0, row0 + end - start, end, gather, mask))
         sampled = [b for b, s in enumerate(rows.sample) if s]
         logits_rows = (first_row + counts - 1)[sampled]  # [S], then the scored prompt rows [P]
+        if any(rows.drafts):  # a drafting request: every row of it is sampled (its verification)
+            logits_rows = torch.tensor([r for b in sampled for r in (
+                range(int(first_row[b]), int(first_row[b] + counts[b])) if rows.drafts[b] else
+                (int(first_row[b] + counts[b] - 1),))], dtype=torch.long)  # [S + drafted tokens]
         if rows.prompt_rows:
             logits_rows = torch.cat([logits_rows, torch.tensor([r for _, _, r in rows.prompt_rows], dtype=torch.long)])
         return ForwardBatch(
@@ -391,15 +400,53 @@ class ModelRunner:
                 if pos < req.num_prompt_tokens and req.params.prompt_depth_attention:
                     prompt_depth.setdefault(req.request_id, []).append((pos, entry))
         out = RunnerOutput([], [], [], [], prompt_depth, rows.failed)
-        for req, result in zip(sampled, self._sample_rows(logits, sampled, rows.masks), strict=True):
+        results = self._sample_rows(logits, sampled, rows.masks) if not any(rows.drafts) else \
+            self._verify_rows(logits, rows)
+        for req, result in zip(sampled, results, strict=True):
             if isinstance(result, BaseException):
                 out.failed.append((req, "sampling failed", result))
                 continue
+            if isinstance(result, list):  # verified drafts: the emitted tokens in order
+                (tok, lp), more = result[0], result[1:]
+                if more:
+                    out.more_token_ids[req.request_id] = [t for t, _ in more]
+                    out.more_logprobs[req.request_id] = [x for _, x in more]
+                result = (tok, lp)
             out.sampled.append(req)
             out.token_ids.append(result[0])
             out.logprobs.append(result[1])
             out.depth.append(depth_of.get(id(req)))
         return out
+
+    def _verify_rows(self, logits: torch.Tensor, rows: _Rows
+                     ) -> list[tuple[int, Logprob | None] | list[tuple[int, Logprob | None]] | BaseException]:
+        """Per sampled request: a drafting request's 1 + d logits rows verify its drafts (a list of the emitted
+        tokens); the others are sampled together as usual (their grammar masks: the matching rows)."""
+        drafts = [d for d, smp in zip(rows.drafts, rows.sample, strict=True) if smp]
+        sampled = [r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp]
+        first, at = [], 0  # first logits row of each sampled request
+        for d in drafts:
+            first.append(at)
+            at += 1 + len(d)
+        plain = [j for j, d in enumerate(drafts) if not d]
+        results: list = [None] * len(sampled)
+        if plain:
+            masks = rows.masks
+            if masks is not None:
+                sub: Future[torch.Tensor] = Future()
+                sub.set_result(masks.result()[torch.tensor(plain, dtype=torch.long)])
+                masks = sub
+            idx = torch.tensor([first[j] for j in plain], dtype=torch.long, device=logits.device)
+            for j, res in zip(plain, self._sample_rows(logits[idx], [sampled[j] for j in plain], masks),
+                              strict=True):
+                results[j] = res
+        for j, d in enumerate(drafts):
+            if d:
+                try:
+                    results[j] = self.sampler.verify(logits[first[j]:first[j] + 1 + len(d)], sampled[j], list(d))
+                except Exception as e:  # noqa: BLE001 - reported for this request alone
+                    results[j] = e
+        return results
 
     def _sample_rows(self, logits: torch.Tensor, reqs: list[Request], masks: Future[torch.Tensor] | None = None
                      ) -> list[tuple[int, Logprob | None] | BaseException]:

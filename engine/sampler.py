@@ -188,6 +188,58 @@ class Sampler:
                 lps[i] = Logprob(ids[i], float(logp[j, ids[i]]), top)
         return SamplerOutput(ids, lps)
 
+    def verify(self, logits: torch.Tensor, req: Request, drafts: list[int]) -> list[tuple[int, Logprob | None]]:
+        """The tokens a drafting request emits: logits [1 + d, V], row j scoring the token after draft j - 1.
+
+        Greedy: the longest prefix of drafts equal to the argmax, then the argmax after it (bonus or correction),
+        so the output is the non-speculative one. Sampling: the rejection rule for a point-mass draft: accept
+        draft t with probability p(t), else sample from p with t removed, renormalised (the output is
+        distributed as p); all accepted, the bonus token is sampled from the last row. p is the distribution
+        the sampler samples (temperature, top-k, top-p, min-p). Requests that draft have no penalties, grammar
+        or pending min_tokens (the scheduler's rule), so every row is processed alike."""
+        d = len(drafts)
+        reqs = [req] * (d + 1)
+        if req.params.greedy:
+            ids = logits.argmax(-1).tolist()  # [1 + d]
+            a = 0
+            while a < d and ids[a] == drafts[a]:
+                a += 1
+            toks = ids[:a + 1]
+        else:
+            temp = req.params.temperature
+            w = self._weights(logits / temp, reqs)  # [1 + d, V], unnormalised
+            dev = w.device
+            draft_t = torch.tensor(drafts, dtype=torch.long, device=dev)  # [d]
+            p_draft = (w[:d].gather(1, draft_t.unsqueeze(1)).double()
+                       / w[:d].sum(-1, keepdim=True, dtype=torch.float64))  # [d, 1]
+            accept = (self._uniforms(reqs[:d], dev) < p_draft).squeeze(1).tolist()  # [d]
+            a = accept.index(False) if False in accept else d
+            row = w[a:a + 1]  # [1, V]: the bonus row, or the rejected draft's
+            if a < d:
+                row = row.clone()
+                row[0, drafts[a]] = 0.0
+                if not bool(row.sum() > 0):  # p(t) = 1 up to rounding: nothing else to sample
+                    row = w[a:a + 1]
+            toks = [*drafts[:a], int(self._inverse_cdf(row, [req])[0])]
+        lps: list[Logprob | None] = [None] * len(toks)
+        if req.params.logprobs is not None:
+            lps = list(self._logprobs(logits[:len(toks)], toks, reqs[:len(toks)]))
+        return list(zip(toks, lps, strict=True))
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, ids: list[int], reqs: list[Request]) -> list[Logprob]:
+        """The raw distribution's logprob of ids[i] in row i, with each request's top-k (vLLM's logprobs)."""
+        logp = torch.log_softmax(raw, dim=-1).cpu()
+        out = []
+        for j, r in enumerate(reqs):
+            k = r.params.logprobs or 0
+            top = []
+            if k:
+                v, ix = logp[j].topk(k)
+                top = [(t, x) for t, x in zip(ix.tolist(), v.tolist(), strict=True) if x != float("-inf")]
+            out.append(Logprob(ids[j], float(logp[j, ids[j]]), top))
+        return out
+
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
         for i, r in enumerate(reqs):

@@ -15,9 +15,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
+from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.outputs import DepthEntry, Logprob
 from engine.request import Request, RequestStatus
+from engine.spec_decode import SpecBackoff, propose_ngram
 from kvcache.kv_manager import KVCacheManager
 
 
@@ -26,6 +27,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     sample: bool  # its KV catches up with its tokens this step: a token is sampled from its last row
+    # drafted tokens run after its last token (num_new_tokens = 1 + len): every row is verified and sampled
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # left since the last step: the runner drops them
+    trimmed: dict[str, int] = field(default_factory=dict)  # request id -> blocks kept after giving back its tail
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +61,10 @@ class RunnerOutput:
     failed: list[tuple[Request, str, BaseException]]  # rows that could not be built or sampled
     # request id -> (prompt position p >= 1, logprob of prompt token p given tokens [0, p)), prompt_logprobs
     prompt_logprobs: dict[str, list[tuple[int, Logprob]]] = field(default_factory=dict)
+    # speculative requests: request id -> the tokens (and logprobs) emitted after token_ids[i], i.e. the
+    # accepted drafts past the first and the bonus or correction token; absent: one token
+    more_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    more_logprobs: dict[str, list[Logprob | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,17 +91,27 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # of which found in the cache
     prompt_tokens: int = 0  # each prompt counted once (as vLLM), cached or not
     generation_tokens: int = 0
+    # speculative decoding (vLLM's spec_decode counters): steps with drafts, drafted and accepted tokens, and
+    # accepted tokens by draft position
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_step_tokens: int) -> None:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_step_tokens: int,
+                 spec: SpeculativeConfig | None = None) -> None:
         self.cfg = cfg
+        self.spec = spec
+        self._backoff: dict[str, SpecBackoff] = {}  # per drafting request
         self.kv = kv
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
+        self._trimmed: dict[str, int] = {}  # since the last step, for the runner's block tables
         # (first token?, seconds) per sampled token, for latency histograms; only kept when someone reads them
         self.record_latencies = False
         self.latencies: list[tuple[bool, float]] = []
@@ -112,6 +130,22 @@ class Scheduler:
             n = min(n, self.cfg.long_prefill_token_threshold)
         return n
 
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Drafted tokens for a decoding request ([] when it may not draft). Requests whose next-token
+        distribution depends on the position (penalties, min_tokens, a grammar) or that record depth weights
+        per token do not draft: verifying them would need sequential per-row logits processing."""
+        p = req.params
+        if (self.spec is None or req.num_computed_tokens != req.num_tokens - 1 or not req.num_output_tokens
+                or req.grammar is not None or p.has_penalties or req.num_output_tokens < p.min_tokens
+                or p.depth_attention or p.prompt_depth_attention):
+            return []
+        room = min(budget, req.max_model_len - req.num_tokens) - 1  # the emitted tokens fit the context
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - req.num_output_tokens - 1)  # never run past max_tokens
+        if room <= 0 or not self._backoff.setdefault(req.request_id, SpecBackoff()).should_draft():
+            return []
+        return propose_ngram(req.token_ids, self.spec, room)
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
@@ -122,12 +156,22 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         rows: list[tuple[Request, int]] = []
-        out = SchedulerOutput(finished_ids=self._finished_ids)
+        drafts: dict[str, list[int]] = {}
+        out = SchedulerOutput(finished_ids=self._finished_ids, trimmed=self._trimmed)
         self._finished_ids = []
+        if self._trimmed:
+            self._trimmed = {}
         budget = self.max_step_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            d = self._drafts(req, budget) if self.spec is not None else []
+            if d and self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, 1 + len(d)):
+                drafts[req.request_id] = d
+                rows.append((req, 1 + len(d)))
+                budget -= 1 + len(d)
+                i += 1
+                continue
             n = self._chunk(req, req.num_computed_tokens, budget)
             if n <= 0:
                 i += 1
@@ -151,7 +195,11 @@ class Scheduler:
                 req.metrics.first_scheduled_time = now
                 self.stats.prompt_tokens += req.num_prompt_tokens
         rows.sort(key=lambda rn: rn[1] != 1)  # stable: one-token rows first (the decode attention path)
-        out.scheduled = [ScheduledRequest(r, n, r.num_computed_tokens + n == r.num_tokens) for r, n in rows]
+        if drafts:
+            out.scheduled = [ScheduledRequest(r, n, True, tuple(d)) if (d := drafts.get(r.request_id)) else
+                             ScheduledRequest(r, n, r.num_computed_tokens + n == r.num_tokens) for r, n in rows]
+        else:
+            out.scheduled = [ScheduledRequest(r, n, r.num_computed_tokens + n == r.num_tokens) for r, n in rows]
         return out
 
     def _admit(self, rows: list[tuple[Request, int]], budget: int) -> int:
@@ -181,14 +229,21 @@ class Scheduler:
         outputs = [self._fail(req, message) for req, message, _ in ran.failed]
         gone = {id(req) for req, _, _ in ran.failed}
         gone_ids = {req.request_id for req, _, _ in ran.failed}
+        spec: dict[str, ScheduledRequest] = {}
         for s in sched.scheduled:
             req = s.request
             if id(req) in gone or req.status is not RequestStatus.RUNNING:
+                continue
+            if s.spec_token_ids:  # advanced by what was accepted, below
+                spec[req.request_id] = s
                 continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed(req.request_id, req.token_ids, req.num_computed_tokens)
         now = time.monotonic()
         for i, req in enumerate(ran.sampled):
+            if spec and (s := spec.get(req.request_id)) is not None:
+                outputs.append(self._update_spec(req, s, ran, i, now))
+                continue
             tok = ran.token_ids[i]
             req.token_ids.append(tok)
             self.stats.generation_tokens += 1
@@ -218,6 +273,54 @@ class Scheduler:
                         if (rid := s.request.request_id) not in done
                         and (rid in ran.prompt_depth or rid in ran.prompt_logprobs)]
         return outputs
+
+    def _update_spec(self, req: Request, s: ScheduledRequest, ran: RunnerOutput, i: int, now: float
+                     ) -> EngineCoreOutput:
+        """A verified step: append the emitted tokens (accepted drafts, then the bonus or correction token) up to
+        the first stop, roll num_computed_tokens back to the KV that holds accepted tokens, give back the blocks
+        only rejected drafts used. Blocks are published only up to that point: never with a rejected token."""
+        rid = req.request_id
+        toks = [ran.token_ids[i], *ran.more_token_ids.get(rid, ())]
+        lps = [ran.logprobs[i], *ran.more_logprobs.get(rid, ())]
+        accepted = len(toks) - 1  # the drafts verified (each emitted token but the last was a draft)
+        st = self.stats
+        st.spec_num_drafts += 1
+        st.spec_num_draft_tokens += len(s.spec_token_ids)
+        st.spec_num_accepted_tokens += accepted
+        if len(st.spec_accepted_per_pos) < len(s.spec_token_ids):
+            st.spec_accepted_per_pos += [0] * (len(s.spec_token_ids) - len(st.spec_accepted_per_pos))
+        for pos in range(accepted):
+            st.spec_accepted_per_pos[pos] += 1
+        self._backoff.setdefault(rid, SpecBackoff()).record(accepted)
+        start = req.num_computed_tokens
+        emitted = 0
+        for tok in toks:
+            req.token_ids.append(tok)
+            emitted += 1
+            if req.grammar is not None and not req.grammar.consume_token(tok):
+                return self._fail(req, "the sampled token broke the request's grammar")
+            self._check_stop(req, tok)
+            if req.finish_reason is not None:
+                break
+        st.generation_tokens += emitted
+        m = req.metrics
+        if self.record_latencies:
+            first = m.first_token_time is None
+            self.latencies.append((first, now - (m.arrival_time if first else m.last_token_time or now)))
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        req.num_computed_tokens = min(start + 1 + accepted, req.num_tokens - 1)
+        self.kv.cache_computed(rid, req.token_ids, req.num_computed_tokens)
+        kept = self.kv.trim(rid, req.num_computed_tokens)
+        if kept is not None:
+            self._trimmed[rid] = min(kept, self._trimmed.get(rid, kept))
+        lp_out = None if all(lp is None for lp in lps) else [lp for lp in lps[:emitted] if lp is not None]
+        out = EngineCoreOutput(req, toks[:emitted], lp_out, None)
+        if req.finish_reason is not None:
+            m.finished_time = now
+            self.finish(req)
+        return out
 
     @staticmethod
     def _check_stop(req: Request, tok: int) -> None:
@@ -252,5 +355,6 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
+        self._backoff.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
         self._finished_ids.append(req.request_id)

@@ -104,6 +104,18 @@ class KVCacheManager:
             self.pool.cache(held[b], hashes[b])
         self._num_published[req_id] = full
 
+    def trim(self, req_id: str, num_tokens: int) -> int | None:
+        """Give back the request's tail blocks that hold none of its first `num_tokens` tokens (slots of rejected
+        drafts). They were never published: publishing stops at the computed tokens. Returns the blocks kept,
+        or None when nothing was given back."""
+        held = self._blocks.get(req_id)
+        keep = self.blocks_needed(num_tokens)
+        if held is None or len(held) <= keep:
+            return None
+        self.pool.free(list(reversed(held[keep:])))
+        del held[keep:]
+        return keep
+
     def free(self, req_id: str) -> None:
         """Release a finished, aborted or preempted request's blocks (tail first, so it is evicted first)."""
         blocks = self._blocks.pop(req_id, [])

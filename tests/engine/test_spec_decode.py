@@ -1,0 +1,229 @@
+"""n-gram speculative decoding: greedy output identical to the reference and to the non-speculative engine
+(std, Block and Full AttnRes), KV slots of rejected drafts given back, max_tokens and stops honoured inside
+accepted drafts, and the sampling rule's output distribution equal to the target's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.arg_utils import EngineArgs
+from engine.config import SpeculativeConfig
+from engine.request import Request
+from engine.sampler import Sampler
+from engine.spec_decode import SpecBackoff, propose_ngram
+from kvcache.kv_manager import KVCacheManager
+from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# repetition, so the prompt itself offers drafts, plus the shared engine-vs-reference prompts
+REPEAT = [[1, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [1, 30, 31, 30, 31, 30, 31, 30]]
+MAX = 24
+
+
+@pytest.fixture(scope="module", params=[("none", 0, 4), ("block", 2, 5), ("full", 0, 4)],
+                ids=lambda c: c[0])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    mode, bs, layers = request.param
+    folder, model = write_tiny(tmp_path_factory.mktemp("m"), tiny_config(mode, bs, layers=layers))
+    prompts = [*REPEAT, *PROMPTS]
+    return folder, prompts, [reference_greedy(model, p, MAX) for p in prompts], mode
+
+
+def _greedy(folder: Path, prompts: list[list[int]], params: SamplingParams | None = None, **kw
+            ) -> tuple[list[list[int]], LLM]:
+    llm = LLM(str(folder), max_model_len=64, **kw)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        params or SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+def _assert_idle(llm: LLM) -> None:
+    assert llm.engine.kv_blocks_held_by_requests() == 0
+    assert llm.engine.depth_rows_in_use() == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"block_size": 4, "max_num_batched_tokens": 7},
+                                {"block_size": 2, "num_kv_blocks": 40, "max_num_batched_tokens": 16}],
+                         ids=["batched", "small-budget", "preemption"])
+def test_greedy_matches_reference_and_accepts(tiny, kw) -> None:
+    folder, prompts, expected, mode = tiny
+    got, llm = _greedy(folder, prompts, speculative_config=SPEC, **kw)
+    assert got == expected
+    st = llm.engine.scheduler.stats
+    assert st.spec_num_drafts > 0
+    if mode != "full":  # the random Full AttnRes model does not repeat itself: test_oracle_drafts accepts there
+        assert st.spec_num_accepted_tokens > 0
+    assert st.spec_num_accepted_tokens <= st.spec_num_draft_tokens
+    assert sum(st.spec_accepted_per_pos) == st.spec_num_accepted_tokens
+    assert st.generation_tokens == len(prompts) * MAX
+    _assert_idle(llm)
+
+
+@pytest.mark.parametrize("block_size", [2, 16])
+def test_oracle_drafts(tiny, monkeypatch: pytest.MonkeyPatch, block_size: int) -> None:
+    """Drafts that are the true continuation, wrong from a position that varies by step (all accepted, some,
+    none): every acceptance length and the bonus token, on every model, token for token the reference."""
+    folder, prompts, expected, _ = tiny
+    by_prompt = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
+
+    def oracle(token_ids: list[int], cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
+        for p, e in by_prompt.items():
+            if tuple(token_ids[:len(p)]) == p:
+                done = len(token_ids) - len(p)
+                d = e[done:done + min(cfg.num_speculative_tokens, max_tokens)]
+                wrong = len(token_ids) % (len(d) + 2)  # past the end: all right
+                return [t if j != wrong else (t + 1) % 400 for j, t in enumerate(d)]
+        raise AssertionError("unknown prompt")
+
+    monkeypatch.setattr("engine.scheduler.propose_ngram", oracle)
+    monkeypatch.setattr("engine.spec_decode.SpecBackoff.should_draft", lambda self: True)
+    got, llm = _greedy(folder, prompts, speculative_config=SPEC, block_size=block_size)
+    assert got == expected
+    st = llm.engine.scheduler.stats
+    assert st.spec_num_accepted_tokens > 0 and st.spec_accepted_per_pos[-1] > 0
+    assert st.spec_num_accepted_tokens < st.spec_num_draft_tokens
+    _assert_idle(llm)
+
+
+def test_prefix_cache_never_holds_rejected_tokens(tiny) -> None:
+    """A second prompt extending the first's output reuses its published blocks: had a block been published
+    with a rejected draft's KV or hash, the continuation would differ from the non-speculative one."""
+    folder, prompts, expected, mode = tiny
+    longer = [prompts[0] + expected[0][:20], prompts[1] + expected[1][:18]]
+    ref, _ = _greedy(folder, longer, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm = LLM(str(folder), max_model_len=64, block_size=2, speculative_config=SPEC)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                 SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True))
+    hits = llm.engine.scheduler.stats.prefix_cache_hits
+    outs = llm.generate([{"prompt_token_ids": p} for p in longer],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert llm.engine.scheduler.stats.prefix_cache_hits > hits
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    _assert_idle(llm)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 11])
+def test_max_tokens_exact(tiny, max_tokens: int) -> None:
+    folder, prompts, expected, mode = tiny
+    got, llm = _greedy(folder, prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                       speculative_config=SPEC)
+    assert got == [e[:max_tokens] for e in expected]
+    _assert_idle(llm)
+
+
+def test_stop_token_inside_accepted_drafts(tiny) -> None:
+    folder, prompts, expected, mode = tiny
+    # per prompt, a stop token emitted late in its output: with drafts it may arrive inside a verified run
+    for i in range(len(prompts)):
+        stop = expected[i][-4]
+        params = SamplingParams(temperature=0, max_tokens=MAX, stop_token_ids=[stop], ignore_eos=True)
+        got, llm = _greedy(folder, [prompts[i]], params, speculative_config=SPEC)
+        assert got == [expected[i][:expected[i].index(stop) + 1]]
+        _assert_idle(llm)
+
+
+def test_logprobs_match_non_speculative(tiny) -> None:
+    folder, prompts, _, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, logprobs=2)
+    outs = [LLM(str(folder), max_model_len=64, **kw).generate([{"prompt_token_ids": p} for p in prompts], params)
+            for kw in ({}, {"speculative_config": SPEC})]
+    for a, b in zip(*outs, strict=True):
+        la, lb = a.outputs[0].logprobs, b.outputs[0].logprobs
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and len(la) == len(lb) == MAX
+        for x, y in zip(la, lb, strict=True):
+            assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_penalties_do_not_draft(tiny) -> None:
+    folder, prompts, _, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, repetition_penalty=1.3)
+    ref, _ = _greedy(folder, prompts, params)
+    got, llm = _greedy(folder, prompts, params, speculative_config=SPEC)
+    assert got == ref
+    assert llm.engine.scheduler.stats.spec_num_drafts == 0
+
+
+def test_sampled_runs_and_seeded_is_reproducible(tiny) -> None:
+    folder, prompts, _, _ = tiny
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=MAX, ignore_eos=True, seed=7)
+    a, _ = _greedy(folder, prompts, params, speculative_config=SPEC)
+    b, llm = _greedy(folder, prompts, params, speculative_config=SPEC)
+    assert a == b and all(len(t) == MAX for t in a)
+    _assert_idle(llm)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9}])
+def test_rejection_rule_keeps_the_distribution(kw) -> None:
+    """The first emitted token of a verified step is distributed as the target's (temperature, top-k/top-p)
+    distribution, whatever the draft: many draws with a fixed seed, total variation within sampling noise."""
+    torch.manual_seed(0)
+    vocab, n = 12, 20000
+    logits = torch.randn(3, vocab) * 1.5  # [1 + 2 drafts, V]
+    sampler = Sampler(seed=123)
+    req = Request("r", [1, 2], SamplingParams(max_tokens=5, **kw))
+    ref = Sampler(seed=0)
+    target = ref._weights(logits[:1] / kw["temperature"], [req])[0].double()
+    target /= target.sum()
+    for draft in (int(target.argmax()), int(target.argmin()), 3):
+        counts = torch.zeros(vocab, dtype=torch.float64)
+        for _ in range(n):
+            counts[sampler.verify(logits, req, [draft, 4])[0][0]] += 1
+        tv = 0.5 * float((counts / n - target).abs().sum())
+        assert tv < 0.02, (draft, tv)
+
+
+def test_greedy_verify_rule() -> None:
+    logits = torch.full((4, 6), -5.0)
+    logits[0, 2] = logits[1, 3] = logits[2, 1] = logits[3, 0] = 5.0  # argmax 2, 3, 1, 0
+    req = Request("r", [1], SamplingParams(temperature=0, max_tokens=9))
+    s = Sampler()
+    assert [t for t, _ in s.verify(logits, req, [2, 3, 1])] == [2, 3, 1, 0]  # all accepted + bonus
+    assert [t for t, _ in s.verify(logits, req, [2, 4, 1])] == [2, 3]  # rejected at 1: the correction
+    assert [t for t, _ in s.verify(logits, req, [5, 3, 1])] == [2]
+
+
+def test_propose_ngram() -> None:
+    cfg = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2, prompt_lookup_max=3)
+    assert propose_ngram([1, 2, 3, 4, 5, 9, 1, 2, 3], cfg, 10) == [4, 5, 9]
+    assert propose_ngram([1, 2, 3, 4, 5, 9, 1, 2, 3], cfg, 2) == [4, 5]
+    assert propose_ngram([8, 2, 3, 4, 7, 2, 3, 5, 1, 2, 3], cfg, 10) == [5, 1, 2]  # the latest occurrence
+    assert propose_ngram([1, 2, 3, 4, 5], cfg, 10) == []
+    assert propose_ngram([4, 5, 6, 4, 5, 6], cfg, 0) == []
+
+
+def test_backoff() -> None:
+    b = SpecBackoff()
+    assert b.should_draft()
+    b.record(0)
+    b.record(0)  # two misses: skip the next 4 steps
+    assert [b.should_draft() for _ in range(5)] == [False] * 4 + [True]
+    b.record(2)
+    assert b.should_draft()
+
+
+def test_kv_trim_gives_back_unused_tail_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.allocate_slots("a", list(range(10)), 0, 10)  # 3 blocks
+    free = kv.pool.num_free
+    kv.trim("a", 5)  # tokens 0..4 need 2 blocks
+    assert len(kv.block_ids("a")) == 2 and kv.pool.num_free == free + 1
+    kv.trim("a", 8)
+    assert len(kv.block_ids("a")) == 2
+
+
+def test_config_validation() -> None:
+    assert EngineArgs().create_engine_config().speculative is None
+    cfg = EngineArgs(speculative_config='{"method": "ngram", "num_speculative_tokens": 5}').create_engine_config()
+    assert cfg.speculative == SpeculativeConfig(num_speculative_tokens=5)
+    for bad, field in [({"method": "eagle"}, "method"), ({"method": "ngram", "num_speculative_tokens": 0},
+                                                         "num_speculative_tokens"),
+                       ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+                       ({"method": "ngram", "lookahead": 2}, "lookahead"), ("{not json", "JSON"),
+                       ({"num_speculative_tokens": 2}, "method")]:
+        with pytest.raises(ValueError, match=field):
+            EngineArgs(speculative_config=bad).create_engine_config()
