@@ -142,20 +142,55 @@ class OutputProcessor:
             by_token = isinstance(req.stop_reason, int) or (
                 req.finish_reason == "stop" and req.stop_reason is None
                 and not (req.grammar is not None and c.new_token_ids and c.new_token_ids[-1] not in req.eos_token_ids))
+            if len(c.new_token_ids) > 1 and p.stop:  # verified drafts: a stop string may end before the last
+                return self._update_tokenwise(state, c, by_token)
             if c.new_token_ids and not (finishing and by_token):
                 new = state.detokenizer.add(c.new_token_ids)
             if finishing:
                 new += state.detokenizer.flush()
         stops_active = req.num_output_tokens >= p.min_tokens
         text, stop = state.text.add(new, stops_active, final=finishing)
+        return self._completion(state, c, text, stop, list(c.new_token_ids), c.new_logprobs, c.new_depth)
+
+    def _update_tokenwise(self, state: _SampleState, c: EngineCoreOutput, by_token: bool
+                          ) -> tuple[CompletionOutput | None, str | None]:
+        """Several tokens of one step (a speculative step's accepted drafts), detokenized and checked for stop
+        strings one at a time, so the sample ends at the token that completed the stop string, as without
+        drafts; the tokens after it are dropped."""
+        req, detok = c.request, state.detokenizer
+        assert detok is not None
+        ids = list(c.new_token_ids)
+        stops_active = req.num_output_tokens >= req.params.min_tokens  # drafting requests are past min_tokens
+        pieces: list[str] = []
+        stop = None
+        for j, tok in enumerate(ids):
+            last = j == len(ids) - 1
+            new = "" if last and c.finished and by_token else detok.add([tok])
+            if last and c.finished:
+                new += detok.flush()
+            text, stop = state.text.add(new, stops_active, final=last and c.finished)
+            pieces.append(text)
+            if stop is not None:
+                ids = ids[:j + 1]
+                break
+        n = len(ids)
+        return self._completion(state, c, "".join(pieces), stop, ids,
+                                c.new_logprobs[:n] if c.new_logprobs is not None else None,
+                                c.new_depth[:n] if c.new_depth is not None else None)
+
+    @staticmethod
+    def _completion(state: _SampleState, c: EngineCoreOutput, text: str, stop: str | None, token_ids: list[int],
+                    logprobs: list[Logprob] | None, depth: list[DepthEntry] | None
+                    ) -> tuple[CompletionOutput, str | None]:
+        req, p = c.request, c.request.params
         reason, stop_reason = req.finish_reason, req.stop_reason
         if stop is not None:  # the engine ends the request with this reason after the step
             reason, stop_reason = "stop", stop
-        comp = CompletionOutput(index=req.index, text=text, token_ids=list(c.new_token_ids),
+        comp = CompletionOutput(index=req.index, text=text, token_ids=token_ids,
                                 finish_reason=reason, stop_reason=stop_reason,
-                                logprobs=list(c.new_logprobs) if c.new_logprobs is not None else
+                                logprobs=list(logprobs) if logprobs is not None else
                                 ([] if p.logprobs is not None else None),
-                                depth_attention=list(c.new_depth) if p.depth_attention and c.new_depth else
+                                depth_attention=list(depth) if p.depth_attention and depth else
                                 ([] if p.depth_attention else None))
         return comp, stop
 
