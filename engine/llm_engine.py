@@ -385,7 +385,10 @@ class LLMEngine:
             depth_rows_in_use=self.depth_rows_in_use(),
             prompt_tokens=st.prompt_tokens, generation_tokens=st.generation_tokens,
             num_preemptions=st.num_preemptions, prefix_cache_queries=st.prefix_cache_queries,
-            prefix_cache_hits=st.prefix_cache_hits,
+            prefix_cache_hits=st.prefix_cache_hits, spec_decode_num_drafts=st.spec_num_drafts,
+            spec_decode_num_draft_tokens=st.spec_num_draft_tokens,
+            spec_decode_num_accepted_tokens=st.spec_num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=tuple(st.spec_accepted_per_pos),
             depth=self.depth_stats.snapshot() if self.depth_stats is not None else None)
 
 
@@ -405,6 +408,12 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     depth: DepthStatsSnapshot | None = None  # depth-weight aggregates, when depth_stats is on
+    # speculative decoding counters (0 without --speculative-config): verified steps, drafted and accepted
+    # tokens, and accepted tokens by draft position
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class LLM:

@@ -107,6 +107,19 @@ class _EngineStatsCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       get("prefix_cache_queries"))
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", get("prefix_cache_hits"))
+        yield counter("spec_decode_num_drafts", "Speculative steps: requests' steps that verified drafts.",
+                      get("spec_decode_num_drafts"))
+        yield counter("spec_decode_num_draft_tokens", "Drafted tokens verified.", get("spec_decode_num_draft_tokens"))
+        yield counter("spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
+                      get("spec_decode_num_accepted_tokens"))
+        per_pos = s.spec_decode_num_accepted_tokens_per_pos if s is not None else ()
+        if per_pos:
+            c = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                    "Drafted tokens accepted, by position in the draft.",
+                                    labels=["model_name", "position"])
+            for pos, v in enumerate(per_pos):
+                c.add_metric([model, str(pos)], float(v))
+            yield c
         depth = s.depth if s is not None else None
         if depth is not None:  # only with --depth-metrics: one series per (site, source)
             w = GaugeMetricFamily(PREFIX + "depth_attention_weight",

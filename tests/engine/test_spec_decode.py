@@ -267,3 +267,21 @@ def test_stop_strings_inside_accepted_drafts(with_tokenizer: Path, monkeypatch: 
             assert len(got.logprobs) == len(got.token_ids)
     assert spec.engine.scheduler.stats.spec_num_accepted_tokens > 0
     assert spec.engine.kv_blocks_held_by_requests() == 0
+
+
+def test_metrics_exported_with_vllm_names(tiny) -> None:
+    from server.metrics import _EngineStatsCollector
+
+    folder, prompts, _, _ = tiny
+    llm = LLM(str(folder), max_model_len=64, speculative_config=SPEC)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                 SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True))
+    s = llm.engine.stats()
+    assert s.spec_decode_num_drafts > 0 and len(s.spec_decode_num_accepted_tokens_per_pos) == 3
+    samples = {(m.name, smp.labels.get("position")): smp.value
+               for m in _EngineStatsCollector._collect_one("tiny", s) for smp in m.samples}
+    assert samples[("depthserve:spec_decode_num_drafts", None)] == s.spec_decode_num_drafts
+    assert samples[("depthserve:spec_decode_num_draft_tokens", None)] == s.spec_decode_num_draft_tokens
+    assert samples[("depthserve:spec_decode_num_accepted_tokens", None)] == s.spec_decode_num_accepted_tokens
+    assert [samples[("depthserve:spec_decode_num_accepted_tokens_per_pos", str(i))] for i in range(3)] == \
+        list(s.spec_decode_num_accepted_tokens_per_pos)
