@@ -38,6 +38,8 @@ NON_DEFAULT = {
     "num_kv_blocks": (["--num-kv-blocks", "40"], 40),
     "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], 2),
+    "speculative_config": (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
+                           '{"method": "ngram", "num_speculative_tokens": 2}'),
     "gpu_memory_utilization": (["--gpu-memory-utilization", "0.5"], 0.5),
     "enforce_eager": (["--enforce-eager"], True),
     "max_cuda_graph_batch_size": (["--max-cuda-graph-batch-size", "32"], 32),
