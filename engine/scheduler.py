@@ -142,9 +142,10 @@ class Scheduler:
         room = min(budget, req.max_model_len - req.num_tokens) - 1  # the emitted tokens fit the context
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)  # never run past max_tokens
-        if room <= 0 or not self._backoff.setdefault(req.request_id, SpecBackoff()).should_draft():
+        state = self._backoff.get(req.request_id) or self._backoff.setdefault(req.request_id, SpecBackoff())
+        if room <= 0 or not state.should_draft():
             return []
-        return propose_ngram(req.token_ids, self.spec, room)
+        return propose_ngram(state.tokens.sync(req.token_ids), self.spec, room)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)

@@ -8,7 +8,8 @@ for the rows. Requests whose drafts keep failing back off (SpecBackoff) so they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,22 +19,52 @@ from engine.config import SpeculativeConfig
 LOOKBACK = 4096
 
 
-def propose_ngram(token_ids: list[int], cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
-    """Up to min(k, max_tokens) drafted tokens for the sequence `token_ids`, or [] when no n-gram recurs."""
+def propose_ngram(token_ids: Sequence[int] | np.ndarray, cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
+    """Up to min(k, max_tokens) drafted tokens for the sequence `token_ids`, or [] when no n-gram recurs.
+
+    One vectorised pass finds the earlier positions holding the last token; the few candidates are then
+    extended backwards together, so a step costs O(LOOKBACK) numpy work, not O(LOOKBACK * n)."""
     k = min(cfg.num_speculative_tokens, max_tokens)
-    n_tok = min(len(token_ids), LOOKBACK)
-    if k <= 0 or n_tok <= cfg.prompt_lookup_min:
+    if k <= 0 or len(token_ids) <= cfg.prompt_lookup_min:
         return []
-    seq = np.asarray(token_ids[-n_tok:], dtype=np.int64)  # [L]
-    for n in range(min(cfg.prompt_lookup_max, n_tok - 1), cfg.prompt_lookup_min - 1, -1):
-        suffix = seq[-n:]  # [n]
-        # windows starting at 0..L-1-n: each has a token after it, and none is the suffix itself
-        win = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # [L - n, n]
-        hits = np.flatnonzero((win == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # the latest occurrence: in a repeating loop, the freshest copy
-            return seq[start:start + k].tolist()
-    return []
+    seq = np.asarray(token_ids[-LOOKBACK:], dtype=np.int64)  # [L]
+    n_max = min(cfg.prompt_lookup_max, len(seq) - 1)
+    ends = np.flatnonzero(seq[:-1] == seq[-1])  # [C] earlier positions ending a length-1 match
+    if ends.size == 0:
+        return []
+    length = np.ones(ends.size, dtype=np.int64)  # [C] how far each match reaches back (up to n_max)
+    alive = np.ones(ends.size, dtype=bool)
+    for j in range(1, n_max):
+        alive &= ends >= j
+        alive[alive] = seq[ends[alive] - j] == seq[-1 - j]
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    if best < cfg.prompt_lookup_min:
+        return []
+    start = int(ends[np.flatnonzero(length == best)[-1]]) + 1  # the latest: in a loop, the freshest copy
+    return seq[start:start + k].tolist()
+
+
+class TokenMirror:
+    """A request's tokens as a growing numpy buffer, appended to as it decodes, so proposing never converts
+    the whole Python list again."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(256, dtype=np.int64)
+        self.n = 0
+
+    def sync(self, token_ids: list[int]) -> np.ndarray:
+        """token_ids (which only ever grow) as an array view."""
+        if len(token_ids) > self.buf.size:
+            grown = np.empty(max(len(token_ids), 2 * self.buf.size), dtype=np.int64)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        if len(token_ids) > self.n:
+            self.buf[self.n:len(token_ids)] = token_ids[self.n:]
+            self.n = len(token_ids)
+        return self.buf[:self.n]
 
 
 @dataclass
@@ -46,6 +77,7 @@ class SpecBackoff:
     misses: int = 0
     skip: int = 0  # steps left without drafting
     next_skip: int = 4
+    tokens: TokenMirror = field(default_factory=TokenMirror)
 
     def should_draft(self) -> bool:
         if self.skip > 0:

@@ -14,7 +14,7 @@ from engine.arg_utils import EngineArgs
 from engine.config import SpeculativeConfig
 from engine.request import Request
 from engine.sampler import Sampler
-from engine.spec_decode import SpecBackoff, propose_ngram
+from engine.spec_decode import SpecBackoff, TokenMirror, propose_ngram
 from kvcache.kv_manager import KVCacheManager
 from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
 
@@ -194,6 +194,32 @@ def test_propose_ngram() -> None:
     assert propose_ngram([8, 2, 3, 4, 7, 2, 3, 5, 1, 2, 3], cfg, 10) == [5, 1, 2]  # the latest occurrence
     assert propose_ngram([1, 2, 3, 4, 5], cfg, 10) == []
     assert propose_ngram([4, 5, 6, 4, 5, 6], cfg, 0) == []
+
+
+def test_propose_ngram_equals_brute_force() -> None:
+    """The vectorised search picks what the plain definition does: the latest earlier occurrence of the longest
+    suffix n-gram (max..min) with a token after it."""
+    import random
+
+    def brute(tok: list[int], c: SpeculativeConfig, mx: int) -> list[int]:
+        k = min(c.num_speculative_tokens, mx)
+        for n in range(min(c.prompt_lookup_max, len(tok) - 1), c.prompt_lookup_min - 1, -1):
+            for i in range(len(tok) - 1 - n, -1, -1):
+                if tok[i:i + n] == tok[-n:]:
+                    return tok[i + n:i + n + k] if k > 0 else []
+        return []
+
+    rng = random.Random(1)
+    mirror = TokenMirror()
+    grown: list[int] = []
+    for _ in range(1500):
+        t = [rng.randrange(rng.choice([2, 3, 5])) for _ in range(rng.randrange(1, 40))]
+        c = SpeculativeConfig(num_speculative_tokens=rng.randrange(1, 5), prompt_lookup_min=rng.randrange(1, 3),
+                              prompt_lookup_max=rng.randrange(3, 6))
+        mx = rng.randrange(0, 6)
+        assert propose_ngram(t, c, mx) == brute(t, c, mx), (t, c, mx)
+        grown += t[:3]
+        assert propose_ngram(mirror.sync(grown), c, mx) == brute(grown[-4096:], c, mx)
 
 
 def test_backoff() -> None:
