@@ -311,3 +311,31 @@ def test_metrics_exported_with_vllm_names(tiny) -> None:
     assert samples[("depthserve:spec_decode_num_accepted_tokens", None)] == s.spec_decode_num_accepted_tokens
     assert [samples[("depthserve:spec_decode_num_accepted_tokens_per_pos", str(i))] for i in range(3)] == \
         list(s.spec_decode_num_accepted_tokens_per_pos)
+
+
+@pytest.mark.slow
+def test_tp2_verifies_drafts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification rows go through the tensor-parallel forward like prompt chunks: TP=2 with drafts (all
+    accepted, some, none) gives the reference's tokens."""
+    folder, model = write_tiny(tmp_path / "m", tiny_config("block", 2, layers=3))
+    prompts = [*REPEAT, *PROMPTS[:2]]
+    expected = {tuple(p): reference_greedy(model, p, 12) for p in prompts}
+
+    def oracle(token_ids: list[int], cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
+        for p, e in expected.items():
+            if tuple(token_ids[:len(p)]) == p:
+                done = len(token_ids) - len(p)
+                d = e[done:done + min(cfg.num_speculative_tokens, max_tokens)]
+                wrong = len(token_ids) % (len(d) + 2)
+                return [t if j != wrong else (t + 1) % 400 for j, t in enumerate(d)]
+        raise AssertionError("unknown prompt")
+
+    monkeypatch.setattr("engine.scheduler.propose_ngram", oracle)
+    monkeypatch.setattr("engine.spec_decode.SpecBackoff.should_draft", lambda self: True)
+    with LLM(str(folder), tensor_parallel_size=2, max_model_len=64, num_threads=1,
+             speculative_config=SPEC) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert llm.engine.scheduler.stats.spec_num_accepted_tokens > 0
+        assert llm.engine.kv_blocks_held_by_requests() == 0
+    assert [o.outputs[0].token_ids for o in outs] == [expected[tuple(p)] for p in prompts]
