@@ -105,6 +105,7 @@ class LLMEngine:
         if config.depth_stats and mcfg.is_attn_res:
             self.depth_stats = DepthStats()
             self.runner.record_all = True
+            self.scheduler.record_depth = True  # the runner records one row a request: speculation stays off
         self._ids = itertools.count()
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self._grammars_lock = threading.Lock()

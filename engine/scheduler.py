@@ -105,6 +105,7 @@ class Scheduler:
         self.cfg = cfg
         self.spec = spec
         self._backoff: dict[str, SpecBackoff] = {}  # per drafting request
+        self.record_depth = False  # depth metrics record every sampled token's weights: no drafts then
         self.kv = kv
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
@@ -137,7 +138,7 @@ class Scheduler:
         p = req.params
         if (self.spec is None or req.num_computed_tokens != req.num_tokens - 1 or not req.num_output_tokens
                 or req.grammar is not None or p.has_penalties or req.num_output_tokens < p.min_tokens
-                or p.depth_attention or p.prompt_depth_attention):
+                or p.depth_attention or p.prompt_depth_attention or self.record_depth):
             return []
         room = min(budget, req.max_model_len - req.num_tokens) - 1  # the emitted tokens fit the context
         if p.max_tokens is not None:

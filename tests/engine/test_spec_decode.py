@@ -339,3 +339,49 @@ def test_tp2_verifies_drafts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert llm.engine.scheduler.stats.spec_num_accepted_tokens > 0
         assert llm.engine.kv_blocks_held_by_requests() == 0
     assert [o.outputs[0].token_ids for o in outs] == [expected[tuple(p)] for p in prompts]
+
+
+def test_grammar_rows_beside_drafting_rows(with_tokenizer: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A structured-output request does not draft; in a batch with drafting requests its grammar mask still
+    lands on its own row (the masks of the plainly sampled rows are picked out of the step's)."""
+    import json
+
+    prompts = [[1, *range(40, 52)], [1, 60, 61, 62, 60, 61, 62, 60]]
+    free = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = LLM(str(with_tokenizer), max_model_len=128)
+    want = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts], free)]
+    by_prompt = {tuple(p): w for p, w in zip(prompts, want, strict=True)}
+
+    def oracle(token_ids: list[int], cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
+        for p, e in by_prompt.items():
+            if tuple(token_ids[:len(p)]) == p:
+                done = len(token_ids) - len(p)
+                return list(e[done:done + min(cfg.num_speculative_tokens, max_tokens)])
+        raise AssertionError("a grammar request drafted")
+
+    monkeypatch.setattr("engine.scheduler.propose_ngram", oracle)
+    spec = LLM(str(with_tokenizer), max_model_len=128, speculative_config=SPEC)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    constrained = SamplingParams(temperature=0, max_tokens=30, structured_outputs={"json": schema})
+    outs = spec.generate([{"prompt_token_ids": p} for p in [*prompts, [1, 70, 71]]], [free, free, constrained])
+    assert [o.outputs[0].token_ids for o in outs[:2]] == want
+    doc = json.loads(outs[2].outputs[0].text)
+    assert set(doc) == {"n"} and 0 <= doc["n"] <= 99
+    assert spec.engine.scheduler.stats.spec_num_accepted_tokens > 0
+
+
+def test_depth_records_turn_drafting_off(tiny) -> None:
+    """depth_attention entries (per request, or every token's for --depth-metrics) come from one row a
+    request: those requests decode without drafts, with every entry present."""
+    folder, prompts, expected, mode = tiny
+    if mode == "none":
+        pytest.skip("depth weights exist only in AttnRes models")
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, depth_attention=True)
+    got, llm = _greedy(folder, prompts[:2], params, speculative_config=SPEC)
+    assert got == expected[:2] and llm.engine.scheduler.stats.spec_num_drafts == 0
+    llm = LLM(str(folder), max_model_len=64, speculative_config=SPEC, depth_stats=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                        SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+    assert llm.engine.scheduler.stats.spec_num_drafts == 0
