@@ -144,8 +144,9 @@ class OutputProcessor:
                 and not (req.grammar is not None and c.new_token_ids and c.new_token_ids[-1] not in req.eos_token_ids))
             if len(c.new_token_ids) > 1 and p.stop:  # verified drafts: a stop string may end before the last
                 return self._update_tokenwise(state, c, by_token)
-            if c.new_token_ids and not (finishing and by_token):
-                new = state.detokenizer.add(c.new_token_ids)
+            text_ids = c.new_token_ids[:-1] if finishing and by_token else c.new_token_ids  # several: drafts
+            if text_ids:
+                new = state.detokenizer.add(text_ids)
             if finishing:
                 new += state.detokenizer.flush()
         stops_active = req.num_output_tokens >= p.min_tokens

@@ -291,6 +291,14 @@ def test_stop_strings_inside_accepted_drafts(with_tokenizer: Path, monkeypatch: 
             assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
                 (want.text, want.token_ids, want.finish_reason, want.stop_reason)
             assert len(got.logprobs) == len(got.token_ids)
+        stop_id = o.outputs[0].token_ids[12]  # a stop token id (or EOS) inside accepted drafts: text up to it
+        for params in (SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_id]),
+                       SamplingParams(temperature=0, max_tokens=30, stop=["zzz"], stop_token_ids=[stop_id])):
+            want, got = (llm.generate([{"prompt_token_ids": o.prompt_token_ids}], params)[0].outputs[0]
+                         for llm in (plain, spec))
+            assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
+                (want.text, want.token_ids, want.finish_reason, want.stop_reason)
+            assert got.text
     assert spec.engine.scheduler.stats.spec_num_accepted_tokens > 0
     assert spec.engine.kv_blocks_held_by_requests() == 0
 
