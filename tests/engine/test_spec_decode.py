@@ -16,7 +16,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.spec_decode import SpecBackoff, TokenMirror, propose_ngram
 from kvcache.kv_manager import KVCacheManager
-from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
+from tests.tiny import PROMPTS, random_model, reference_greedy, tiny_config, write_tiny
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 # repetition, so the prompt itself offers drafts, plus the shared engine-vs-reference prompts
@@ -175,6 +175,29 @@ def test_rejection_rule_keeps_the_distribution(kw) -> None:
             counts[sampler.verify(logits, req, [draft, 4])[0][0]] += 1
         tv = 0.5 * float((counts / n - target).abs().sum())
         assert tv < 0.04, (draft, tv)  # sampling noise ~0.015; always accepting the argmax draft: > 0.3
+
+
+def test_first_token_distribution_on_a_tiny_model() -> None:
+    """On a tiny model's own logits (temperature 1.5, top-k 8), the first token a verified step emits is
+    distributed as non-speculative sampling's: both empirical histograms, fixed seeds, against each other and
+    against the exact distribution."""
+    model = random_model(tiny_config("block", 2, layers=5))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 6, 7, 8, 9, 5, 6, 7]]))[0, -3:].float()  # [1 + 2 drafts, V]
+    req = Request("r", [1], SamplingParams(temperature=1.5, top_k=8, max_tokens=5))
+    n, vocab = 4000, logits.shape[1]
+    plain = Sampler(seed=6)(logits[:1].expand(n, -1).contiguous(), [req] * n).token_ids
+    plain_p = torch.bincount(torch.tensor(plain), minlength=vocab).double() / n
+    exact = Sampler._weights(logits[:1] / 1.5, [req])[0].double()
+    exact /= exact.sum()
+    spec = Sampler(seed=5)
+    for draft in (int(logits[0].argmax()), int(exact.argsort()[-8])):  # the likeliest, the least likely kept
+        got = torch.zeros(vocab, dtype=torch.float64)
+        for _ in range(n):
+            got[spec.verify(logits, req, [draft, 7])[0][0]] += 1
+        got /= n
+        assert 0.5 * float((got - plain_p).abs().sum()) < 0.05
+        assert 0.5 * float((got - exact).abs().sum()) < 0.04
 
 
 def test_greedy_verify_rule() -> None:
