@@ -123,6 +123,16 @@ def _top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.full_like(logits, float("-inf")).scatter_(1, idx, srt.masked_fill(drop, float("-inf")))
 
 
+class _Ahead:
+    """A request as it would stand after emitting `drafts`: what the penalties read (params, token_ids,
+    output_token_ids) for one verification row."""
+
+    def __init__(self, req: Request, drafts: list[int]) -> None:
+        self.params = req.params
+        self.token_ids = [*req.token_ids, *drafts] if drafts else req.token_ids
+        self.output_token_ids = self.token_ids[req.num_prompt_tokens:]
+
+
 class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -196,9 +206,15 @@ class Sampler:
         draft t with probability p(t), else sample from p with t removed, renormalised (the output is
         distributed as p); all accepted, the bonus token is sampled from the last row. p is the distribution
         the sampler samples (temperature, top-k, top-p, min-p). Requests that draft have no penalties, grammar
-        or pending min_tokens (the scheduler's rule), so every row is processed alike."""
+        or pending min_tokens (the scheduler's rule); penalties are applied row by row, row j seeing the drafts
+        before it as output (what non-speculative decoding would have seen had they been emitted)."""
         d = len(drafts)
         reqs = [req] * (d + 1)
+        raw = logits
+        if req.params.has_penalties:
+            logits = logits.clone()
+            self._apply_penalties(logits, [_Ahead(req, drafts[:j]) for j in range(d + 1)])  # type: ignore[misc]
+            logits.clamp_(max=MAX_LOGIT)
         if req.params.greedy:
             ids = logits.argmax(-1).tolist()  # [1 + d]
             a = 0
@@ -223,7 +239,7 @@ class Sampler:
             toks = [*drafts[:a], int(self._inverse_cdf(row, [req])[0])]
         lps: list[Logprob | None] = [None] * len(toks)
         if req.params.logprobs is not None:
-            lps = list(self._logprobs(logits[:len(toks)], toks, reqs[:len(toks)]))
+            lps = list(self._logprobs(raw[:len(toks)], toks, reqs[:len(toks)]))
         return list(zip(toks, lps, strict=True))
 
     @staticmethod

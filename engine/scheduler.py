@@ -132,12 +132,12 @@ class Scheduler:
         return n
 
     def _drafts(self, req: Request, budget: int) -> list[int]:
-        """Drafted tokens for a decoding request ([] when it may not draft). Requests whose next-token
-        distribution depends on the position (penalties, min_tokens, a grammar) or that record depth weights
-        per token do not draft: verifying them would need sequential per-row logits processing."""
+        """Drafted tokens for a decoding request ([] when it may not draft). Requests with a grammar or
+        min_tokens still pending (their logits depend on state the drafts would change) or that record depth
+        weights per token do not draft; penalties are applied per verification row (Sampler.verify)."""
         p = req.params
         if (self.spec is None or req.num_computed_tokens != req.num_tokens - 1 or not req.num_output_tokens
-                or req.grammar is not None or p.has_penalties or req.num_output_tokens < p.min_tokens
+                or req.grammar is not None or req.num_output_tokens < p.min_tokens
                 or p.depth_attention or p.prompt_depth_attention or self.record_depth):
             return []
         room = min(budget, req.max_model_len - req.num_tokens) - 1  # the emitted tokens fit the context

@@ -139,13 +139,36 @@ def test_logprobs_match_non_speculative(tiny) -> None:
             assert [t for t, _ in x.top] == [t for t, _ in y.top]
 
 
-def test_penalties_do_not_draft(tiny) -> None:
+@pytest.mark.parametrize("pen", [{"repetition_penalty": 1.3}, {"frequency_penalty": 0.7, "presence_penalty": 0.4},
+                                 {"repetition_penalty": 0.8, "frequency_penalty": -0.5}])
+def test_penalties_per_verification_row(tiny, monkeypatch: pytest.MonkeyPatch, pen: dict) -> None:
+    """Penalties see the drafts before each row as output: greedy output and logprobs equal the non-speculative
+    ones (oracle drafts, so penalised rows are accepted, rejected and corrected)."""
     folder, prompts, _, _ = tiny
-    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, repetition_penalty=1.3)
-    ref, _ = _greedy(folder, prompts, params)
-    got, llm = _greedy(folder, prompts, params, speculative_config=SPEC)
-    assert got == ref
-    assert llm.engine.scheduler.stats.spec_num_drafts == 0
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, logprobs=1, **pen)
+    llm = LLM(str(folder), max_model_len=64)
+    ref = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    by_prompt = {tuple(p): o.outputs[0].token_ids for p, o in zip(prompts, ref, strict=True)}
+
+    def oracle(token_ids: list[int], cfg: SpeculativeConfig, max_tokens: int) -> list[int]:
+        for p, e in by_prompt.items():
+            if tuple(token_ids[:len(p)]) == p:
+                done = len(token_ids) - len(p)
+                d = e[done:done + min(cfg.num_speculative_tokens, max_tokens)]
+                wrong = len(token_ids) % (len(d) + 2)
+                return [t if j != wrong else (t + 1) % 400 for j, t in enumerate(d)]
+        raise AssertionError("unknown prompt")
+
+    monkeypatch.setattr("engine.scheduler.propose_ngram", oracle)
+    monkeypatch.setattr("engine.spec_decode.SpecBackoff.should_draft", lambda self: True)
+    spec = LLM(str(folder), max_model_len=64, speculative_config=SPEC)
+    got = spec.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for a, b in zip(ref, got, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert [x.logprob for x in b.outputs[0].logprobs] == pytest.approx([x.logprob for x in a.outputs[0].logprobs],
+                                                                          abs=1e-4)
+    st = spec.engine.scheduler.stats
+    assert st.spec_num_accepted_tokens > 0 and st.spec_num_accepted_tokens < st.spec_num_draft_tokens
 
 
 def test_sampled_runs_and_seeded_is_reproducible(tiny) -> None:
