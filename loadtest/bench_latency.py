@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_models.add_model_args(ap)
     a = ap.parse_args(argv)
-    if a.model or a.baseline:
+    if a.model or a.baseline or a.speculative_config:
         return bench_models.latency_main(a)
     shape = model_shape(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, max(*a.prefill, 128) + 64)
     if a.kernels:

@@ -278,6 +278,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
     g.add_argument("--kv-cache-memory", default=None, help="each model's KV cache (default: the engine's)")
+    from loadtest import bench_spec
+
+    bench_spec.add_spec_args(ap)
 
 
 def _setup(a: argparse.Namespace, dtype: str, max_num_seqs: int, max_tokens: int) -> dict[str, Model]:
@@ -291,6 +294,10 @@ def _setup(a: argparse.Namespace, dtype: str, max_num_seqs: int, max_tokens: int
 
 def latency_main(a: argparse.Namespace) -> int:
     """`depthserve bench latency --model A --baseline B` (bench_latency's parser, its shape flags unused)."""
+    if a.speculative_config:
+        from loadtest import bench_spec
+
+        return bench_spec.main(a, batched=False)
     dtype = a.dtype[0] if isinstance(a.dtype, list) else a.dtype
     try:
         models = _setup(a, dtype, max(64, *a.batch), max(a.prefill))
@@ -311,6 +318,10 @@ def latency_main(a: argparse.Namespace) -> int:
 
 def throughput_main(a: argparse.Namespace) -> int:
     """`depthserve bench throughput --model A --baseline B` (bench_throughput's parser)."""
+    if a.speculative_config:
+        from loadtest import bench_spec
+
+        return bench_spec.main(a, batched=True)
     try:
         models = _setup(a, a.dtype, max(a.max_num_seqs), 2048)
     except BenchError as e:

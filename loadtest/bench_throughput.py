@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_models.add_model_args(ap)
     a = ap.parse_args(argv)
-    if a.model or a.baseline:
+    if a.model or a.baseline or a.speculative_config:
         return bench_models.throughput_main(a)
     rng = random.Random(0)
     max_len = max(a.input_len[1] + a.output_len[1] + 8, 128, a.prefill_tokens + 8,

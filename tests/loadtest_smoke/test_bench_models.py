@@ -153,3 +153,45 @@ def test_compare_without_matplotlib_says_how_to_get_it(twins: tuple[Path, Path],
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert '".[viz]"' in err and "--no-plots" in err
+
+
+def test_latency_with_and_without_speculation(twins: tuple[Path, Path], text: Path, tmp_path: Path) -> None:
+    """--speculative-config times one model against itself without drafts: greedy outputs must be equal in fp32,
+    and the drafting counters must have moved (the tiny model's greedy chat output repeats itself)."""
+    from loadtest import bench_latency
+
+    out = tmp_path / "spec.json"
+    assert bench_latency.main(["--model", str(twins[0]), "--prompts-file", str(text), "--dtype", "float32",
+                               "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+                               "--spec-requests", "2", "--spec-max-tokens", "24", "--repeats", "1",
+                               "--num-threads", "1", "--kv-cache-memory", "16MiB", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["workloads"]) == {"copy", "chat", "random"}
+    copy = res["workloads"]["copy"]
+    assert copy["outputs_equal"] is True and res["workloads"]["chat"]["outputs_equal"] is True
+    assert res["workloads"]["random"]["outputs_equal"] is None  # sampled
+    assert sum(w["verified_steps"] for w in res["workloads"].values()) > 0
+    assert all(w["draft_tokens"] >= w["accepted_tokens"] >= 0 for w in res["workloads"].values())
+    assert copy["tok_s"]["plain"] > 0 and copy["tok_s"]["spec"] > 0
+
+
+def test_throughput_with_speculation_and_bad_input(twins: tuple[Path, Path], text: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import bench_throughput
+
+    out = tmp_path / "spec_tp.json"
+    common = ["--prompts-file", str(text), "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "16MiB"]
+    assert bench_throughput.main(["--model", str(twins[0]), *common, "--num-prompts", "3", "--workload", "copy",
+                                  "--speculative-config", '{"method": "ngram"}', "--spec-max-tokens", "16",
+                                  "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["batched"] and res["workloads"]["copy"]["requests"] == 3
+    assert res["workloads"]["copy"]["outputs_equal"] is True
+    # errors a user can make: a baseline beside it, bad JSON, a bad key
+    assert bench_throughput.main(["--model", str(twins[0]), "--baseline", str(twins[1]), *common,
+                                  "--speculative-config", '{"method": "ngram"}']) == 2
+    assert "exactly one --model" in capsys.readouterr().err
+    assert bench_throughput.main(["--model", str(twins[0]), *common, "--speculative-config", "{method"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert bench_throughput.main(["--model", str(twins[0]), *common, "--speculative-config", '{"method": "x"}']) == 2
+    assert "speculative_config.method" in capsys.readouterr().err
