@@ -290,16 +290,20 @@ class ModelRunner:
         torch.add(table[table_rows[row_req], positions // bs] * bs, positions % bs, out=slots)
         inputs.input_ids[:t].copy_(torch.tensor(rows.ids, dtype=torch.long))
         input_ids, positions_d, slots_d = inputs.upload(t)
-        one = counts == 1
         meta = AttentionMetadata(slot_mapping=slots_d, block_size=bs)
+        one = self._decode_like(counts, rows.drafts)  # [B] requests whose rows take the decode attention path
         decode = one.nonzero().squeeze(1)
         if len(decode):
-            lens = ends[decode]  # [B_d]
-            meta.num_decode = len(decode)
-            meta.decode_block_table = table[table_rows[decode], :-(-int(lens.max()) // bs)].to(dev, non_blocking=True)
+            # one decode row per packed row of those requests: a verifying request's row j sees its context up to
+            # and including itself (its K/V is stored before attention), so drafts need no prompt-chunk SDPA
+            nd = int(counts[decode].sum())
+            lens = positions[:nd] + 1  # [B_d]
+            table_of_row = table_rows[row_req[:nd]]  # [B_d]
+            meta.num_decode = nd
+            meta.decode_block_table = table[table_of_row, :-(-int(lens.max()) // bs)].to(dev, non_blocking=True)
             meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
             if self.model.k.needs_decode_gather:  # else the op reads the table (a fallback builds the view)
-                gather = self._slots(table_rows[decode], int(lens.max()))  # [B_d, C]
+                gather = self._slots(table_of_row, int(lens.max()))  # [B_d, C]
                 meta.decode_gather = gather.to(dev, non_blocking=True)
                 meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
                                     < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
@@ -326,6 +330,17 @@ class ModelRunner:
             depth=self.depth.reserve(t) if self.depth is not None else None,
             depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long).to(dev, non_blocking=True)
             if rows.depth_rows else None)
+
+    @staticmethod
+    def _decode_like(counts: torch.Tensor, drafts: list[tuple[int, ...]]) -> torch.Tensor:
+        """[B] bool: one-token requests, and requests verifying drafts when they all come before any prompt chunk
+        (the scheduler orders them so; decode rows must be rows [0, num_decode))."""
+        one = counts == 1
+        if not any(drafts):
+            return one
+        like = one | torch.tensor([bool(d) for d in drafts])
+        k = int(like.sum())
+        return like if bool(like[:k].all()) else one
 
     def _padded_batch(self, rows: _Rows, p: int) -> ForwardBatch:
         """A pure-decode step of B <= p rows in the static buffers, rows [B, p) pad rows (see _fill_pad_rows).

@@ -63,10 +63,11 @@ def test_greedy_matches_reference_and_accepts(tiny, kw) -> None:
     _assert_idle(llm)
 
 
-@pytest.mark.parametrize("block_size", [2, 16])
-def test_oracle_drafts(tiny, monkeypatch: pytest.MonkeyPatch, block_size: int) -> None:
+@pytest.mark.parametrize("block_size,kernels", [(2, "auto"), (16, "auto"), (2, "reference")])
+def test_oracle_drafts(tiny, monkeypatch: pytest.MonkeyPatch, block_size: int, kernels: str) -> None:
     """Drafts that are the true continuation, wrong from a position that varies by step (all accepted, some,
-    none): every acceptance length and the bonus token, on every model, token for token the reference."""
+    none): every acceptance length and the bonus token, on every model, token for token the reference. The
+    verified rows run as decode rows (each seeing its context up to itself) on both decode attention ops."""
     folder, prompts, expected, _ = tiny
     by_prompt = {tuple(p): e for p, e in zip(prompts, expected, strict=True)}
 
@@ -81,7 +82,7 @@ def test_oracle_drafts(tiny, monkeypatch: pytest.MonkeyPatch, block_size: int) -
 
     monkeypatch.setattr("engine.scheduler.propose_ngram", oracle)
     monkeypatch.setattr("engine.spec_decode.SpecBackoff.should_draft", lambda self: True)
-    got, llm = _greedy(folder, prompts, speculative_config=SPEC, block_size=block_size)
+    got, llm = _greedy(folder, prompts, speculative_config=SPEC, block_size=block_size, kernels=kernels)
     assert got == expected
     st = llm.engine.scheduler.stats
     assert st.spec_num_accepted_tokens > 0 and st.spec_accepted_per_pos[-1] > 0
