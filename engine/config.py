@@ -114,7 +114,7 @@ class ParallelConfig:
 
 
 SPEC_METHODS = ("ngram",)
-SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size")
 
 
 @dataclass(frozen=True)
@@ -127,12 +127,19 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    # no drafts in a step while this many requests or more are running (vLLM's key): verifying 1 + k rows per
+    # request pays at batch 1, where a step reads the weights for one row, but not once the linears turn
+    # compute bound (on a 2-core CPU from about 8 requests); None: draft at any batch size
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         errors = []
         if self.method not in SPEC_METHODS:
             errors.append(f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}")
-        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1)):
+        checks = [("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1)]
+        if self.disable_by_batch_size is not None:
+            checks.append(("disable_by_batch_size", 1))
+        for name, low in checks:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 errors.append(f"speculative_config.{name} must be an integer >= {low}, got {v!r}")

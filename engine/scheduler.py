@@ -165,9 +165,11 @@ class Scheduler:
             self._trimmed = {}
         budget = self.max_step_tokens
         i = 0
+        cap = self.spec.disable_by_batch_size if self.spec is not None else None
+        drafting = self.spec is not None and (cap is None or len(self.running) < cap)
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            d = self._drafts(req, budget) if self.spec is not None else []
+            d = self._drafts(req, budget) if drafting else []
             if d and self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, 1 + len(d)):
                 drafts[req.request_id] = d
                 rows.append((req, 1 + len(d)))

@@ -297,9 +297,28 @@ def test_config_validation() -> None:
                                                          "num_speculative_tokens"),
                        ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
                        ({"method": "ngram", "lookahead": 2}, "lookahead"), ("{not json", "JSON"),
-                       ({"num_speculative_tokens": 2}, "method")]:
+                       ({"num_speculative_tokens": 2}, "method"),
+                       ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size")]:
         with pytest.raises(ValueError, match=field):
             EngineArgs(speculative_config=bad).create_engine_config()
+
+
+def test_disable_by_batch_size(tiny) -> None:
+    """No drafts while as many requests as disable_by_batch_size run; drafts again once fewer do. Output unchanged."""
+    folder, prompts, expected, _ = tiny
+    got, llm = _greedy(folder, prompts, speculative_config={**SPEC, "disable_by_batch_size": len(prompts) + 1})
+    assert got == expected and llm.engine.scheduler.stats.spec_num_drafts > 0
+    got, llm = _greedy(folder, prompts, speculative_config={**SPEC, "disable_by_batch_size": 1})
+    assert got == expected and llm.engine.scheduler.stats.spec_num_drafts == 0
+    # two requests: drafting is off while both run, on once the shorter one is done
+    two = prompts[:2]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)]
+    llm = LLM(str(folder), max_model_len=64, speculative_config={**SPEC, "disable_by_batch_size": 2})
+    outs = llm.generate([{"prompt_token_ids": p} for p in two], params)
+    assert [o.outputs[0].token_ids for o in outs] == [expected[0][:4], expected[1]]
+    assert llm.engine.scheduler.stats.spec_num_drafts > 0
+    _assert_idle(llm)
 
 
 @pytest.fixture(scope="module")
