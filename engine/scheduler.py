@@ -146,7 +146,8 @@ class Scheduler:
         state = self._backoff.get(req.request_id) or self._backoff.setdefault(req.request_id, SpecBackoff())
         if room <= 0 or not state.should_draft():
             return []
-        return propose_ngram(state.tokens.sync(req.token_ids), self.spec, room)
+        return propose_ngram(state.tokens.sync(req.token_ids), self.spec,
+                             min(room, state.draft_len(self.spec.num_speculative_tokens)))
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -292,8 +293,9 @@ class Scheduler:
         st.spec_num_drafts += 1
         st.spec_num_draft_tokens += len(s.spec_token_ids)
         st.spec_num_accepted_tokens += accepted
-        if len(st.spec_accepted_per_pos) < len(s.spec_token_ids):
-            st.spec_accepted_per_pos += [0] * (len(s.spec_token_ids) - len(st.spec_accepted_per_pos))
+        width = max(len(s.spec_token_ids), self.spec.num_speculative_tokens if self.spec is not None else 0)
+        if len(st.spec_accepted_per_pos) < width:  # every position up to k, drafted or not yet
+            st.spec_accepted_per_pos += [0] * (width - len(st.spec_accepted_per_pos))
         for pos in range(accepted):
             st.spec_accepted_per_pos[pos] += 1
         self._backoff.setdefault(rid, SpecBackoff()).record(accepted)

@@ -279,6 +279,18 @@ def test_backoff() -> None:
     assert b.should_draft()
 
 
+def test_draft_length_follows_acceptance() -> None:
+    b = SpecBackoff()
+    assert b.draft_len(4) == 4  # nothing verified yet: the full k
+    b.record(0)
+    assert b.draft_len(4) == 1  # nothing accepted: one token
+    for _ in range(4):
+        b.record(4)
+    assert b.draft_len(4) == 4  # 3.9 on average: the full k again
+    b.record(1)
+    assert b.draft_len(4) == 3 and b.draft_len(2) == 2
+
+
 def test_kv_trim_gives_back_unused_tail_blocks() -> None:
     kv = KVCacheManager(num_blocks=8, block_size=4)
     assert kv.allocate_slots("a", list(range(10)), 0, 10)  # 3 blocks
