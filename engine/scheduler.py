@@ -298,7 +298,7 @@ class Scheduler:
             st.spec_accepted_per_pos += [0] * (width - len(st.spec_accepted_per_pos))
         for pos in range(accepted):
             st.spec_accepted_per_pos[pos] += 1
-        self._backoff.setdefault(rid, SpecBackoff()).record(accepted)
+        self._backoff.setdefault(rid, SpecBackoff()).record(accepted, len(s.spec_token_ids))
         start = req.num_computed_tokens
         emitted = 0
         for tok in toks:

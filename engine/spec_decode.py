@@ -72,23 +72,22 @@ class SpecBackoff:
     """Per request: after MISSES drafted steps in a row with nothing accepted, skip drafting for a number of
     steps that doubles each time (up to MAX_SKIP), so a request with no repetition runs as without drafts.
 
-    Between misses, the draft length follows what was accepted lately (an average halving each step, plus one):
-    a verifying row is not free once the linears are compute bound (on a 2-core CPU a 5-row bf16 step costs
-    about 1.4 plain ones), so a request that accepts one token in a while drafts one or two, not k."""
+    Between misses, the draft length follows what was accepted: one more than the drafts accepted last time, and
+    one more than last time's length when all were accepted (back to k within k steps). A verifying row is not
+    free once the linears are compute bound (on a 2-core CPU a 5-row bf16 step costs about 1.4 plain ones), so a
+    request that accepts a token now and then drafts one or two, not k."""
 
     MISSES = 2
     MAX_SKIP = 64
     misses: int = 0
     skip: int = 0  # steps left without drafting
     next_skip: int = 4
-    accepted_avg: float | None = None  # None until the first verified step: draft the full k
+    length: int | None = None  # the next draft's length (capped by k); None until the first verified step: k
     tokens: TokenMirror = field(default_factory=TokenMirror)
 
     def draft_len(self, k: int) -> int:
-        """How many tokens to draft (1..k) given recent acceptance."""
-        if self.accepted_avg is None:
-            return k
-        return max(1, min(k, int(self.accepted_avg) + 1))
+        """How many tokens to draft (1..k) given the last verified step."""
+        return k if self.length is None else min(k, self.length)
 
     def should_draft(self) -> bool:
         if self.skip > 0:
@@ -96,8 +95,10 @@ class SpecBackoff:
             return False
         return True
 
-    def record(self, num_accepted: int) -> None:
-        self.accepted_avg = num_accepted if self.accepted_avg is None else (self.accepted_avg + num_accepted) / 2
+    def record(self, num_accepted: int, num_drafted: int | None = None) -> None:
+        """A verified step accepted `num_accepted` of its `num_drafted` drafts."""
+        if num_drafted is not None:
+            self.length = num_accepted + 1  # all accepted: one more than drafted; else what would have sufficed
         if num_accepted > 0:
             self.misses, self.next_skip = 0, 4
             return

@@ -282,12 +282,15 @@ def test_backoff() -> None:
 def test_draft_length_follows_acceptance() -> None:
     b = SpecBackoff()
     assert b.draft_len(4) == 4  # nothing verified yet: the full k
-    b.record(0)
+    b.record(0, 4)
     assert b.draft_len(4) == 1  # nothing accepted: one token
-    for _ in range(4):
-        b.record(4)
-    assert b.draft_len(4) == 4  # 3.9 on average: the full k again
-    b.record(1)
+    lengths = []
+    for _ in range(4):  # all accepted each time: one more each step, up to k
+        n = b.draft_len(4)
+        lengths.append(n)
+        b.record(n, n)
+    assert lengths == [1, 2, 3, 4] and b.draft_len(4) == 4
+    b.record(2, 4)
     assert b.draft_len(4) == 3 and b.draft_len(2) == 2
 
 
