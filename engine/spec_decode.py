@@ -72,10 +72,10 @@ class SpecBackoff:
     """Per request: after MISSES drafted steps in a row with nothing accepted, skip drafting for a number of
     steps that doubles each time (up to MAX_SKIP), so a request with no repetition runs as without drafts.
 
-    Between misses, the draft length follows what was accepted: one more than the drafts accepted last time, and
-    one more than last time's length when all were accepted (back to k within k steps). A verifying row is not
-    free once the linears are compute bound (on a 2-core CPU a 5-row bf16 step costs about 1.4 plain ones), so a
-    request that accepts a token now and then drafts one or two, not k."""
+    The draft length also follows acceptance: one token after a step that accepted nothing, twice the length after
+    one that accepted all (back to k in log2(k) steps), unchanged after a partial one. A verifying row is not free
+    once the linears are compute bound (on a 2-core CPU a 5-row bf16 step costs about 1.4 plain ones), so a
+    request whose drafts keep failing probes with one token, not k."""
 
     MISSES = 2
     MAX_SKIP = 64
@@ -97,8 +97,10 @@ class SpecBackoff:
 
     def record(self, num_accepted: int, num_drafted: int | None = None) -> None:
         """A verified step accepted `num_accepted` of its `num_drafted` drafts."""
-        if num_drafted is not None:
-            self.length = num_accepted + 1  # all accepted: one more than drafted; else what would have sufficed
+        if num_drafted is not None and num_accepted == 0:
+            self.length = 1
+        elif num_drafted is not None and num_accepted >= num_drafted:
+            self.length = 2 * num_drafted
         if num_accepted > 0:
             self.misses, self.next_skip = 0, 4
             return

@@ -285,13 +285,13 @@ def test_draft_length_follows_acceptance() -> None:
     b.record(0, 4)
     assert b.draft_len(4) == 1  # nothing accepted: one token
     lengths = []
-    for _ in range(4):  # all accepted each time: one more each step, up to k
+    for _ in range(4):  # all accepted each time: twice as many, up to k
         n = b.draft_len(4)
         lengths.append(n)
         b.record(n, n)
-    assert lengths == [1, 2, 3, 4] and b.draft_len(4) == 4
-    b.record(2, 4)
-    assert b.draft_len(4) == 3 and b.draft_len(2) == 2
+    assert lengths == [1, 2, 4, 4] and b.draft_len(4) == 4
+    b.record(2, 4)  # partly accepted: unchanged
+    assert b.draft_len(4) == 4 and b.draft_len(2) == 2
 
 
 def test_kv_trim_gives_back_unused_tail_blocks() -> None:
