@@ -195,3 +195,12 @@ def test_throughput_with_speculation_and_bad_input(twins: tuple[Path, Path], tex
     assert "not valid JSON" in capsys.readouterr().err
     assert bench_throughput.main(["--model", str(twins[0]), *common, "--speculative-config", '{"method": "x"}']) == 2
     assert "speculative_config.method" in capsys.readouterr().err
+
+
+def test_spec_divergence_runs(twins: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import spec_divergence
+
+    assert spec_divergence.main(["--model", str(twins[0]), "--dtype", "float32", "--requests", "1",
+                                 "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "copy: " in out and "chat: " in out and "first difference at None" in out  # fp32: never parts
