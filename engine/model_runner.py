@@ -294,11 +294,11 @@ class ModelRunner:
         torch.add(table[table_rows[row_req], positions // bs] * bs, positions % bs, out=slots)
         inputs.input_ids[:t].copy_(torch.tensor(rows.ids, dtype=torch.long))
         input_ids, positions_d, slots_d = inputs.upload(t)
-        one = counts == 1
+        one = self._decode_like(counts, rows.drafts)  # [B] requests whose rows are decode rows (packed first)
         meta = AttentionMetadata(slot_mapping=slots_d, block_size=bs)
-        decode = one.nonzero().squeeze(1)
-        if len(decode):
-            self._decode_meta(meta, table_rows[decode], ends[decode])
+        nd = int(counts[one].sum())
+        if nd:  # each decode row attends to its own context: its position + 1 (a verified draft row included)
+            self._decode_meta(meta, table_rows[row_req[:nd]], positions[:nd] + 1)
         for b in (~one).nonzero().squeeze(1).tolist():
             start, end, row0 = int(starts[b]), int(ends[b]), int(first_row[b])
             if start == 0:
@@ -322,6 +322,18 @@ class ModelRunner:
             depth=self.depth.reserve(t) if self.depth is not None else None,
             depth_rows=torch.tensor([r for _, _, r in rows.depth_rows], dtype=torch.long).to(dev, non_blocking=True)
             if rows.depth_rows else None)
+
+    @staticmethod
+    def _decode_like(counts: torch.Tensor, drafts: list[tuple[int, ...]]) -> torch.Tensor:
+        """[B] bool: requests whose rows go to the decode attention, one query row each: one-token rows, and
+        a drafting request's 1 + k verification rows (row j's context ends at its own position, so the causal
+        mask is the context length; cheaper than a prompt chunk's gather + masked SDPA). Decode rows must be
+        the first packed rows (the scheduler's order); if they are not, drafting requests run as chunks."""
+        one = counts == 1
+        if not any(drafts):
+            return one
+        dec = one | torch.tensor([bool(d) for d in drafts])
+        return dec if bool(dec[:int(dec.sum())].all()) else one
 
     def _decode_meta(self, meta: AttentionMetadata, table_rows: torch.Tensor, lens: torch.Tensor) -> None:
         """The decode rows' context in `meta`: block-table rows [B_d] and context lengths [B_d] (this step's token

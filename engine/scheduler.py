@@ -199,7 +199,8 @@ class Scheduler:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 self.stats.prompt_tokens += req.num_prompt_tokens
-        rows.sort(key=lambda rn: rn[1] != 1)  # stable: one-token rows first (the decode attention path)
+        # stable: one-token rows and drafting requests' verification rows first (the decode attention path)
+        rows.sort(key=lambda rn: rn[1] != 1 and rn[0].request_id not in drafts)
         if drafts:
             out.scheduled = [ScheduledRequest(r, n, True, tuple(d)) if (d := drafts.get(r.request_id)) else
                              ScheduledRequest(r, n, r.num_computed_tokens + n == r.num_tokens) for r, n in rows]

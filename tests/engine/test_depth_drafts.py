@@ -58,8 +58,9 @@ def _truncated(model: ReferenceLlama, layers: int) -> ReferenceLlama:
 
 
 @pytest.mark.parametrize("kw", [{}, {"block_size": 4, "max_num_batched_tokens": 7},
-                                {"block_size": 2, "num_kv_blocks": 40, "max_num_batched_tokens": 16}],
-                         ids=["batched", "small-budget", "preemption"])
+                                {"block_size": 2, "num_kv_blocks": 40, "max_num_batched_tokens": 16},
+                                {"kernels": "reference", "max_num_batched_tokens": 9}],
+                         ids=["batched", "small-budget", "preemption", "reference-kernels"])
 def test_greedy_matches_reference_for_every_exit_block(tiny, kw) -> None:
     folder, _, prompts, expected, n = tiny
     for exit_block in range(1, n):
