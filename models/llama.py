@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +142,7 @@ class LlamaForServing(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
         self.embed_tokens = VocabParallelEmbedding(shards, d, dtype, comm)
         self.layers = nn.ModuleList(DecoderLayer(cfg, shards, self.rope, dtype, comm) for _ in range(n_layers))
+        self._layer_tuple: tuple[DecoderLayer, ...] = tuple(self.layers)  # the same modules (early-exit slices)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
                         else VocabParallelEmbedding(shards, d, dtype, comm))
@@ -181,10 +182,13 @@ class LlamaForServing(nn.Module):
             return self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
         return self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
 
-    def _layers(self, batch: ForwardBatch) -> nn.ModuleList:
+    def _layers(self, batch: ForwardBatch) -> Sequence[DecoderLayer]:
         """The decoder layers this forward runs: all, or the first batch.num_layers (an early-exit draft pass,
-        whose output head then mixes the states that exist after them)."""
-        return self.layers if batch.num_layers is None else self.layers[:batch.num_layers]
+        whose output head then mixes the states that exist after them). A tuple slice: slicing the ModuleList
+        builds a new module (~20 us a draft pass)."""
+        if batch.num_layers is None:
+            return self.layers  # type: ignore[return-value]
+        return self._layer_tuple[:batch.num_layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
