@@ -197,7 +197,9 @@ class EngineArgs(CliArgs):
     speculative_config: dict[str, Any] | str | None = option(
         None, 'speculative decoding as a JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
               '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\': drafts from each request\'s own prompt and '
-              'output, verified in one forward (greedy output unchanged; sampled output distribution unchanged)')
+              'output, verified in one forward (greedy output unchanged; sampled output distribution unchanged); '
+              'or \'{"method": "depth", "num_speculative_tokens": 2, "exit_block": 1}\': drafts from the first '
+              'exit_block blocks of a Block AttnRes model and its output head (early-exit self-speculation)')
     # parallel
     tensor_parallel_size: int = option(1, "tensor-parallel ranks (processes the model is sharded over; over "
                                           "NCCL, one GPU each, on cuda, over gloo on cpu)", type=int)

@@ -113,20 +113,27 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
-SPEC_METHODS = ("ngram",)
-SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size")
+SPEC_METHODS = ("ngram", "depth")
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "exit_block",
+             "disable_by_batch_size")
+# keys only one method reads: given with the other method they are an error, not silently ignored
+_METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"), "depth": ("exit_block",)}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """n-gram (prompt lookup) speculation, vLLM's keys: draft up to `num_speculative_tokens` tokens that
-    followed the latest earlier occurrence of the longest suffix n-gram (prompt_lookup_max..min) of a
-    request's own tokens, and verify them in the next step's forward."""
+    """Speculative decoding: drafts verified in the next step's forward.
+
+    method "ngram" (vLLM's keys): draft up to `num_speculative_tokens` tokens that followed the latest earlier
+    occurrence of the longest suffix n-gram (prompt_lookup_max..min) of a request's own tokens.
+    method "depth" (Block AttnRes only): self-speculation by early exit; each draft is the argmax of the output
+    head (output mix, final norm, lm_head) applied to the block states after the first `exit_block` blocks."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    exit_block: int | None = None  # depth: Block AttnRes blocks the draft passes run (1 <= exit_block < N)
     # no drafts in a step while this many requests or more are running (vLLM's key): verifying 1 + k rows per
     # request pays at batch 1, where a step reads the weights for one row, but not once the linears turn
     # compute bound (on a 2-core CPU from about 8 requests); None: draft at any batch size
@@ -139,6 +146,14 @@ class SpeculativeConfig:
         checks = [("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1)]
         if self.disable_by_batch_size is not None:
             checks.append(("disable_by_batch_size", 1))
+        if self.method == "depth":
+            if self.exit_block is None:
+                errors.append("speculative_config.exit_block is required with method \"depth\" (the number of "
+                              "Block AttnRes blocks a draft pass runs)")
+            else:
+                checks.append(("exit_block", 1))
+        elif self.exit_block is not None:
+            errors.append(f"speculative_config.exit_block applies to method \"depth\" only, not {self.method!r}")
         for name, low in checks:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -148,6 +163,24 @@ class SpeculativeConfig:
                           f"prompt_lookup_max ({self.prompt_lookup_max})")
         if errors:
             raise ValueError("; ".join(errors))
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """ValueError naming the key unless this config fits the model (known once config.json is read)."""
+        if self.method != "depth":
+            return
+        if cfg.attn_res_mode != "block":
+            raise ValueError(f"speculative_config.method \"depth\" needs a Block AttnRes model (attn_res_mode "
+                             f"\"block\"); this model's attn_res_mode is {cfg.attn_res_mode!r}")
+        n = -(-cfg.num_hidden_layers // cfg.attn_res_block_size)
+        if self.exit_block is not None and self.exit_block >= n:
+            raise ValueError(f"speculative_config.exit_block must be < the model's number of blocks ({n}: "
+                             f"{cfg.num_hidden_layers} layers, attn_res_block_size {cfg.attn_res_block_size}); "
+                             f"got {self.exit_block}")
+
+    def draft_layers(self, cfg: ModelConfig) -> int:
+        """depth: the decoder layers a draft pass runs (the first exit_block blocks)."""
+        assert self.exit_block is not None
+        return min(self.exit_block * cfg.attn_res_block_size, cfg.num_hidden_layers)
 
     @classmethod
     def from_dict(cls, d: dict) -> SpeculativeConfig:
@@ -159,7 +192,12 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; "
                              f"known: {', '.join(SPEC_KEYS)}")
         if "method" not in d:
-            raise ValueError("speculative_config.method is required (\"ngram\")")
+            raise ValueError("speculative_config.method is required (\"ngram\" or \"depth\")")
+        for method, keys in _METHOD_KEYS.items():
+            wrong = [k for k in keys if k in d and d["method"] != method]
+            if wrong and d["method"] in SPEC_METHODS:
+                raise ValueError(f"speculative_config.{wrong[0]} applies to method \"{method}\" only, "
+                                 f"not {d['method']!r}")
         return cls(**d)
 
 

@@ -47,6 +47,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
+        if config.speculative is not None:
+            config.speculative.check_model(self.model_config)  # before anything is allocated or loaded
         dtype, why = resolve_dtype(config.dtype, checkpoint_dtype(self.model_dir), config.device)
         self.config = config = replace(config, dtype=dtype)
         self.dtype_reason = why
@@ -95,6 +97,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.depth, self.tp_group,
                                   max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
                                   max_step_tokens=self.max_step_tokens, seed=config.seed, device=config.device)
+        if config.speculative is not None and config.speculative.method == "depth":
+            self.runner.draft_layers = config.speculative.draft_layers(mcfg)
         self._setup_cuda_graphs(tp)
         if self.runner.device.type == "cpu":  # weights in huge pages: fewer TLB misses per streamed weight
             hugepages.back_model(self.model, [t for kv in self.runner.kv_caches for t in kv]

@@ -92,6 +92,8 @@ class ModelRunner:
         self.depth = depth
         self.group = group  # tensor-parallel workers that run the same batch
         self.record_all = False  # record every sampled row's depth weights (depth metrics on)
+        # speculative method depth: the decoder layers a draft pass runs (None: the scheduler's drafts are tokens)
+        self.draft_layers: int | None = None
         self.kv_caches = allocate_kv(model, kv_slots(kv.num_blocks, kv.block_size))
         self.scratch_block = kv.num_blocks  # the extra block: pad rows' K/V, never a request's
         self.inputs = InputBatch(max_num_seqs, kv.blocks_needed(max_model_len), max_step_tokens, kv.block_size,
@@ -184,6 +186,8 @@ class ModelRunner:
         rows = self._rows(sched)
         if not rows.reqs:
             return RunnerOutput([], [], [], [], {}, rows.failed)
+        if self.draft_layers is not None and any(rows.drafts):
+            self._depth_drafts(rows)
         prompt_lps: dict[str, list[tuple[int, Logprob]]] = {}
         rows.masks = self.sampler.prepare_masks([r for r, smp in zip(rows.reqs, rows.sample, strict=True) if smp])
         pad = padded_size(self.pad_sizes, len(rows.reqs)) if rows.is_pure_decode() else None
@@ -290,23 +294,11 @@ class ModelRunner:
         torch.add(table[table_rows[row_req], positions // bs] * bs, positions % bs, out=slots)
         inputs.input_ids[:t].copy_(torch.tensor(rows.ids, dtype=torch.long))
         input_ids, positions_d, slots_d = inputs.upload(t)
+        one = self._decode_like(counts, rows.drafts)  # [B] requests whose rows are decode rows (packed first)
         meta = AttentionMetadata(slot_mapping=slots_d, block_size=bs)
-        one = self._decode_like(counts, rows.drafts)  # [B] requests whose rows take the decode attention path
-        decode = one.nonzero().squeeze(1)
-        if len(decode):
-            # one decode row per packed row of those requests: a verifying request's row j sees its context up to
-            # and including itself (its K/V is stored before attention), so drafts need no prompt-chunk SDPA
-            nd = int(counts[decode].sum())
-            lens = positions[:nd] + 1  # [B_d]
-            table_of_row = table_rows[row_req[:nd]]  # [B_d]
-            meta.num_decode = nd
-            meta.decode_block_table = table[table_of_row, :-(-int(lens.max()) // bs)].to(dev, non_blocking=True)
-            meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
-            if self.model.k.needs_decode_gather:  # else the op reads the table (a fallback builds the view)
-                gather = self._slots(table_of_row, int(lens.max()))  # [B_d, C]
-                meta.decode_gather = gather.to(dev, non_blocking=True)
-                meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
-                                    < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+        nd = int(counts[one].sum())
+        if nd:  # each decode row attends to its own context: its position + 1 (a verified draft row included)
+            self._decode_meta(meta, table_rows[row_req[:nd]], positions[:nd] + 1)
         for b in (~one).nonzero().squeeze(1).tolist():
             start, end, row0 = int(starts[b]), int(ends[b]), int(first_row[b])
             if start == 0:
@@ -333,14 +325,75 @@ class ModelRunner:
 
     @staticmethod
     def _decode_like(counts: torch.Tensor, drafts: list[tuple[int, ...]]) -> torch.Tensor:
-        """[B] bool: one-token requests, and requests verifying drafts when they all come before any prompt chunk
-        (the scheduler orders them so; decode rows must be rows [0, num_decode))."""
+        """[B] bool: requests whose rows go to the decode attention, one query row each: one-token rows, and
+        a drafting request's 1 + k verification rows (row j's context ends at its own position, so the causal
+        mask is the context length; cheaper than a prompt chunk's gather + masked SDPA). Decode rows must be
+        the first packed rows (the scheduler's order); if they are not, drafting requests run as chunks."""
         one = counts == 1
         if not any(drafts):
             return one
-        like = one | torch.tensor([bool(d) for d in drafts])
-        k = int(like.sum())
-        return like if bool(like[:k].all()) else one
+        dec = one | torch.tensor([bool(d) for d in drafts])
+        return dec if bool(dec[:int(dec.sum())].all()) else one
+
+    def _decode_meta(self, meta: AttentionMetadata, table_rows: torch.Tensor, lens: torch.Tensor) -> None:
+        """The decode rows' context in `meta`: block-table rows [B_d] and context lengths [B_d] (this step's token
+        included) -> block table and lengths, and the reference decode attention's gather view."""
+        dev, bs = self.device, self.kv.block_size
+        meta.num_decode = len(lens)
+        meta.decode_block_table = self.inputs.block_table[table_rows, :-(-int(lens.max()) // bs)].to(
+            dev, non_blocking=True)  # [B_d, nb]
+        meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
+        if self.model.k.needs_decode_gather:  # else the op reads the table (a fallback builds the view)
+            gather = self._slots(table_rows, int(lens.max()))  # [B_d, C]
+            meta.decode_gather = gather.to(dev, non_blocking=True)
+            meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
+                                < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+
+    # ---- depth drafts (speculative method depth) -------------------------------------------------
+    def _depth_drafts(self, rows: _Rows) -> None:
+        """Replace the scheduler's placeholder drafts by the model's early-exit guesses, in rows.drafts and
+        rows.ids. Pass j runs every drafting request with more than j drafts as one decode row: its token at
+        position start + j through the first draft_layers layers (writing those layers' K/V into the slots
+        verification rewrites: the same tokens at the same positions), then the output head over the block
+        states that exist there; the argmax is draft j. Greedy drafts: a point-mass proposal, so the verify
+        rule keeps sampling exact."""
+        firsts = [0]  # first packed row of each request
+        for n in rows.num_new[:-1]:
+            firsts.append(firsts[-1] + n)
+        todo = [b for b, d in enumerate(rows.drafts) if d]
+        guessed: dict[int, list[int]] = {b: [] for b in todo}
+        for j in range(max(len(rows.drafts[b]) for b in todo)):
+            todo = [b for b in todo if len(rows.drafts[b]) > j]
+            batch = self._draft_batch([rows.reqs[b] for b in todo], j, [rows.ids[firsts[b] + j] for b in todo])
+            try:
+                if self.group is not None:
+                    self.group.broadcast(batch)
+                hidden = self.model(batch)  # [B, d]
+                toks = torch.cat([piece.argmax(-1) for _, piece in self.model.logits_pieces(hidden)]).tolist()
+            finally:
+                self._release_depth()
+            for b, t in zip(todo, toks, strict=True):
+                rows.ids[firsts[b] + 1 + j] = t
+                guessed[b].append(t)
+        for b, d in guessed.items():
+            rows.drafts[b] = tuple(d)
+
+    def _draft_batch(self, reqs: list[Request], j: int, tokens: list[int]) -> ForwardBatch:
+        """Draft pass j: one decode row per request, token tokens[i] at position num_computed_tokens + j (its
+        slot allocated by the scheduler for the verification), early exit after draft_layers layers."""
+        inputs, bs, b = self.inputs, self.kv.block_size, len(reqs)
+        inputs.wait_for_upload()  # the host buffers are free to rewrite
+        table_rows = torch.tensor([inputs.row_of[r.request_id] for r in reqs], dtype=torch.long)  # [B]
+        pos = torch.tensor([r.num_computed_tokens + j for r in reqs], dtype=torch.long)  # [B]
+        inputs.positions[:b] = pos
+        torch.add(inputs.block_table[table_rows, pos // bs] * bs, pos % bs, out=inputs.slot_mapping[:b])
+        inputs.input_ids[:b] = torch.tensor(tokens, dtype=torch.long)
+        input_ids, positions, slots = inputs.upload(b)
+        meta = AttentionMetadata(slot_mapping=slots, block_size=bs)
+        self._decode_meta(meta, table_rows, pos + 1)
+        assert self.depth is not None  # depth drafts need a Block AttnRes model (SpeculativeConfig.check_model)
+        return ForwardBatch(input_ids=input_ids, positions=positions, attn=meta, logits_indices=self._all_rows[:b],
+                            kv_caches=self.kv_caches, depth=self.depth.reserve(b), num_layers=self.draft_layers)
 
     def _padded_batch(self, rows: _Rows, p: int) -> ForwardBatch:
         """A pure-decode step of B <= p rows in the static buffers, rows [B, p) pad rows (see _fill_pad_rows).

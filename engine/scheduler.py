@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.outputs import DepthEntry, Logprob
 from engine.request import Request, RequestStatus
-from engine.spec_decode import SpecBackoff, propose_ngram
+from engine.spec_decode import DRAFT_PLACEHOLDER, SpecBackoff, propose_ngram
 from kvcache.kv_manager import KVCacheManager
 
 
@@ -27,7 +27,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     sample: bool  # its KV catches up with its tokens this step: a token is sampled from its last row
-    # drafted tokens run after its last token (num_new_tokens = 1 + len): every row is verified and sampled
+    # drafted tokens run after its last token (num_new_tokens = 1 + len): every row is verified and sampled;
+    # method depth: DRAFT_PLACEHOLDERs, which the runner's draft passes replace
     spec_token_ids: tuple[int, ...] = ()
 
 
@@ -146,8 +147,10 @@ class Scheduler:
         state = self._backoff.get(req.request_id) or self._backoff.setdefault(req.request_id, SpecBackoff())
         if room <= 0 or not state.should_draft():
             return []
-        return propose_ngram(state.tokens.sync(req.token_ids), self.spec,
-                             min(room, state.draft_len(self.spec.num_speculative_tokens)))
+        n = min(room, state.draft_len(self.spec.num_speculative_tokens))
+        if self.spec.method == "depth":  # the runner's early-exit passes fill these in before verification
+            return [DRAFT_PLACEHOLDER] * n
+        return propose_ngram(state.tokens.sync(req.token_ids), self.spec, n)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -199,7 +202,7 @@ class Scheduler:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 self.stats.prompt_tokens += req.num_prompt_tokens
-        # stable: one-token and verifying requests first (their rows take the decode attention path)
+        # stable: one-token rows and drafting requests' verification rows first (the decode attention path)
         rows.sort(key=lambda rn: rn[1] != 1 and rn[0].request_id not in drafts)
         if drafts:
             out.scheduled = [ScheduledRequest(r, n, True, tuple(d)) if (d := drafts.get(r.request_id)) else

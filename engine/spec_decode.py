@@ -1,4 +1,9 @@
-"""n-gram (prompt lookup) drafts: a request's next tokens guessed from its own prompt and output.
+"""Drafts for speculative decoding: n-gram (prompt lookup) proposals, and the bookkeeping both methods share.
+
+Method depth (self-speculation of an AttnRes model by early exit) is proposed by the model runner itself
+(ModelRunner._depth_drafts): the scheduler schedules its 1 + k rows with DRAFT_PLACEHOLDER tokens.
+
+n-gram (prompt lookup) drafts: a request's next tokens guessed from its own prompt and output.
 
 The draft is the k tokens that followed the latest earlier occurrence of the longest suffix n-gram
 (prompt_lookup_max down to prompt_lookup_min) of prompt + output. Verification reuses the multi-token
@@ -14,6 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import SpeculativeConfig
+
+# A draft token the runner fills in before verification (method depth): never a vocabulary id.
+DRAFT_PLACEHOLDER = -1
 
 # Tokens searched back from the end for a match: bounds a step's proposal cost at O(LOOKBACK * max n).
 LOOKBACK = 4096

@@ -93,3 +93,6 @@ class ForwardBatch:
     # Depth-attention introspection, off unless a request asks: the rows whose weights are recorded
     # (into the list the caller passes to the model's forward).
     depth_rows: torch.Tensor | None = None  # [R]
+    # Early exit (depth drafts): run only the first `num_layers` decoder layers, then the output head over the
+    # states that exist then. None: every layer.
+    num_layers: int | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +142,7 @@ class LlamaForServing(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta)
         self.embed_tokens = VocabParallelEmbedding(shards, d, dtype, comm)
         self.layers = nn.ModuleList(DecoderLayer(cfg, shards, self.rope, dtype, comm) for _ in range(n_layers))
+        self._layer_tuple: tuple[DecoderLayer, ...] = tuple(self.layers)  # the same modules (early-exit slices)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
                         else VocabParallelEmbedding(shards, d, dtype, comm))
@@ -181,6 +182,14 @@ class LlamaForServing(nn.Module):
             return self._forward_block(h, batch, batch.depth, cos_sin, depth_weights)
         return self._forward_full(h, batch, batch.depth, cos_sin, depth_weights)
 
+    def _layers(self, batch: ForwardBatch) -> Sequence[DecoderLayer]:
+        """The decoder layers this forward runs: all, or the first batch.num_layers (an early-exit draft pass,
+        whose output head then mixes the states that exist after them). A tuple slice: slicing the ModuleList
+        builds a new module (~20 us a draft pass)."""
+        if batch.num_layers is None:
+            return self.layers  # type: ignore[return-value]
+        return self._layer_tuple[:batch.num_layers]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, d] -> fp32 logits [S, vocab]."""
         return self.lm_head.logits(hidden)
@@ -198,7 +207,7 @@ class LlamaForServing(nn.Module):
 
     def _forward_standard(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple) -> torch.Tensor:
         """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm)."""
-        k, eps, layers = self.k, self.cfg.rms_norm_eps, self.layers
+        k, eps, layers = self.k, self.cfg.rms_norm_eps, self._layers(batch)
         x = k.rms_norm(h, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
             a = layer.self_attn(x, batch, i, cos_sin)
@@ -230,7 +239,7 @@ class LlamaForServing(nn.Module):
         lse_rows, xo_rows = lse.unbind(1), xo.unbind(1)  # Q x [T], Q x [T, d]
         site_q = self.site_queries  # L x (attention, MLP) [d] queries, folded at load
         pending: torch.Tensor | None = None  # the last sublayer's output, not yet in the partial
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._layers(batch)):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
             if opens:  # close the partial as block n, then Phase 1 for every query of the new block
@@ -283,7 +292,7 @@ class LlamaForServing(nn.Module):
         states, keys = depth.states, depth.keys  # [T, 2L+1, d] fp32 each
         record = batch.depth_rows if out is not None else None
         prev = emb  # [T, d]: the newest source, written into its slot by the next site
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._layers(batch)):
             s = 2 * i + 1  # sources before this layer's attention
             qa, qm = self.site_queries[i]
             x = k.attnres_mix(states, keys, s, prev, qa, layer.input_layernorm.weight, eps)
@@ -294,7 +303,7 @@ class LlamaForServing(nn.Module):
             if record is not None:
                 self._record(out, states[record, :s + 1], keys[record, :s + 1], qm)
             prev = layer.mlp(x)
-        last = 2 * len(self.layers)  # the slot of the last MLP output
+        last = 2 * len(self._layers(batch))  # the slot of the last MLP output
         if record is not None:  # the head below fills slot `last` of the logits rows only
             states[:, last] = prev
             self._record_with_partial(out, states, keys, last, record, self.out_query)
