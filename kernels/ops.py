@@ -6,8 +6,9 @@
     k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
 
 The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
-add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv. The
-model calls these, never a backend.
+add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv, and
+decode_layer (a whole decoder layer of a pure-decode step; fused only on the native backend,
+KernelSet.fused_decode). The model calls these, never a backend.
 
 Backends:
 
@@ -264,6 +265,10 @@ class KernelSet:
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary
     silu_mul: Callable[..., torch.Tensor] = reference.silu_mul
     store_kv: Callable[..., None] = reference.store_kv
+    # One whole decoder layer of a pure-decode step (kernels/reference.py: decode_layer). The model calls it only
+    # where it is fused (`fused_decode`: the native backend's one C++ call, which returns None for tensors it
+    # does not take); elsewhere the per-op path runs, which the reference composes anyway.
+    decode_layer: Callable[..., torch.Tensor | None] = reference.decode_layer
     # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
     # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
     # data-dependent context and is not). The engine captures decode graphs only for such a set.
@@ -276,6 +281,11 @@ class KernelSet:
         to the reference (kernels/cpu_attention.py, kernels/triton/attention.py) builds the view from the
         block table then (AttentionMetadata.decode_gather_view), once per step."""
         return self.decode_attention is reference.decode_attention
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether decode_layer is a fused native layer (worth calling instead of the per-op path)."""
+        return self.decode_layer is not reference.decode_layer
 
     def native_ops(self) -> list[str]:
         """Names of the ops this set runs with something other than the reference (for logs and tests)."""
@@ -343,6 +353,9 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                     out = fn(states, keys, 3, delta.to(dt) if has_delta else None, query, weight(dt), eps, acc, rows)
                     return [out, states, keys]
                 runs.append(run)
+        elif name == "decode_layer":
+            for glue in ("standard", "site"):
+                runs.append(functools.partial(_probe_decode_layer, dt=dt, glue=glue))
         elif name == "attnres_phase1" and dt == f32:
             def run(fn):
                 states, keys, queries, lse, xo = inputs((t, 4, d), (t, 4, d), (q, d), (t, q), (t, q, d))
@@ -351,6 +364,36 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                 return [keys, lse, xo]
             runs.append(run)
     return runs
+
+
+def _probe_decode_layer(fn: Callable, dt: torch.dtype, glue: str) -> list[torch.Tensor]:
+    """decode_layer on 3 decode rows of odd shapes (d 67, 6 heads of 24 over 2 KV heads, ffn 37, blocks of 5
+    scattered through the cache, contexts 3, 12 and 7): its output and everything it writes."""
+    g = torch.Generator().manual_seed(11)
+    m, d, h, kv, hd, f, bs = 3, 67, 6, 2, 24, 37, 5
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    weights = [rand((h + 2 * kv) * hd, d, scale=d ** -0.5), rand(d, h * hd, scale=(h * hd) ** -0.5),
+               rand(2 * f, d, scale=d ** -0.5), rand(d, f, scale=f ** -0.5)]
+    x, norm_w = rand(m, d), (1 + 0.1 * torch.randn(d, generator=g)).to(dt)
+    k_cache, v_cache = rand(40, kv, hd), rand(40, kv, hd)
+    table = torch.tensor([[4, 1, 6], [0, 5, 2], [7, 3, 6]])
+    lens = torch.tensor([3, 12, 7], dtype=torch.int32)
+    slots = torch.tensor([table[i, (int(n) - 1) // bs] * bs + (int(n) - 1) % bs for i, n in enumerate(lens)])
+    angles = torch.randn(m, 1, hd // 2, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    if glue == "standard":
+        residual = rand(m, d)
+        out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, residual,
+                 None, None, None, None, True)
+        return [out, k_cache, v_cache, residual]
+    partial, lse1, xo1, query = (torch.randn(m, d, generator=g), torch.randn(m, generator=g),
+                                 torch.randn(m, d, generator=g), torch.randn(d, generator=g))
+    out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, None, partial, lse1,
+             xo1, query, True)
+    return [out, k_cache, v_cache, partial.to(dt)]  # fp32 partial += a bf16 delta: compared at the delta's tolerance
 
 
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -195,3 +195,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
                                        enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, hd]
     return o.squeeze(2)
+
+
+# ---- one decoder layer of a pure-decode step (the native backend fuses it: kernels/csrc/decode_layer.cpp) ----
+def decode_layer(x: torch.Tensor, weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                 context_lens: torch.Tensor, block_size: int, scale: float, norm_weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None, partial: torch.Tensor | None = None,
+                 lse1: torch.Tensor | None = None, xo1: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                 accumulate: bool = True) -> torch.Tensor:
+    """The MLP output [M, d] of one decoder layer whose M rows are all decode rows, from its normalised input x:
+    attention (QKV, rotary, K/V into the cache, paged decode attention, o_proj), the sublayer glue, then the MLP.
+    weights = (w_qkv, w_o, w_gate_up, w_down), plain [out, in]. The glue is the standard model's (residual given:
+    residual += attention output, then its rms_norm) or Block AttnRes' Phase-2 site (attnres_site on partial,
+    lse1, xo1, query). Writes the caches and the residual / partial, as the ops it is made of do."""
+    w_qkv, w_o, w_gu, w_down = weights
+    m, hd = x.shape[0], k_cache.shape[2]
+    kv = k_cache.shape[1]
+    h = w_qkv.shape[0] // hd - 2 * kv
+    qkv = linear(x, w_qkv)  # [M, (H + 2 KV) hd]
+    q = qkv[:, :h * hd].view(m, h, hd)
+    k = qkv[:, h * hd:(h + kv) * hd].view(m, kv, hd)
+    v = qkv[:, (h + kv) * hd:].view(m, kv, hd)
+    q, k = rotary(q, k, cos, sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=m, block_size=block_size,
+                             decode_block_table=block_table, decode_context_lens=context_lens)
+    a = linear(decode_attention(q, k_cache, v_cache, meta, scale).reshape(m, -1), w_o)  # [M, d]
+    if residual is not None:
+        x2 = add_rms_norm(a, residual, norm_weight, eps)
+    else:
+        assert partial is not None and lse1 is not None and xo1 is not None and query is not None
+        x2 = attnres_site(partial, a, lse1, xo1, query, norm_weight, eps, accumulate)
+    return linear(silu_mul(linear(x2, w_gu)), w_down)
