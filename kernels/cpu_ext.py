@@ -246,7 +246,8 @@ def _ensure_built(force: bool = False) -> tuple[Path, dict, bool, float]:
 def _registered_ops() -> tuple[str, ...]:
     ns = torch.ops.depthserve
     return tuple(name for name in ("rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
-                                   "decode_attention", "small_m_linear", "rotary", "silu_mul", "store_kv", "decode_layer")
+                                   "decode_attention", "small_m_linear", "rotary", "silu_mul", "store_kv", "decode_layer",
+                                   "decode_layers")
                  if hasattr(ns, name))
 
 

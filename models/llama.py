@@ -169,6 +169,7 @@ class LlamaForServing(nn.Module):
         self.k: ops.KernelSet = ops.REFERENCE_OPS  # the non-linear ops; prepare_for_inference picks the backend's
         # per layer (w_qkv, w_o, w_gate_up, w_down) for the fused decode layer; None: the per-op path always
         self.fused_layers: list[list[torch.Tensor]] | None = None
+        self.fused_norms: list[torch.Tensor] = []  # (input, post-attention) norm weights per layer, for decode_layers
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,11 +224,26 @@ class LlamaForServing(nn.Module):
                                    attn.block_size, self.layers[i].self_attn.scale, norm_weight,
                                    self.cfg.rms_norm_eps, **glue)
 
+    def _decode_layers(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple,
+                       **depth: torch.Tensor | list[torch.Tensor] | int) -> torch.Tensor | None:
+        """The last layer's MLP output [T, d] after every layer ran in one native call (k.decode_layers, with the
+        AttnRes `depth` pool when given); None when the op did not take the tensors (it then wrote nothing)."""
+        assert self.fused_layers is not None
+        attn, kv = batch.attn, batch.kv_caches
+        return self.k.decode_layers(h, [w for ws in self.fused_layers for w in ws], self.fused_norms,
+                                    [c[0] for c in kv], [c[1] for c in kv], cos_sin[0], cos_sin[1], attn.slot_mapping,
+                                    attn.decode_block_table, attn.decode_context_lens, attn.block_size,
+                                    self.layers[0].self_attn.scale, self.cfg.rms_norm_eps, **depth)
+
     def _forward_standard(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple) -> torch.Tensor:
         """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm). A small
-        pure-decode step runs each layer's attention, add_rms_norm and MLP as one fused call."""
+        pure-decode step runs every layer in one fused call (or, should that refuse, each layer's attention,
+        add_rms_norm and MLP in one)."""
         k, eps, layers = self.k, self.cfg.rms_norm_eps, self.layers
         fused = self._fused_decode(batch)
+        if fused and (m := self._decode_layers(h, batch, cos_sin)) is not None:
+            h.add_(m)
+            return k.rms_norm(h[batch.logits_indices], self.norm.weight, eps)
         x = k.rms_norm(h, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
             m = (self._decode_layer(i, x, batch, cos_sin, layer.post_attention_layernorm.weight, residual=h)
@@ -262,7 +278,14 @@ class LlamaForServing(nn.Module):
         lse_rows, xo_rows = lse.unbind(1), xo.unbind(1)  # Q x [T], Q x [T, d]
         site_q = self.site_queries  # L x (attention, MLP) [d] queries, folded at load
         pending: torch.Tensor | None = None  # the last sublayer's output, not yet in the partial
-        fused = self._fused_decode(batch)  # each layer's attention, mid-layer site and MLP in one call
+        fused = self._fused_decode(batch)  # every layer in one call, else each layer's sublayers and site in one
+        if fused and record is None:
+            m = self._decode_layers(emb, batch, cos_sin, states=states, keys=keys, lse=lse, xo=xo,
+                                    block_queries=self.block_queries, site_queries=self.queries,
+                                    attn_res_block_size=sched.block_size)
+            if m is not None:
+                return k.attnres_mix(states, keys, sched.num_blocks + 1, m, self.out_query, self.norm.weight, eps, True,
+                                     batch.logits_indices)  # [S, d]
         for i, layer in enumerate(self.layers):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
@@ -436,6 +459,8 @@ class LlamaForServing(nn.Module):
             if any(lin.packed is None or lin.packed.small_m_rows < FUSED_DECODE_MAX_ROWS for lin in linears):
                 return None
             out.append([lin.weight for lin in linears])
+        self.fused_norms = [w for layer in self.layers
+                            for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
         return out
 
     @torch.no_grad()

@@ -468,6 +468,12 @@ at::Tensor attnres_mix(const at::Tensor& states, const at::Tensor& keys, int64_t
 
 }  // namespace
 
+void fused::attnres_phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1,
+                                int64_t n, const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0,
+                                int64_t l1, float* xo, int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
+  phase1_rows(states, s0, s1, keys, k0, k1, n, queries, q0, nq, lse, l0, l1, xo, x0, x1, rows, d, eps);
+}
+
 void fused::attnres_site_rows(float* partial, int64_t sp, Kind dkind, const void* delta, int64_t sd, bool accumulate,
                               const float* lse1, int64_t sl, const float* xo1, int64_t sx, const float* q, Kind wkind,
                               const void* w, void* out, int64_t rows, int64_t d, double eps) {

@@ -25,6 +25,7 @@
 
 #include <cstdlib>
 #include <optional>
+#include <vector>
 
 #include "common.h"
 #include "fused.h"
@@ -52,7 +53,7 @@ struct Buffer {
 };
 
 struct Scratch {
-  Buffer xf, qkv, attn, a, x2, gu, act;
+  Buffer xf, qkv, attn, a, x2, gu, act, xin, mout;
 };
 
 Scratch& scratch() {
@@ -93,36 +94,37 @@ void check_site(const std::optional<at::Tensor>& t, int64_t dim, const char* nam
   check_f32(*t, name);
 }
 
-at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                        const at::Tensor& block_table, const at::Tensor& context_lens, int64_t block_size,
-                        double scale, const at::Tensor& norm_weight, double eps,
-                        const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& partial,
-                        const std::optional<at::Tensor>& lse1, const std::optional<at::Tensor>& xo1,
-                        const std::optional<at::Tensor>& query, bool accumulate) {
-  // ---- checks: all of them before anything is written ----
+void check_norm(const at::Tensor& w, const at::Tensor& x) {
+  check_rows(w, 1, "norm weight");
+  TORCH_CHECK(w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
+              "decode_layer: norm weights must be [d] of x's dtype (the linears read the norms' outputs)");
+}
+
+// What every layer of a step shares: the rows, their rotary angles and their places in the paged cache.
+struct Step {
+  Kind kind;
+  int64_t M, d, el;
+  const float* cos;
+  const float* sin;
+  int64_t sc, ss;
+  const int64_t* slots;
+  int64_t s_stride;
+  const int64_t* table;
+  int64_t t_sb, t_sn, nb;
+  const int32_t* lens;
+  int64_t block_size;
+  float scale;
+  double eps;
+};
+
+Step check_step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_mapping,
+                const at::Tensor& block_table, const at::Tensor& context_lens, int64_t block_size, double scale,
+                double eps) {
   check_rows(x, 2, "x");
   check_float_kind(x, "x");
-  const Kind kind = kind_of(x);
-  const int64_t M = x.size(0), d = x.size(1);
-  TORCH_CHECK(weights.size() == 4, "decode_layer: weights are (w_qkv, w_o, w_gate_up, w_down)");
-  check_rows(k_cache, 3, "k_cache");
-  check_rows(v_cache, 3, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == x.scalar_type() &&
-                  v_cache.scalar_type() == x.scalar_type(),
-              "decode_layer: K and V caches of one shape and x's dtype");
-  const int64_t KV = k_cache.size(1), hd = k_cache.size(2), S = k_cache.size(0);
-  const int64_t nqkv = weights[0].size(0);
-  TORCH_CHECK(KV > 0 && hd > 0 && nqkv % hd == 0 && nqkv / hd > 2 * KV, "decode_layer: w_qkv rows ", nqkv,
-              " are not (H + 2 KV) x hd for KV ", KV, ", hd ", hd);
-  const int64_t H = nqkv / hd - 2 * KV, f = weights[2].size(0) / 2;
-  TORCH_CHECK(H % KV == 0, "decode_layer: query heads must be a multiple of KV heads");
-  check_linear(weights[0], nqkv, d, x, "w_qkv");
-  check_linear(weights[1], d, H * hd, x, "w_o");
-  check_linear(weights[2], 2 * f, d, x, "w_gate_up");
-  check_linear(weights[3], d, f, x, "w_down");
+  const int64_t M = x.size(0);
   TORCH_CHECK(cos.sizes() == sin.sizes() && (cos.dim() == 2 || (cos.dim() == 3 && cos.size(1) == 1)) &&
-                  cos.size(0) == M && cos.size(-1) * 2 == hd,
+                  cos.size(0) == M,
               "decode_layer: cos/sin must be [M, (1,) hd/2]");
   check_f32(cos, "cos");
   check_f32(sin, "sin");
@@ -138,39 +140,65 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
                   context_lens.is_contiguous() && context_lens.device().is_cpu(),
               "decode_layer: context_lens must be [M] int32, contiguous");
   TORCH_CHECK(block_size > 0, "decode_layer: block_size must be positive");
-  check_rows(norm_weight, 1, "norm_weight");
-  TORCH_CHECK(norm_weight.size(0) == d && norm_weight.scalar_type() == x.scalar_type(),
-              "decode_layer: norm_weight must be [d] of x's dtype (the MLP reads the norm's output)");
-  const bool standard = residual.has_value() && residual->defined();
-  if (standard) {
-    check_rows(*residual, 2, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
-                "decode_layer: residual must be [M, d] of x's dtype");
-  } else {
-    check_site(partial, 2, "partial");
-    check_site(lse1, 1, "lse1", true);
-    check_site(xo1, 2, "xo1");
-    check_site(query, 1, "query");
-    TORCH_CHECK(partial->sizes() == x.sizes() && xo1->sizes() == x.sizes() && lse1->size(0) == M &&
-                    query->size(0) == d,
-                "decode_layer: partial, xo1 [M, d], lse1 [M], query [d]");
-  }
-  const int64_t* slots = ptr<const int64_t>(slot_mapping);
-  const int64_t s_stride = slot_mapping.stride(0);
-  for (int64_t t = 0; t < M; ++t) {
-    const int64_t s = slots[t * s_stride];
+  return Step{kind_of(x), M, x.size(1), x.element_size(), ptr<const float>(cos), ptr<const float>(sin),
+              cos.stride(0), sin.stride(0), ptr<const int64_t>(slot_mapping), slot_mapping.stride(0),
+              ptr<const int64_t>(block_table), block_table.stride(0), block_table.stride(1), block_table.size(1),
+              ptr<const int32_t>(context_lens), block_size, static_cast<float>(scale), eps};
+}
+
+// One layer's sizes, from its weights and caches (checked against the step).
+struct Layer {
+  const at::Tensor* w;  // w_qkv, w_o, w_gate_up, w_down
+  const at::Tensor* k_cache;
+  const at::Tensor* v_cache;
+  int64_t H, KV, hd, nqkv, f;
+};
+
+Layer check_layer(const Step& st, const at::Tensor& x, const at::Tensor* w, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, int64_t half) {
+  check_rows(k_cache, 3, "k_cache");
+  check_rows(v_cache, 3, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == x.scalar_type() &&
+                  v_cache.scalar_type() == x.scalar_type(),
+              "decode_layer: K and V caches of one shape and x's dtype");
+  const int64_t KV = k_cache.size(1), hd = k_cache.size(2), S = k_cache.size(0);
+  const int64_t nqkv = w[0].dim() == 2 ? w[0].size(0) : 0;
+  TORCH_CHECK(KV > 0 && hd > 0 && hd == 2 * half && nqkv % hd == 0 && nqkv / hd > 2 * KV, "decode_layer: w_qkv rows ",
+              nqkv, " are not (H + 2 KV) x hd for KV ", KV, ", hd ", hd, " (cos/sin give hd ", 2 * half, ")");
+  const int64_t H = nqkv / hd - 2 * KV, f = w[2].dim() == 2 ? w[2].size(0) / 2 : 0;
+  TORCH_CHECK(H % KV == 0, "decode_layer: query heads must be a multiple of KV heads");
+  check_linear(w[0], nqkv, st.d, x, "w_qkv");
+  check_linear(w[1], st.d, H * hd, x, "w_o");
+  check_linear(w[2], 2 * f, st.d, x, "w_gate_up");
+  check_linear(w[3], st.d, f, x, "w_down");
+  for (int64_t t = 0; t < st.M; ++t) {
+    const int64_t s = st.slots[t * st.s_stride];
     TORCH_CHECK(s >= 0 && s < S, "decode_layer: slot ", s, " of row ", t, " is outside the caches' ", S, " slots");
   }
-  const int64_t* table = ptr<const int64_t>(block_table);
-  const int32_t* lens = ptr<const int32_t>(context_lens);
-  fused::check_decode_context(k_cache, table, block_table.stride(0), block_table.stride(1), block_table.size(1),
-                              lens, M, block_size);
+  fused::check_decode_context(k_cache, st.table, st.t_sb, st.t_sn, st.nb, st.lens, st.M, st.block_size);
+  return Layer{w, &k_cache, &v_cache, H, KV, hd, nqkv, f};
+}
 
-  at::Tensor out(at::detail::empty_cpu({M, d}, x.options()));
-  if (M == 0) return out;
+// What runs between the attention and the MLP: the standard residual add + norm, or a Phase-2 AttnRes site.
+struct Glue {
+  const void* norm_w = nullptr;
+  void* residual = nullptr;  // standard: [M, d] at stride sr
+  int64_t sr = 0;
+  float* partial = nullptr;  // AttnRes: fp32 [M, d] at stride sp, lse1 [M] at sl, xo1 [M, d] at sx, query [d]
+  int64_t sp = 0;
+  const float* lse1 = nullptr;
+  int64_t sl = 0;
+  const float* xo1 = nullptr;
+  int64_t sx = 0;
+  const float* query = nullptr;
+  bool accumulate = true;
+};
 
-  // ---- the layer ----
-  const int64_t el = x.element_size(), nq = H * hd;
+// The layer (checked): x [M, d] at row stride sx of st.kind -> its MLP output into out [M, d] (contiguous).
+void run_layer(const Step& st, const Layer& l, const void* x, int64_t sx, const Glue& g, void* out) {
+  const Kind kind = st.kind;
+  const int64_t M = st.M, d = st.d, el = st.el, H = l.H, KV = l.KV, hd = l.hd, nqkv = l.nqkv, f = l.f;
+  const int64_t nq = H * hd;
   Scratch& s = scratch();
   const int64_t ldx = round16(std::max({d, nq, f}));
   float* xf = s.xf.get<float>(M * ldx * sizeof(float));  // [M, ldx] fp32: the current linear's input
@@ -180,17 +208,15 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
   char* x2 = s.x2.get(M * d * el);                       // [M, d] the MLP's normalised input
   char* gu = s.gu.get(M * 2 * f * el);                   // [M, 2 f]
   char* act = s.act.get(M * f * el);                     // [M, f]
-  const auto* w = weights.data();
+  const at::Tensor* w = l.w;
 
-  to_f32(kind, x.data_ptr(), x.stride(0), M, d, xf, ldx);
+  to_f32(kind, x, sx, M, d, xf, ldx);
   fused::gemv(kind, w[0].data_ptr(), w[0].stride(0), xf, ldx, M, nqkv, d, qkv);
-  const int64_t half = hd / 2;
-  fused::rotary_rows(kind, qkv, nqkv, hd, H, qkv + nq * el, nqkv, hd, KV, half, ptr<const float>(cos),
-                     cos.stride(0), ptr<const float>(sin), sin.stride(0), M);
+  fused::rotary_rows(kind, qkv, nqkv, hd, H, qkv + nq * el, nqkv, hd, KV, hd / 2, st.cos, st.sc, st.sin, st.ss, M);
   for (int64_t t = 0; t < M; ++t) {  // K and V rows into their slots
-    const int64_t slot = slots[t * s_stride];
+    const int64_t slot = st.slots[t * st.s_stride];
     const char* src[2] = {qkv + (t * nqkv + nq) * el, qkv + (t * nqkv + nq + KV * hd) * el};
-    const at::Tensor* caches[2] = {&k_cache, &v_cache};
+    const at::Tensor* caches[2] = {l.k_cache, l.v_cache};
     for (int c = 0; c < 2; ++c) {
       char* dst = static_cast<char*>(caches[c]->data_ptr()) + slot * caches[c]->stride(0) * el;
       if (caches[c]->stride(1) == hd || KV == 1) {
@@ -201,23 +227,188 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
       }
     }
   }
-  fused::decode_attention_rows(kind, qkv, nqkv, hd, k_cache, v_cache, table, block_table.stride(0),
-                               block_table.stride(1), lens, M, H, block_size, static_cast<float>(scale), attn);
+  fused::decode_attention_rows(kind, qkv, nqkv, hd, *l.k_cache, *l.v_cache, st.table, st.t_sb, st.t_sn, st.lens, M, H,
+                               st.block_size, st.scale, attn);
   to_f32(kind, attn, nq, M, nq, xf, ldx);
   fused::gemv(kind, w[1].data_ptr(), w[1].stride(0), xf, ldx, M, d, nq, a);
-  if (standard) {
-    fused::add_rms_norm_rows(kind, a, d, residual->data_ptr(), residual->stride(0), kind, norm_weight.data_ptr(), x2,
-                             M, d, eps);
+  if (g.residual != nullptr) {
+    fused::add_rms_norm_rows(kind, a, d, g.residual, g.sr, kind, g.norm_w, x2, M, d, st.eps);
   } else {
-    fused::attnres_site_rows(ptr<float>(*partial), partial->stride(0), kind, a, d, accumulate,
-                             ptr<const float>(*lse1), lse1->stride(0), ptr<const float>(*xo1), xo1->stride(0),
-                             ptr<const float>(*query), kind, norm_weight.data_ptr(), x2, M, d, eps);
+    fused::attnres_site_rows(g.partial, g.sp, kind, a, d, g.accumulate, g.lse1, g.sl, g.xo1, g.sx, g.query, kind,
+                             g.norm_w, x2, M, d, st.eps);
   }
   to_f32(kind, x2, d, M, d, xf, ldx);
   fused::gemv(kind, w[2].data_ptr(), w[2].stride(0), xf, ldx, M, 2 * f, d, gu);
   fused::silu_mul_rows(kind, gu, 2 * f, act, M, f);
   to_f32(kind, act, f, M, f, xf, ldx);
-  fused::gemv(kind, w[3].data_ptr(), w[3].stride(0), xf, ldx, M, d, f, out.data_ptr());
+  fused::gemv(kind, w[3].data_ptr(), w[3].stride(0), xf, ldx, M, d, f, out);
+}
+
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                        const at::Tensor& block_table, const at::Tensor& context_lens, int64_t block_size,
+                        double scale, const at::Tensor& norm_weight, double eps,
+                        const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& partial,
+                        const std::optional<at::Tensor>& lse1, const std::optional<at::Tensor>& xo1,
+                        const std::optional<at::Tensor>& query, bool accumulate) {
+  // ---- checks: all of them before anything is written ----
+  const Step st = check_step(x, cos, sin, slot_mapping, block_table, context_lens, block_size, scale, eps);
+  TORCH_CHECK(weights.size() == 4, "decode_layer: weights are (w_qkv, w_o, w_gate_up, w_down)");
+  const Layer l = check_layer(st, x, weights.data(), k_cache, v_cache, cos.size(-1));
+  check_norm(norm_weight, x);
+  Glue g;
+  g.norm_w = norm_weight.data_ptr();
+  if (residual.has_value() && residual->defined()) {
+    check_rows(*residual, 2, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "decode_layer: residual must be [M, d] of x's dtype");
+    g.residual = residual->data_ptr();
+    g.sr = residual->stride(0);
+  } else {
+    check_site(partial, 2, "partial");
+    check_site(lse1, 1, "lse1", true);
+    check_site(xo1, 2, "xo1");
+    check_site(query, 1, "query");
+    TORCH_CHECK(partial->sizes() == x.sizes() && xo1->sizes() == x.sizes() && lse1->size(0) == st.M &&
+                    query->size(0) == st.d,
+                "decode_layer: partial, xo1 [M, d], lse1 [M], query [d]");
+    g.partial = ptr<float>(*partial);
+    g.sp = partial->stride(0);
+    g.lse1 = ptr<const float>(*lse1);
+    g.sl = lse1->stride(0);
+    g.xo1 = ptr<const float>(*xo1);
+    g.sx = xo1->stride(0);
+    g.query = ptr<const float>(*query);
+    g.accumulate = accumulate;
+  }
+  at::Tensor out(at::detail::empty_cpu({st.M, st.d}, x.options()));
+  if (st.M > 0) run_layer(st, l, x.data_ptr(), x.stride(0), g, out.data_ptr());
+  return out;
+}
+
+// depthserve::decode_layers: every decoder layer of a pure-decode step in one call (the model's loop over
+// decode_layer, with the glue before each layer too). h [M, d] is the embedding. Standard (no states): x =
+// rms_norm(h) then per layer decode_layer with the residual h, and between layers add_rms_norm(m, h) with the next
+// input norm. Block AttnRes (states, keys [M, S, d], lse [M, Q], xo [M, Q, d] fp32, states[:, 0] = the embedding
+// already; block_queries [Q, d] per block, site_queries [L, 2, d]): a layer that opens a block adds the pending
+// output to the partial, runs Phase 1 and rms_norm(xo[:, its query]); the others the input site; then the layer
+// with the Phase-2 site between its sublayers. Returns the last layer's MLP output (not yet added to h / the
+// partial: the caller's head does that). norms: (input, post-attention) per layer.
+at::Tensor decode_layers(const at::Tensor& h, at::TensorList weights, at::TensorList norms, at::TensorList k_caches,
+                         at::TensorList v_caches, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                         const at::Tensor& context_lens, int64_t block_size, double scale, double eps,
+                         const std::optional<at::Tensor>& states, const std::optional<at::Tensor>& keys,
+                         const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& xo,
+                         at::TensorList block_queries, const std::optional<at::Tensor>& site_queries,
+                         int64_t attn_res_block_size) {
+  // ---- checks: all of them before anything is written ----
+  const Step st = check_step(h, cos, sin, slot_mapping, block_table, context_lens, block_size, scale, eps);
+  const int64_t L = static_cast<int64_t>(k_caches.size()), M = st.M, d = st.d;
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(v_caches.size()) == L && static_cast<int64_t>(weights.size()) == 4 * L &&
+                  static_cast<int64_t>(norms.size()) == 2 * L,
+              "decode_layers: 4 weights, 2 norms and a K and V cache per layer");
+  std::vector<Layer> layers;
+  layers.reserve(L);
+  for (int64_t i = 0; i < L; ++i) {
+    layers.push_back(check_layer(st, h, weights.data() + 4 * i, k_caches[i], v_caches[i], cos.size(-1)));
+    check_norm(norms[2 * i], h);
+    check_norm(norms[2 * i + 1], h);
+  }
+  const bool block = states.has_value() && states->defined();
+  int64_t bs = 0, Q = 0;
+  if (block) {
+    check_site(states, 3, "states");
+    check_site(keys, 3, "keys");
+    check_site(lse, 2, "lse", true);
+    check_site(xo, 3, "xo");
+    check_site(site_queries, 3, "site_queries");
+    bs = attn_res_block_size;
+    Q = 2 * bs;
+    const int64_t blocks = (L + bs - 1) / std::max<int64_t>(bs, 1);
+    TORCH_CHECK(bs > 0 && states->size(0) == M && states->size(2) == d && keys->sizes() == states->sizes() &&
+                    states->size(1) > blocks,
+                "decode_layers: states, keys [M, > blocks, d]");
+    TORCH_CHECK(lse->size(0) == M && lse->size(1) == Q && xo->size(0) == M && xo->size(1) == Q && xo->size(2) == d,
+                "decode_layers: lse [M, 2 block_size], xo [M, 2 block_size, d]");
+    TORCH_CHECK(site_queries->size(0) == L && site_queries->size(1) == 2 && site_queries->size(2) == d &&
+                    site_queries->is_contiguous(),
+                "decode_layers: site_queries [L, 2, d], contiguous");
+    TORCH_CHECK(static_cast<int64_t>(block_queries.size()) == blocks, "decode_layers: one query matrix per block");
+    for (const auto& q : block_queries) {
+      check_rows(q, 2, "block_queries");
+      check_f32(q, "block_queries");
+      TORCH_CHECK(q.size(0) == Q && q.size(1) == d, "decode_layers: block_queries must be [2 block_size, d]");
+    }
+  }
+  at::Tensor out(at::detail::empty_cpu({M, d}, h.options()));
+  if (M == 0) return out;
+
+  // ---- the layers ----
+  Scratch& s = scratch();
+  char* x = s.xin.get(M * d * st.el);   // [M, d] the next layer's normalised input
+  char* m = s.mout.get(M * d * st.el);  // [M, d] the last MLP output
+  const Kind kind = st.kind;
+  if (!block) {
+    fused::rms_norm_rows(kind, h.data_ptr(), h.stride(0), kind, norms[0].data_ptr(), x, M, d, eps);
+    for (int64_t i = 0; i < L; ++i) {
+      Glue g;
+      g.norm_w = norms[2 * i + 1].data_ptr();
+      g.residual = h.data_ptr();
+      g.sr = h.stride(0);
+      void* dst = i + 1 < L ? static_cast<void*>(m) : out.data_ptr();
+      run_layer(st, layers[i], x, d, g, dst);
+      if (i + 1 < L) {
+        fused::add_rms_norm_rows(kind, m, d, h.data_ptr(), h.stride(0), kind, norms[2 * i + 2].data_ptr(), x, M, d,
+                                 eps);
+      }
+    }
+    return out;
+  }
+  float* sp = ptr<float>(*states);
+  float* kp = ptr<float>(*keys);
+  float* lp = ptr<float>(*lse);
+  float* xp = ptr<float>(*xo);
+  const int64_t s0 = states->stride(0), s1 = states->stride(1), k0 = keys->stride(0), k1 = keys->stride(1);
+  const int64_t l0 = lse->stride(0), l1 = lse->stride(1), x0 = xo->stride(0), x1 = xo->stride(1);
+  const float* sq = ptr<const float>(*site_queries);
+  int64_t n = 0;  // completed blocks: the partial lives in source n
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t j = i % bs, qa = 2 * j, qm = 2 * j + 1;
+    const bool opens = j == 0;
+    if (opens) {
+      if (i > 0) {  // the partial += the pending MLP output, which closes it as block n
+        with_type(kind, [&](auto tag) {
+          using T = decltype(tag);
+          const T* pm = reinterpret_cast<const T*>(m);
+          for (int64_t t = 0; t < M; ++t) {
+            float* p = sp + t * s0 + n * s1;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) p[k] += to_f(pm[t * d + k]);
+          }
+        });
+      }
+      ++n;
+      const at::Tensor& bq = block_queries[i / bs];
+      fused::attnres_phase1_rows(sp, s0, s1, kp, k0, k1, n, ptr<const float>(bq), bq.stride(0), Q, lp, l0, l1, xp, x0,
+                                 x1, M, d, eps);
+      fused::rms_norm_rows(Kind::F32, xp + qa * x1, x0, kind, norms[2 * i].data_ptr(), x, M, d, eps);
+    } else {
+      fused::attnres_site_rows(sp + n * s1, s0, kind, m, d, true, lp + qa * l1, l0, xp + qa * x1, x0,
+                               sq + (2 * i) * d, kind, norms[2 * i].data_ptr(), x, M, d, eps);
+    }
+    Glue g;
+    g.norm_w = norms[2 * i + 1].data_ptr();
+    g.partial = sp + n * s1;
+    g.sp = s0;
+    g.lse1 = lp + qm * l1;
+    g.sl = l0;
+    g.xo1 = xp + qm * x1;
+    g.sx = x0;
+    g.query = sq + (2 * i + 1) * d;
+    g.accumulate = !opens;
+    run_layer(st, layers[i], x, d, g, i + 1 < L ? static_cast<void*>(m) : out.data_ptr());
+  }
   return out;
 }
 
@@ -232,4 +423,15 @@ TORCH_LIBRARY_FRAGMENT(depthserve, m) {
       "bool accumulate) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(depthserve, CPU, m) { m.impl("decode_layer", &depthserve::decode_layer); }
+TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+  m.def(
+      "decode_layers(Tensor(a!) h, Tensor[] weights, Tensor[] norms, Tensor(b!)[] k_caches, Tensor(c!)[] v_caches, "
+      "Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_table, Tensor context_lens, int block_size, "
+      "float scale, float eps, Tensor(d!)? states, Tensor(e!)? keys, Tensor(f!)? lse, Tensor(g!)? xo, "
+      "Tensor[] block_queries, Tensor? site_queries, int attn_res_block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
+  m.impl("decode_layer", &depthserve::decode_layer);
+  m.impl("decode_layers", &depthserve::decode_layers);
+}

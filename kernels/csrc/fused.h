@@ -37,6 +37,17 @@ void attnres_site_rows(float* partial, int64_t sp, Kind dkind, const void* delta
                        const float* lse1, int64_t sl, const float* xo1, int64_t sx, const float* q, Kind wkind,
                        const void* w, void* out, int64_t rows, int64_t d, double eps);
 
+// norms.cpp: out = rms_norm(x) * w, x of `kind` at row stride sx, out in w's kind.
+void rms_norm_rows(Kind kind, const void* x, int64_t sx, Kind wkind, const void* w, void* out, int64_t rows, int64_t d,
+                   double eps);
+
+// attnres.cpp: Phase 1 of a block whose first n sources are complete (attnres_phase1): the key of source n-1, then
+// for each of nq queries (rows of `queries` at stride q0) its log-sum-exp and mix of the n sources. states/keys
+// [rows, S, d] at strides (s0, s1) / (k0, k1); lse [rows, nq] at (l0, l1); xo [rows, nq, d] at (x0, x1).
+void attnres_phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1, int64_t n,
+                         const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0, int64_t l1, float* xo,
+                         int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps);
+
 // decode_attention.cpp: raises unless every row's context [0, lens[b]) lies in the table's blocks and the cache.
 void check_decode_context(const at::Tensor& k_cache, const int64_t* table, int64_t t_sb, int64_t t_sn, int64_t nb,
                           const int32_t* lens, int64_t B, int64_t block_size);

@@ -81,20 +81,26 @@ PROMPTS = {1: [[1, 5, 6, 7, 8, 9, 10, 11]],
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_engine_fused_equals_per_op(ds, folder, dtype, rows) -> None:
+@pytest.mark.parametrize("path", ["step", "layer"])
+def test_engine_fused_equals_per_op(ds, folder, dtype, rows, path) -> None:
+    """path "step": every layer in one call (decode_layers); "layer": decode_layers refuses (None), so each
+    layer runs as one call (decode_layer), the fallback."""
     assert os.environ.get(ENV_FUSED_DECODE, "1") != "0"
     llm = LLM(str(folder), dtype=dtype, max_model_len=128, block_size=4, kernels="native")
     model = llm.engine.model
     assert model.k.fused_decode and model.fused_layers is not None
     calls: list[bool] = []
-    fused_op = model.k.decode_layer
+    name = "decode_layers" if path == "step" else "decode_layer"
+    fused_op = getattr(model.k, name)
 
     def counted(*args, **kw):
         out = fused_op(*args, **kw)
         calls.append(out is not None)
         return out
 
-    model.k = dataclasses.replace(model.k, decode_layer=counted)
+    model.k = dataclasses.replace(model.k, **{name: counted})
+    if path == "layer":
+        model.k = dataclasses.replace(model.k, decode_layers=lambda *args, **kw: None)
     forward, layers = model.forward, model.fused_layers
     compared: list[int] = []
 
@@ -117,3 +123,25 @@ def test_engine_fused_equals_per_op(ds, folder, dtype, rows) -> None:
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     assert len(compared) >= 7 and max(compared) == rows
     assert calls and all(calls)  # every fused call ran (none fell back)
+    assert len(calls) == len(compared) * (1 if path == "step" else len(model.layers))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("block", [False, True], ids=["standard", "block"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_layers_equals_reference(ds, dtype, block, rows) -> None:
+    """The whole-step op against reference.decode_layers (3 layers; blocks of 2): fp32 tight, bf16 within
+    rounding (the reference's bf16 linears round differently from the fp32-accumulating kernel)."""
+    got_args, got_kw = ops.decode_layers_case(dtype, block, rows)
+    want_args, want_kw = ops.decode_layers_case(dtype, block, rows)
+    got = ops._native_ops().decode_layers(*got_args, **got_kw)
+    want = reference.decode_layers(*want_args, **want_kw)
+    assert got is not None
+    tol = 1e-5 if dtype == F32 else 6e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    for g, w in zip([got_args[0], *got_args[3], *got_args[4]], [want_args[0], *want_args[3], *want_args[4]],
+                    strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)  # h, the caches
+    if block:
+        for key in ("states", "keys", "lse", "xo"):
+            torch.testing.assert_close(got_kw[key], want_kw[key], rtol=tol, atol=tol)
