@@ -7,8 +7,8 @@
 
 The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
 add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv, and
-decode_layer (a whole decoder layer of a pure-decode step; fused only on the native backend,
-KernelSet.fused_decode). The model calls these, never a backend.
+decode_layer / decode_layers (one decoder layer, or every layer, of a pure-decode step; fused only on the native
+backend, KernelSet.fused_decode). The model calls these, never a backend.
 
 Backends:
 
@@ -17,7 +17,8 @@ Backends:
 - `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load, and the C++ ops of
   kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, attnres_mix, rotary, silu_mul, store_kv,
   and decode_attention reading K/V in place through the block table, kernels/cpu_attention.py; built and
-  cached by kernels/cpu_ext.py).
+  cached by kernels/cpu_ext.py); for pure-decode steps of few rows, decode_layers / decode_layer: every layer
+  (or one layer) of the step as ONE C++ call composing those same kernels (kernels/csrc/decode_layer.cpp).
 - `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites, Phase 1 and mixes, paged
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
   Linears, rotary, silu_mul and store_kv stay on the reference (torch) path (torch ops: CUDA-graph safe).

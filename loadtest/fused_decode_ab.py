@@ -1,9 +1,10 @@
 """Batch-1 decode with and without the fused decode layer (kernels/csrc/decode_layer.cpp), interleaved in one
 process, against the memory-bandwidth roofline.
 
-Two engines of one random checkpoint (SmolLM2-135M's shape by default), one with the fused layer turned off
-(model.fused_layers = None: the per-op path), take turns running bench_throughput.decode_profile (A B A B,
-medians of each turn's median step). The roofline is bench_throughput's: weight bytes / read bandwidth
+Three engines of one random checkpoint (SmolLM2-135M's shape by default) take turns running
+bench_throughput.decode_profile (A B C A B C, medians of each turn's median step): "per-op" with the fused path
+turned off (model.fused_layers = None), "layer" with one native call per layer (decode_layers made to refuse, so
+the model falls back to decode_layer), and "step" with every layer in one call (the default). The roofline is bench_throughput's: weight bytes / read bandwidth
 (bench_latency.read_bandwidth), measured in the same run.
 
     python -m loadtest.fused_decode_ab --model standard attnres --rounds 5
@@ -12,6 +13,7 @@ medians of each turn's median step). The roofline is bench_throughput's: weight 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -36,11 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for m in a.model:
             folder = write_random(Path(tmp) / m, cfgs[m])
-            engines = {k: make_engine(folder, torch.bfloat16, 256) for k in ("per-op", "fused")}
+            engines = {k: make_engine(folder, torch.bfloat16, 256) for k in ("per-op", "layer", "step")}
             engines["per-op"].runner.model.fused_layers = None
-            if engines["fused"].runner.model.fused_layers is None:
-                print(f"{m}: the fused decode layer is not in use here (kernels: {engines['fused'].kernels.describe()})")
-            wbytes = weight_bytes(engines["fused"])
+            layer_model = engines["layer"].runner.model
+            layer_model.k = dataclasses.replace(layer_model.k, decode_layers=lambda *args, **kw: None)
+            if engines["step"].runner.model.fused_layers is None:
+                print(f"{m}: the fused decode layer is not in use here (kernels: {engines['step'].kernels.describe()})")
+            wbytes = weight_bytes(engines["step"])
             read_bw = read_bandwidth() * 1e9
             roof_ms = wbytes / read_bw * 1e3
             runs: dict[str, list[dict[str, float]]] = {k: [] for k in engines}

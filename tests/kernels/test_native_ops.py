@@ -403,6 +403,21 @@ def test_a_source_that_does_not_compile_is_left_out(fresh_loader, monkeypatch, c
     assert "error" in (ext.path.parent / "build.log").read_text()
 
 
+def test_a_failed_source_leaves_the_composed_layer_out(fresh_loader, monkeypatch, caplog, tmp_path) -> None:
+    """decode_layer.cpp calls the other sources' kernels: when one of them fails, it is left out too (its
+    undefined symbols would make the whole library fail to load)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "good.cpp").write_text("int depthserve_test_symbol() { return 1; }\n")
+    (src / "decode_layer.cpp").write_text("int depthserve_test_layer() { return 2; }\n")
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(cpu_ext, "SRC_DIR", src)
+    with caplog.at_level(logging.WARNING, logger="depthserve.kernels"):
+        ext = cpu_ext.load()
+    assert ext is not None and ext.sources == ("good.cpp",) and ext.skipped == ("broken.cpp", "decode_layer.cpp")
+    assert len(_warnings(caplog)) == 1
+
+
 def test_concurrent_builds_compile_once(fresh_loader, monkeypatch) -> None:
     """Two builders at once (threads here; the lock is fcntl's, per open file, so processes alike): one
     compiles, the other waits and loads its library."""
