@@ -305,7 +305,8 @@ def test_empty_batch(ds) -> None:
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
     assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
-                                        "decode_attention", "rotary", "silu_mul", "store_kv", "decode_layer"}
+                                        "decode_attention", "rotary", "silu_mul", "store_kv", "decode_layer",
+                                        "decode_layers"}
     assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
     assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
