@@ -479,6 +479,12 @@ def probe_native_ops() -> dict[str, str]:
     return {name: p for name, p in problems.items() if p is not None}
 
 
+# The ops whose kernels decode_layer / decode_layers compose (kernels/csrc/fused.h), besides small_m_linear (which
+# the model checks per weight: PackedLinear.small_m_rows).
+_FUSED_PARTS = frozenset({"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "rotary", "silu_mul",
+                          "store_kv", "decode_attention"})
+
+
 @functools.cache
 def _native_ops() -> KernelSet | None:
     """The KernelSet with every native op that loaded and passed its probe (once per process); None if none."""
@@ -498,6 +504,9 @@ def _native_ops() -> KernelSet | None:
             usable["decode_attention"] = cpu_attention.native_decode_attention
         else:
             logger.warning("native CPU decode attention fails its probe, using the reference for it (%s)", problem)
+    if not usable.keys() >= _FUSED_PARTS:  # the fused layer runs their kernels: only with all of them sound
+        usable.pop("decode_layer", None)
+        usable.pop("decode_layers", None)
     if not usable:
         return None
     logger.info("native CPU ops: %s", ", ".join(usable))
