@@ -8,7 +8,8 @@ it: the ops torch.compile's CPU backend (torch/_inductor/fx_passes/mkldnn_fusion
 linears. fp32 and bf16 (bf16 needs avx512bw/vl/dq or avx_ne_convert; oneDNN raises otherwise).
 
 The other ops (rms_norm, add_rms_norm, attnres_site, attnres_phase1, attnres_mix, rotary, silu_mul,
-store_kv):
+store_kv, and decode_layer / decode_layers: a whole decoder layer, or every layer, of a pure-decode step in one call,
+kernels/csrc/decode_layer.cpp):
 kernels/csrc/*.cpp, built and loaded by kernels/cpu_ext.py as torch.ops.depthserve.*; `extension_ops` wraps
 them with kernels/reference.py's signatures. Each wrapper is one torch.ops call; the C++ op checks its tensors
 before it writes anything and raises for those it does not handle (not on the CPU, an inner dim that is not
@@ -118,9 +119,45 @@ def _store_kv(op) -> Callable[..., None]:
     return store_kv
 
 
+def _decode_layer(op) -> Callable[..., torch.Tensor | None]:
+    def decode_layer(x: torch.Tensor, weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
+                     norm_weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                     partial: torch.Tensor | None = None, lse1: torch.Tensor | None = None,
+                     xo1: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                     accumulate: bool = True) -> torch.Tensor | None:
+        """None (nothing written) when the op does not take these tensors: the caller runs the per-op path."""
+        try:
+            return op(x, weights, cos, sin, k_cache, v_cache, slot_mapping, block_table, context_lens, block_size,
+                      scale, norm_weight, eps, residual, partial, lse1, xo1, query, accumulate)
+        except RuntimeError:
+            return None
+    return decode_layer
+
+
+def _decode_layers(op) -> Callable[..., torch.Tensor | None]:
+    def decode_layers(h: torch.Tensor, weights: list[torch.Tensor], norms: list[torch.Tensor],
+                      k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                      slot_mapping: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
+                      block_size: int, scale: float, eps: float, states: torch.Tensor | None = None,
+                      keys: torch.Tensor | None = None, lse: torch.Tensor | None = None, xo: torch.Tensor | None = None,
+                      block_queries: list[torch.Tensor] | None = None, site_queries: torch.Tensor | None = None,
+                      attn_res_block_size: int = 0) -> torch.Tensor | None:
+        """None (nothing written) when the op does not take these tensors: the caller runs layer by layer."""
+        try:
+            return op(h, weights, norms, k_caches, v_caches, cos, sin, slot_mapping, block_table, context_lens,
+                      block_size, scale, eps, states, keys, lse, xo, block_queries or [], site_queries,
+                      attn_res_block_size)
+        except RuntimeError:
+            return None
+    return decode_layers
+
+
 _WRAPPERS = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "attnres_site": _attnres_site,
              "attnres_phase1": _attnres_phase1, "attnres_mix": _attnres_mix, "rotary": _rotary, "silu_mul": _silu_mul,
-             "store_kv": _store_kv}
+             "store_kv": _store_kv, "decode_layer": _decode_layer,
+             "decode_layers": _decode_layers}
 
 
 def extension_ops() -> dict[str, Callable]:

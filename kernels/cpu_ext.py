@@ -14,7 +14,8 @@ sources, the torch version, the compiler flags and (for -march=native, the defau
 turns on a file lock (fcntl); the second finds the first one's library. The library file appears atomically
 (rename), so a reader never sees half of one.
 
-A source that fails to compile is left out (the others still load; its error is in the folder's build.log);
+A source that fails to compile is left out (the others still load; its error is in the folder's build.log), and
+with it decode_layer.cpp, which calls the others' kernels (COMPOSED_SOURCES);
 a missing compiler, a failed build or a failed load means ONE warning on the "depthserve.kernels" logger and
 load() returns None: the reference ops run, a start-up never fails over a kernel.
 
@@ -57,6 +58,9 @@ ENV_CACHE = "DEPTHSERVE_KERNEL_CACHE"
 ENV_NO_BUILD = "DEPTHSERVE_NO_NATIVE_BUILD"
 ENV_MARCH = "DEPTHSERVE_KERNEL_MARCH"
 CFLAGS = ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-fno-math-errno", "-DNDEBUG", "-Wall", "-Wno-unused-function"]
+# Sources that call other sources' functions (kernels/csrc/fused.h): left out whenever any other source fails to
+# compile, since their undefined symbols would make the whole library fail to load.
+COMPOSED_SOURCES = frozenset({"decode_layer.cpp"})
 # /proc/cpuinfo flags a portable -march level needs (a library built for it would crash on SIGILL without them)
 MARCH_FLAGS = {
     "x86-64": set(),
@@ -177,6 +181,12 @@ def _compile(folder: Path) -> tuple[Path, list[str], list[str]]:
                 built.append(src.name)
             else:
                 skipped.append(src.name)
+        if skipped:  # a source that calls into the others (fused.h) would leave the library unloadable
+            for name in [n for n in built if n in COMPOSED_SOURCES]:
+                objs.remove(str(work / f"{Path(name).stem}.o"))
+                built.remove(name)
+                skipped.append(name)
+                log.append(f"{name}: left out because {', '.join(skipped[:-1])} did not compile")
         if not objs:
             raise BuildError(f"no source compiled: {_first_error(log)}")
         lib_dirs = cpp_extension.library_paths("cpu")
@@ -246,7 +256,8 @@ def _ensure_built(force: bool = False) -> tuple[Path, dict, bool, float]:
 def _registered_ops() -> tuple[str, ...]:
     ns = torch.ops.depthserve
     return tuple(name for name in ("rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
-                                   "decode_attention", "small_m_linear", "rotary", "silu_mul", "store_kv")
+                                   "decode_attention", "small_m_linear", "rotary", "silu_mul", "store_kv", "decode_layer",
+                                   "decode_layers")
                  if hasattr(ns, name))
 
 

@@ -6,8 +6,9 @@
     k = kernel_set(backend)                     # the other ops, by name: k.rms_norm(x, w, eps), ...
 
 The ops by name (signatures and semantics: kernels/reference.py, the oracle): linear, rms_norm,
-add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv. The
-model calls these, never a backend.
+add_rms_norm, attnres_site, attnres_phase1, attnres_mix, decode_attention, rotary, silu_mul, store_kv, and
+decode_layer / decode_layers (one decoder layer, or every layer, of a pure-decode step; fused only on the native
+backend, KernelSet.fused_decode). The model calls these, never a backend.
 
 Backends:
 
@@ -16,7 +17,8 @@ Backends:
 - `native` (kernels/cpu.py): oneDNN inner products on weights prepacked once at load, and the C++ ops of
   kernels/csrc (rms_norm, add_rms_norm, attnres_site, attnres_phase1, attnres_mix, rotary, silu_mul, store_kv,
   and decode_attention reading K/V in place through the block table, kernels/cpu_attention.py; built and
-  cached by kernels/cpu_ext.py).
+  cached by kernels/cpu_ext.py); for pure-decode steps of few rows, decode_layers / decode_layer: every layer
+  (or one layer) of the step as ONE C++ call composing those same kernels (kernels/csrc/decode_layer.cpp).
 - `triton` (kernels/triton/): Triton kernels for the non-linear ops (norms, AttnRes sites, Phase 1 and mixes, paged
   decode attention) on CUDA tensors, or in triton's interpreter on CPU tensors when TRITON_INTERPRET=1 (tests).
   Linears, rotary, silu_mul and store_kv stay on the reference (torch) path (torch ops: CUDA-graph safe).
@@ -264,6 +266,11 @@ class KernelSet:
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.rotary
     silu_mul: Callable[..., torch.Tensor] = reference.silu_mul
     store_kv: Callable[..., None] = reference.store_kv
+    # One whole decoder layer of a pure-decode step (kernels/reference.py: decode_layer). The model calls it only
+    # where it is fused (`fused_decode`: the native backend's one C++ call, which returns None for tensors it
+    # does not take); elsewhere the per-op path runs, which the reference composes anyway.
+    decode_layer: Callable[..., torch.Tensor | None] = reference.decode_layer
+    decode_layers: Callable[..., torch.Tensor | None] = reference.decode_layers  # every layer of the step at once
     # True when decode_attention can be captured in a CUDA graph: fixed shapes, no host sync, reading the block
     # table ([B, max_blocks] at a fixed address) and context lengths in place (the reference gathers a
     # data-dependent context and is not). The engine captures decode graphs only for such a set.
@@ -276,6 +283,11 @@ class KernelSet:
         to the reference (kernels/cpu_attention.py, kernels/triton/attention.py) builds the view from the
         block table then (AttentionMetadata.decode_gather_view), once per step."""
         return self.decode_attention is reference.decode_attention
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether decode_layer and decode_layers are fused native calls (worth calling instead of the per-op path)."""
+        return self.decode_layer is not reference.decode_layer and self.decode_layers is not reference.decode_layers
 
     def native_ops(self) -> list[str]:
         """Names of the ops this set runs with something other than the reference (for logs and tests)."""
@@ -343,6 +355,12 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                     out = fn(states, keys, 3, delta.to(dt) if has_delta else None, query, weight(dt), eps, acc, rows)
                     return [out, states, keys]
                 runs.append(run)
+        elif name == "decode_layer":
+            for glue in ("standard", "site"):
+                runs.append(functools.partial(_probe_decode_layer, dt=dt, glue=glue))
+        elif name == "decode_layers" and dt == f32:  # bf16: decode_layer's probe runs the same kernels in bf16
+            for block in (False, True):
+                runs.append(functools.partial(_probe_decode_layers, dt=dt, block=block))
         elif name == "attnres_phase1" and dt == f32:
             def run(fn):
                 states, keys, queries, lse, xo = inputs((t, 4, d), (t, 4, d), (q, d), (t, q), (t, q, d))
@@ -351,6 +369,85 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
                 return [keys, lse, xo]
             runs.append(run)
     return runs
+
+
+def _probe_decode_layer(fn: Callable, dt: torch.dtype, glue: str) -> list[torch.Tensor]:
+    """decode_layer on 3 decode rows of odd shapes (d 67, 6 heads of 24 over 2 KV heads, ffn 37, blocks of 5
+    scattered through the cache, contexts 3, 12 and 7): its output and everything it writes."""
+    g = torch.Generator().manual_seed(11)
+    m, d, h, kv, hd, f, bs = 3, 67, 6, 2, 24, 37, 5
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    weights = [rand((h + 2 * kv) * hd, d, scale=d ** -0.5), rand(d, h * hd, scale=(h * hd) ** -0.5),
+               rand(2 * f, d, scale=d ** -0.5), rand(d, f, scale=f ** -0.5)]
+    x, norm_w = rand(m, d), (1 + 0.1 * torch.randn(d, generator=g)).to(dt)
+    k_cache, v_cache = rand(40, kv, hd), rand(40, kv, hd)
+    table = torch.tensor([[4, 1, 6], [0, 5, 2], [7, 3, 6]])
+    lens = torch.tensor([3, 12, 7], dtype=torch.int32)
+    slots = torch.tensor([table[i, (int(n) - 1) // bs] * bs + (int(n) - 1) % bs for i, n in enumerate(lens)])
+    angles = torch.randn(m, 1, hd // 2, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    if glue == "standard":
+        residual = rand(m, d)
+        out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, residual,
+                 None, None, None, None, True)
+        return [out, k_cache, v_cache, residual]
+    partial, lse1, xo1, query = (torch.randn(m, d, generator=g), torch.randn(m, generator=g),
+                                 torch.randn(m, d, generator=g), torch.randn(d, generator=g))
+    out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, None, partial, lse1,
+             xo1, query, True)
+    return [out, k_cache, v_cache, partial.to(dt)]  # fp32 partial += a bf16 delta: compared at the delta's tolerance
+
+
+def decode_layers_case(dt: torch.dtype, block: bool, rows: int = 3, seed: int = 5) -> tuple[list, dict]:
+    """Inputs of decode_layers (positional, keyword) for a small odd model: 3 layers (Block AttnRes: blocks of 2,
+    which do not divide them), d 67, 6 heads of 24 over 2 KV heads, ffn 37, cache blocks of 5 scattered through
+    the cache, `rows` (<= 3) decode rows with contexts 3, 12 and 7. The probe's case, and the tests'."""
+    g = torch.Generator().manual_seed(seed)
+    m, d, h, kv, hd, f, bs, n_layers, rb = rows, 67, 6, 2, 24, 37, 5, 3, 2
+
+    def rand(*shape: int, scale: float = 1.0, dtype: torch.dtype = dt) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    weights, norms = [], []
+    for _ in range(n_layers):
+        weights += [rand((h + 2 * kv) * hd, d, scale=d ** -0.5), rand(d, h * hd, scale=(h * hd) ** -0.5),
+                    rand(2 * f, d, scale=d ** -0.5), rand(d, f, scale=f ** -0.5)]
+        norms += [(1 + 0.1 * torch.randn(d, generator=g)).to(dt) for _ in range(2)]
+    k_caches, v_caches = [rand(40, kv, hd) for _ in range(n_layers)], [rand(40, kv, hd) for _ in range(n_layers)]
+    table = torch.tensor([[4, 1, 6], [0, 5, 2], [7, 3, 6]])[:m]
+    lens = torch.tensor([3, 12, 7], dtype=torch.int32)[:m]
+    slots = torch.tensor([table[i, (int(n) - 1) // bs] * bs + (int(n) - 1) % bs for i, n in enumerate(lens)])
+    angles = torch.randn(m, 1, hd // 2, generator=g)
+    emb = rand(m, d)
+    args = [emb, weights, norms, k_caches, v_caches, angles.cos(), angles.sin(), slots, table, lens, bs, 0.2, 1e-6]
+    if not block:
+        return args, {}
+    n_blocks = -(-n_layers // rb)
+    states = torch.zeros(n_blocks + 2, m, d).transpose(0, 1)  # source-major, as the depth pool
+    states[:, 0] = emb
+    q = 2 * rb
+    return args, dict(states=states, keys=torch.zeros(n_blocks + 2, m, d).transpose(0, 1), lse=torch.zeros(m, q),
+                      xo=torch.zeros(q, m, d).transpose(0, 1),
+                      block_queries=[torch.randn(q, d, generator=g) * 0.3 for _ in range(n_blocks)],
+                      site_queries=torch.randn(n_layers, 2, d, generator=g) * 0.3, attn_res_block_size=rb)
+
+
+def _probe_decode_layers(fn: Callable, dt: torch.dtype, block: bool) -> list[torch.Tensor]:
+    """decode_layers on decode_layers_case: its output and everything it writes (fp32 pool rows compared at the
+    model dtype's tolerance: they sum bf16 sublayer outputs)."""
+    args, kw = decode_layers_case(dt, block)
+    if "attn_res_block_size" in kw and fn is not reference.decode_layers:  # the raw op: every argument positional
+        out = fn(*args, kw["states"], kw["keys"], kw["lse"], kw["xo"], kw["block_queries"], kw["site_queries"],
+                 kw["attn_res_block_size"])
+    elif fn is not reference.decode_layers:
+        out = fn(*args, None, None, None, None, [], None, 0)
+    else:
+        out = fn(*args, **kw)
+    written = [*args[3], *args[4]] + ([args[0]] if not block else [kw["states"].to(dt), kw["xo"].to(dt)])
+    return [out, *written]
 
 
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -382,6 +479,12 @@ def probe_native_ops() -> dict[str, str]:
     return {name: p for name, p in problems.items() if p is not None}
 
 
+# The ops whose kernels decode_layer / decode_layers compose (kernels/csrc/fused.h), besides small_m_linear (which
+# the model checks per weight: PackedLinear.small_m_rows).
+_FUSED_PARTS = frozenset({"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "rotary", "silu_mul",
+                          "store_kv", "decode_attention"})
+
+
 @functools.cache
 def _native_ops() -> KernelSet | None:
     """The KernelSet with every native op that loaded and passed its probe (once per process); None if none."""
@@ -401,6 +504,9 @@ def _native_ops() -> KernelSet | None:
             usable["decode_attention"] = cpu_attention.native_decode_attention
         else:
             logger.warning("native CPU decode attention fails its probe, using the reference for it (%s)", problem)
+    if not usable.keys() >= _FUSED_PARTS:  # the fused layer runs their kernels: only with all of them sound
+        usable.pop("decode_layer", None)
+        usable.pop("decode_layers", None)
     if not usable:
         return None
     logger.info("native CPU ops: %s", ", ".join(usable))

@@ -195,3 +195,77 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
                                        enable_gqa=q.shape[1] != k_cache.shape[1])  # [B, H, 1, hd]
     return o.squeeze(2)
+
+
+# ---- one decoder layer of a pure-decode step (the native backend fuses it: kernels/csrc/decode_layer.cpp) ----
+def decode_layer(x: torch.Tensor, weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                 context_lens: torch.Tensor, block_size: int, scale: float, norm_weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None, partial: torch.Tensor | None = None,
+                 lse1: torch.Tensor | None = None, xo1: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                 accumulate: bool = True) -> torch.Tensor:
+    """The MLP output [M, d] of one decoder layer whose M rows are all decode rows, from its normalised input x:
+    attention (QKV, rotary, K/V into the cache, paged decode attention, o_proj), the sublayer glue, then the MLP.
+    weights = (w_qkv, w_o, w_gate_up, w_down), plain [out, in]. The glue is the standard model's (residual given:
+    residual += attention output, then its rms_norm) or Block AttnRes' Phase-2 site (attnres_site on partial,
+    lse1, xo1, query). Writes the caches and the residual / partial, as the ops it is made of do."""
+    w_qkv, w_o, w_gu, w_down = weights
+    m, hd = x.shape[0], k_cache.shape[2]
+    kv = k_cache.shape[1]
+    h = w_qkv.shape[0] // hd - 2 * kv
+    qkv = linear(x, w_qkv)  # [M, (H + 2 KV) hd]
+    q = qkv[:, :h * hd].view(m, h, hd)
+    k = qkv[:, h * hd:(h + kv) * hd].view(m, kv, hd)
+    v = qkv[:, (h + kv) * hd:].view(m, kv, hd)
+    q, k = rotary(q, k, cos, sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=m, block_size=block_size,
+                             decode_block_table=block_table, decode_context_lens=context_lens)
+    a = linear(decode_attention(q, k_cache, v_cache, meta, scale).reshape(m, -1), w_o)  # [M, d]
+    if residual is not None:
+        x2 = add_rms_norm(a, residual, norm_weight, eps)
+    else:
+        assert partial is not None and lse1 is not None and xo1 is not None and query is not None
+        x2 = attnres_site(partial, a, lse1, xo1, query, norm_weight, eps, accumulate)
+    return linear(silu_mul(linear(x2, w_gu)), w_down)
+
+
+def decode_layers(h: torch.Tensor, weights: list[torch.Tensor], norms: list[torch.Tensor], k_caches: list[torch.Tensor],
+                  v_caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                  block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float, eps: float,
+                  states: torch.Tensor | None = None, keys: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                  xo: torch.Tensor | None = None, block_queries: list[torch.Tensor] | None = None,
+                  site_queries: torch.Tensor | None = None, attn_res_block_size: int = 0) -> torch.Tensor:
+    """Every decoder layer of a pure-decode step: the model's loop over decode_layer (weights: 4 per layer,
+    norms: input and post-attention per layer), with the glue before each layer. h [M, d] is the embedding.
+    Standard (states None): h is the residual stream. Block AttnRes: the depth pool (states[:, 0] already the
+    embedding), one [2 block_size, d] query matrix per block and the [L, 2, d] site queries. Returns the last
+    layer's MLP output [M, d], not yet added to h / the partial (the caller's output head does that)."""
+    n_layers = len(k_caches)
+
+    def layer(i: int, x: torch.Tensor, **glue) -> torch.Tensor:
+        return decode_layer(x, weights[4 * i:4 * i + 4], cos, sin, k_caches[i], v_caches[i], slot_mapping, block_table,
+                            context_lens, block_size, scale, norms[2 * i + 1], eps, **glue)
+
+    if states is None:
+        x = rms_norm(h, norms[0], eps)
+        for i in range(n_layers):
+            m = layer(i, x, residual=h)
+            if i + 1 < n_layers:
+                x = add_rms_norm(m, h, norms[2 * i + 2], eps)
+        return m
+    assert keys is not None and lse is not None and xo is not None and block_queries and site_queries is not None
+    bs, n, m = attn_res_block_size, 0, h
+    for i in range(n_layers):
+        j = i % bs
+        if j == 0:  # the pending output closes block n; Phase 1 of the next block
+            if i:
+                states[:, n] += m
+            n += 1
+            attnres_phase1(states, keys, n, block_queries[i // bs], lse, xo, eps)
+            x = rms_norm(xo[:, 2 * j], norms[2 * i], eps)
+        else:
+            x = attnres_site(states[:, n], m, lse[:, 2 * j], xo[:, 2 * j], site_queries[i, 0], norms[2 * i], eps)
+        m = layer(i, x, partial=states[:, n], lse1=lse[:, 2 * j + 1], xo1=xo[:, 2 * j + 1], query=site_queries[i, 1],
+                  accumulate=j != 0)
+    return m

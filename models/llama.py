@@ -8,6 +8,7 @@ Full AttnRes with incremental keys. Only the rows whose logits are wanted go thr
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -32,6 +33,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(d, shards, rope, dtype, comm)
         self.mlp = SwiGLU(d, shards, dtype, comm)
 
+
+# A pure-decode step of up to this many rows runs each decoder layer as one native call (kernels.ops
+# KernelSet.decode_layer, where it is fused); DEPTHSERVE_FUSED_DECODE=0 keeps the per-op path (A/B runs).
+FUSED_DECODE_MAX_ROWS = 8
+ENV_FUSED_DECODE = "DEPTHSERVE_FUSED_DECODE"
 
 # Rows of logits computed at once when a step wants many (prompt logprobs): [512, vocab] fp32 is 100 MB at a
 # 49k vocabulary, where a 2048-token chunk at once would be 400 MB (and as much again for its log-softmax).
@@ -162,6 +168,9 @@ class LlamaForServing(nn.Module):
         self.schedule = (BlockSchedule(n_layers, cfg.attn_res_block_size)
                          if cfg.attn_res_mode == "block" else None)
         self.k: ops.KernelSet = ops.REFERENCE_OPS  # the non-linear ops; prepare_for_inference picks the backend's
+        # per layer (w_qkv, w_o, w_gate_up, w_down) for the fused decode layer; None: the per-op path always
+        self.fused_layers: list[list[torch.Tensor]] | None = None
+        self.fused_norms: list[torch.Tensor] = []  # (input, post-attention) norm weights per layer, for decode_layers
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -205,14 +214,53 @@ class LlamaForServing(nn.Module):
         for lo in range(0, n, LOGITS_PIECE_ROWS):
             yield lo, self.compute_logits(hidden[lo:lo + LOGITS_PIECE_ROWS])
 
+    def _fused_decode(self, batch: ForwardBatch) -> bool:
+        """Whether this step runs each layer as one fused call: a pure-decode step (every row one sequence's next
+        token) of at most FUSED_DECODE_MAX_ROWS rows, on a model whose kernels fuse it (prepare_for_inference)."""
+        attn, t = batch.attn, batch.input_ids.shape[0]
+        return (self.fused_layers is not None and 0 < t <= FUSED_DECODE_MAX_ROWS and attn.num_decode == t
+                and attn.decode_block_table is not None and attn.decode_context_lens is not None)
+
+    def _decode_layer(self, i: int, x: torch.Tensor, batch: ForwardBatch, cos_sin: tuple,
+                      norm_weight: torch.Tensor, **glue: torch.Tensor | bool | None) -> torch.Tensor | None:
+        """Layer i's MLP output [T, d] from its normalised input x, in one native call (k.decode_layer, with the
+        standard or AttnRes `glue` between the sublayers); None when the op did not take the tensors (it then
+        wrote nothing: the caller runs the per-op path)."""
+        assert self.fused_layers is not None
+        attn, (k_cache, v_cache) = batch.attn, batch.kv_caches[i]
+        return self.k.decode_layer(x, self.fused_layers[i], cos_sin[0], cos_sin[1], k_cache, v_cache,
+                                   attn.slot_mapping, attn.decode_block_table, attn.decode_context_lens,
+                                   attn.block_size, self.layers[i].self_attn.scale, norm_weight,
+                                   self.cfg.rms_norm_eps, **glue)
+
+    def _decode_layers(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple,
+                       **depth: torch.Tensor | list[torch.Tensor] | int) -> torch.Tensor | None:
+        """The last layer's MLP output [T, d] after every layer ran in one native call (k.decode_layers, with the
+        AttnRes `depth` pool when given); None when the op did not take the tensors (it then wrote nothing)."""
+        assert self.fused_layers is not None
+        attn, kv = batch.attn, batch.kv_caches
+        return self.k.decode_layers(h, [w for ws in self.fused_layers for w in ws], self.fused_norms,
+                                    [c[0] for c in kv], [c[1] for c in kv], cos_sin[0], cos_sin[1], attn.slot_mapping,
+                                    attn.decode_block_table, attn.decode_context_lens, attn.block_size,
+                                    self.layers[0].self_attn.scale, self.cfg.rms_norm_eps, **depth)
+
     def _forward_standard(self, h: torch.Tensor, batch: ForwardBatch, cos_sin: tuple) -> torch.Tensor:
-        """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm)."""
+        """PreNorm residual: each sublayer's output is added to h and normalised in one op (add_rms_norm). A small
+        pure-decode step runs every layer in one fused call (or, should that refuse, or in an early-exit draft
+        pass, each layer's attention, add_rms_norm and MLP in one)."""
         k, eps, layers = self.k, self.cfg.rms_norm_eps, self._layers(batch)
+        fused = self._fused_decode(batch)
+        if fused and batch.num_layers is None and (m := self._decode_layers(h, batch, cos_sin)) is not None:
+            h.add_(m)
+            return k.rms_norm(h[batch.logits_indices], self.norm.weight, eps)
         x = k.rms_norm(h, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
-            a = layer.self_attn(x, batch, i, cos_sin)
-            x = k.add_rms_norm(a, h, layer.post_attention_layernorm.weight, eps)  # h += a
-            m = layer.mlp(x)
+            m = (self._decode_layer(i, x, batch, cos_sin, layer.post_attention_layernorm.weight, residual=h)
+                 if fused else None)
+            if m is None:
+                a = layer.self_attn(x, batch, i, cos_sin)
+                x = k.add_rms_norm(a, h, layer.post_attention_layernorm.weight, eps)  # h += a
+                m = layer.mlp(x)
             if i + 1 < len(layers):
                 x = k.add_rms_norm(m, h, layers[i + 1].input_layernorm.weight, eps)
             else:
@@ -239,6 +287,14 @@ class LlamaForServing(nn.Module):
         lse_rows, xo_rows = lse.unbind(1), xo.unbind(1)  # Q x [T], Q x [T, d]
         site_q = self.site_queries  # L x (attention, MLP) [d] queries, folded at load
         pending: torch.Tensor | None = None  # the last sublayer's output, not yet in the partial
+        fused = self._fused_decode(batch)  # every layer in one call, else each layer's sublayers and site in one
+        if fused and record is None and batch.num_layers is None:  # (an early-exit draft pass runs layer by layer)
+            m = self._decode_layers(emb, batch, cos_sin, states=states, keys=keys, lse=lse, xo=xo,
+                                    block_queries=self.block_queries, site_queries=self.queries,
+                                    attn_res_block_size=sched.block_size)
+            if m is not None:
+                return k.attnres_mix(states, keys, sched.num_blocks + 1, m, self.out_query, self.norm.weight, eps, True,
+                                     batch.logits_indices)  # [S, d]
         for i, layer in enumerate(self._layers(batch)):
             qa, qm = sched.query_rows(i)
             opens = sched.opens_block(i)
@@ -255,13 +311,18 @@ class LlamaForServing(nn.Module):
                                    layer.input_layernorm.weight, eps)
                 if record is not None:
                     self._record_with_partial(out, states, keys, n, record, site_q[i][0])
-            a = layer.self_attn(x, batch, i, cos_sin)
             # a block's first attention output starts the new partial; later ones add to it
-            x = k.attnres_site(slots[n], a, lse_rows[qm], xo_rows[qm], site_q[i][1],
-                               layer.post_attention_layernorm.weight, eps, accumulate=not opens)
-            if record is not None:
+            m = (self._decode_layer(i, x, batch, cos_sin, layer.post_attention_layernorm.weight, partial=slots[n],
+                                    lse1=lse_rows[qm], xo1=xo_rows[qm], query=site_q[i][1], accumulate=not opens)
+                 if fused else None)
+            if m is None:
+                a = layer.self_attn(x, batch, i, cos_sin)
+                x = k.attnres_site(slots[n], a, lse_rows[qm], xo_rows[qm], site_q[i][1],
+                                   layer.post_attention_layernorm.weight, eps, accumulate=not opens)
+                m = layer.mlp(x)
+            if record is not None:  # after the MLP on the fused path: it leaves the depth pool as it was
                 self._record_with_partial(out, states, keys, n, record, site_q[i][1])
-            pending = layer.mlp(x)
+            pending = m
         if record is not None:  # the recorded rows need the final partial too, not only the logits rows
             slots[n].add_(pending)
             pending = None
@@ -390,6 +451,26 @@ class LlamaForServing(nn.Module):
             layer.self_attn.rotary = self.k.rotary
             layer.self_attn.store_kv = self.k.store_kv
             layer.mlp.silu_mul = self.k.silu_mul
+        self.fused_layers = self._fused_layer_weights()
+
+    def _fused_layer_weights(self) -> list[list[torch.Tensor]] | None:
+        """Per layer (w_qkv, w_o, w_gate_up, w_down), the plain weights the fused decode layer streams; None where it
+        does not apply: kernels without a fused layer, tensor parallelism (the row-parallel linears all-reduce
+        between the ops), Full AttnRes (its sites mix the whole pool: not fused), linears that would not take the
+        small-M kernel at FUSED_DECODE_MAX_ROWS rows (the fused layer computes what that kernel computes), or
+        DEPTHSERVE_FUSED_DECODE=0."""
+        if (not self.k.fused_decode or self.comm is not None or self.cfg.attn_res_mode == "full"
+                or os.environ.get(ENV_FUSED_DECODE, "1") == "0"):
+            return None
+        out = []
+        for layer in self.layers:
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            if any(lin.packed is None or lin.packed.small_m_rows < FUSED_DECODE_MAX_ROWS for lin in linears):
+                return None
+            out.append([lin.weight for lin in linears])
+        self.fused_norms = [w for layer in self.layers
+                            for w in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        return out
 
     @torch.no_grad()
     def fold_queries(self) -> None:

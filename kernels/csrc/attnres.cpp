@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fused.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -466,6 +467,25 @@ at::Tensor attnres_mix(const at::Tensor& states, const at::Tensor& keys, int64_t
 }
 
 }  // namespace
+
+void fused::attnres_phase1_rows(const float* states, int64_t s0, int64_t s1, float* keys, int64_t k0, int64_t k1,
+                                int64_t n, const float* queries, int64_t q0, int64_t nq, float* lse, int64_t l0,
+                                int64_t l1, float* xo, int64_t x0, int64_t x1, int64_t rows, int64_t d, double eps) {
+  phase1_rows(states, s0, s1, keys, k0, k1, n, queries, q0, nq, lse, l0, l1, xo, x0, x1, rows, d, eps);
+}
+
+void fused::attnres_site_rows(float* partial, int64_t sp, Kind dkind, const void* delta, int64_t sd, bool accumulate,
+                              const float* lse1, int64_t sl, const float* xo1, int64_t sx, const float* q, Kind wkind,
+                              const void* w, void* out, int64_t rows, int64_t d, double eps) {
+  with_type(dkind, [&](auto td) {
+    using TD = decltype(td);
+    with_type(wkind, [&](auto tw) {
+      using TW = decltype(tw);
+      site_rows<TD, TW>(partial, sp, static_cast<const TD*>(delta), sd, accumulate, lse1, sl, xo1, sx, q,
+                        static_cast<const TW*>(w), static_cast<TW*>(out), rows, d, eps);
+    });
+  });
+}
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(depthserve, m) {

@@ -63,6 +63,7 @@
 #endif
 
 #include "common.h"
+#include "fused.h"
 
 #ifndef DS_ATTN_LIBRARY  // the op namespace: experiments load several builds side by side
 #define DS_ATTN_LIBRARY depthserve
@@ -569,7 +570,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const Kind kind = kind_of(q);
   TORCH_CHECK(kind != Kind::Other, "decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  const int64_t S = k_cache.size(0), KV = k_cache.size(1);
+  const int64_t KV = k_cache.size(1);
   TORCH_CHECK(k_cache.size(2) == hd, "decode_attention: head dims differ");
   TORCH_CHECK(KV > 0 && H % KV == 0, "decode_attention: query heads must be a multiple of KV heads");
   TORCH_CHECK(block_size > 0, "decode_attention: block_size must be positive");
@@ -588,16 +589,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t nb = table.size(1), t_sb = table.stride(0), t_sn = table.stride(1);
   const int64_t* tp = table.data_ptr<int64_t>();
   const int32_t* lp = lens_t.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {  // nothing outside the cache is ever read
-    const int64_t len = lp[b];
-    TORCH_CHECK(len >= 1 && len <= nb * block_size, "decode_attention: context_lens[", b, "] = ", len,
-                " outside [1, ", nb * block_size, "]");
-    for (int64_t j = 0; j * block_size < len; ++j) {
-      const int64_t id = tp[b * t_sb + j * t_sn], used = std::min(block_size, len - j * block_size);
-      TORCH_CHECK(id >= 0 && id * block_size + used <= S, "decode_attention: block_table[", b, ", ", j,
-                  "] = ", id, " outside the cache");
-    }
-  }
+  fused::check_decode_context(k_cache, tp, t_sb, t_sn, nb, lp, B, block_size);  // nothing outside it is read
 
   with_type(kind, [&](auto tag) {
     using T = decltype(tag);
@@ -613,6 +605,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }
 
 }  // namespace
+
+void fused::check_decode_context(const at::Tensor& k_cache, const int64_t* table, int64_t t_sb, int64_t t_sn,
+                                 int64_t nb, const int32_t* lens, int64_t B, int64_t block_size) {
+  const int64_t S = k_cache.size(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens[b];
+    TORCH_CHECK(len >= 1 && len <= nb * block_size, "decode_attention: context_lens[", b, "] = ", len,
+                " outside [1, ", nb * block_size, "]");
+    for (int64_t j = 0; j * block_size < len; ++j) {
+      const int64_t id = table[b * t_sb + j * t_sn], used = std::min(block_size, len - j * block_size);
+      TORCH_CHECK(id >= 0 && id * block_size + used <= S, "decode_attention: block_table[", b, ", ", j,
+                  "] = ", id, " outside the cache");
+    }
+  }
+}
+
+void fused::decode_attention_rows(Kind kind, const void* q, int64_t q_sb, int64_t q_sh, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const int64_t* table, int64_t t_sb, int64_t t_sn,
+                                  const int32_t* lens, int64_t B, int64_t H, int64_t block_size, float scale,
+                                  void* out) {
+  const int64_t hd = k_cache.size(2), KV = k_cache.size(1);
+  with_type(kind, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t hdp = round_up(hd, kW);
+    const bool copy = hdp != hd || k_cache.stride(2) != 1 || v_cache.stride(2) != 1;
+    const Problem<T> p{static_cast<const T*>(q), q_sb, q_sh, 1, ptr<const T>(k_cache), ptr<const T>(v_cache),
+                       k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+                       v_cache.stride(2), table, t_sb, t_sn, lens, H, KV, H / KV, hd, hdp, block_size, scale, copy};
+    run(p, B, static_cast<T*>(out));
+  });
+}
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(DS_ATTN_LIBRARY, m) {

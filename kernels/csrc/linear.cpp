@@ -35,6 +35,8 @@
 #include <cstdlib>
 #include <memory>
 
+#include "fused.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -304,6 +306,17 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
 }
 
 }  // namespace
+
+namespace fused {
+void gemv(Kind kind, const void* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
+          void* y) {
+  if (kind == Kind::F32) {
+    dispatch<float>(static_cast<const float*>(w), ldw, x, ldx, M, N, K, static_cast<float*>(y));
+  } else {
+    dispatch<bf16>(static_cast<const bf16*>(w), ldw, x, ldx, M, N, K, static_cast<bf16*>(y));
+  }
+}
+}  // namespace fused
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(DS_GEMV_LIBRARY, m) {

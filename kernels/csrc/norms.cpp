@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "fused.h"
 
 namespace depthserve {
 namespace {
@@ -93,6 +94,30 @@ at::Tensor add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
 }
 
 }  // namespace
+
+void fused::rms_norm_rows(Kind kind, const void* x, int64_t sx, Kind wkind, const void* w, void* out, int64_t rows,
+                          int64_t d, double eps) {
+  with_type(kind, [&](auto tx) {
+    using TX = decltype(tx);
+    with_type(wkind, [&](auto tw) {
+      using TW = decltype(tw);
+      depthserve::rms_norm_rows<TX, TW>(static_cast<const TX*>(x), sx, static_cast<const TW*>(w), static_cast<TW*>(out),
+                                        rows, d, eps);
+    });
+  });
+}
+
+void fused::add_rms_norm_rows(Kind kind, const void* x, int64_t sx, void* res, int64_t sr, Kind wkind, const void* w,
+                              void* out, int64_t rows, int64_t d, double eps) {
+  with_type(kind, [&](auto tr) {
+    using TR = decltype(tr);
+    with_type(wkind, [&](auto tw) {
+      using TW = decltype(tw);
+      depthserve::add_rms_norm_rows<TR, TW>(static_cast<const TR*>(x), sx, static_cast<TR*>(res), sr, static_cast<const TW*>(w),
+                                static_cast<TW*>(out), rows, d, eps);
+    });
+  });
+}
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(depthserve, m) {

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "fused.h"
 
 namespace depthserve {
 namespace {
@@ -63,6 +64,18 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
 }
 
 }  // namespace
+
+void fused::rotary_rows(Kind kind, void* q, int64_t sq0, int64_t sq1, int64_t hq, void* k, int64_t sk0, int64_t sk1,
+                        int64_t hk, int64_t half, const float* cos, int64_t sc, const float* sin, int64_t ss,
+                        int64_t rows) {
+  with_type(kind, [&](auto tq) {
+    using T = decltype(tq);
+    for (int64_t t = 0; t < rows; ++t) {  // decode rows: far below a thread's fork
+      rotate_row(static_cast<T*>(q) + t * sq0, hq, sq1, half, cos + t * sc, sin + t * ss);
+      rotate_row(static_cast<T*>(k) + t * sk0, hk, sk1, half, cos + t * sc, sin + t * ss);
+    }
+  });
+}
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(depthserve, m) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "fused.h"
 
 namespace depthserve {
 namespace {
@@ -84,6 +85,13 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 }
 
 }  // namespace
+
+void fused::silu_mul_rows(Kind kind, const void* gu, int64_t sg, void* out, int64_t rows, int64_t f) {
+  with_type(kind, [&](auto tg) {
+    using T = decltype(tg);
+    depthserve::silu_mul_rows<T>(static_cast<const T*>(gu), sg, static_cast<T*>(out), rows, f);
+  });
+}
 }  // namespace depthserve
 
 TORCH_LIBRARY_FRAGMENT(depthserve, m) {

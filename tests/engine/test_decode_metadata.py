@@ -12,6 +12,7 @@ import torch
 from engine import LLM, SamplingParams
 from kernels import cpu_attention, ops, reference
 from models.context import AttentionMetadata, ForwardBatch
+from models.llama import ENV_FUSED_DECODE
 from tests.tiny import PROMPTS, expected_greedy, tiny_config, write_tiny
 
 CASE = ("block", 2, 3)
@@ -97,6 +98,7 @@ def test_a_native_call_that_falls_back_builds_the_view_lazily(model, monkeypatch
     monkeypatch.setattr(AttentionMetadata, "decode_gather_view", counted)
     monkeypatch.setattr(cpu_attention, "_op", None)  # the wrapper's cached op, then its loader
     monkeypatch.setattr(cpu_attention, "op", lambda: None)
+    monkeypatch.setenv(ENV_FUSED_DECODE, "0")  # the per-op path (the fused decode layer calls the C++ kernel)
     got, spy, _ = _run(folder, "native")
     assert got == expected
     assert spy.before and not any(spy.before) and all(spy.after)  # built during the step, by the fallback

@@ -305,7 +305,8 @@ def test_empty_batch(ds) -> None:
 def test_kernel_set_uses_native_ops_where_asked(ds) -> None:
     native = ops.kernel_set(NATIVE)
     assert set(native.native_ops()) == {"rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
-                                        "decode_attention", "rotary", "silu_mul", "store_kv"}
+                                        "decode_attention", "rotary", "silu_mul", "store_kv", "decode_layer",
+                                        "decode_layers"}
     assert native.decode_attention is cpu_attention.native_decode_attention  # kernels/csrc/decode_attention.cpp
     assert ops.kernel_set(ops.Backend("native", "auto")).native_ops()  # linears native too
     assert ops.kernel_set(ops.select_backend("reference")) is ops.REFERENCE_OPS
@@ -401,6 +402,21 @@ def test_a_source_that_does_not_compile_is_left_out(fresh_loader, monkeypatch, c
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "broken.cpp" in warnings[0].getMessage()
     assert "error" in (ext.path.parent / "build.log").read_text()
+
+
+def test_a_failed_source_leaves_the_composed_layer_out(fresh_loader, monkeypatch, caplog, tmp_path) -> None:
+    """decode_layer.cpp calls the other sources' kernels: when one of them fails, it is left out too (its
+    undefined symbols would make the whole library fail to load)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "good.cpp").write_text("int depthserve_test_symbol() { return 1; }\n")
+    (src / "decode_layer.cpp").write_text("int depthserve_test_layer() { return 2; }\n")
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(cpu_ext, "SRC_DIR", src)
+    with caplog.at_level(logging.WARNING, logger="depthserve.kernels"):
+        ext = cpu_ext.load()
+    assert ext is not None and ext.sources == ("good.cpp",) and ext.skipped == ("broken.cpp", "decode_layer.cpp")
+    assert len(_warnings(caplog)) == 1
 
 
 def test_concurrent_builds_compile_once(fresh_loader, monkeypatch) -> None:
