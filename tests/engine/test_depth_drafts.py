@@ -16,6 +16,8 @@ from engine.arg_utils import EngineArgs
 from engine.config import SpeculativeConfig
 from engine.model_runner import ModelRunner
 from models.reference import ReferenceLlama
+from tests.engine.test_spec_decode import _assert_idle
+from tests.engine.test_spec_decode import _greedy as _generate  # the same MAX (24) tokens
 from tests.tiny import PROMPTS, reference_greedy, tiny_config, write_tiny
 
 REPEAT = [[1, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [1, 30, 31, 30, 31, 30, 31, 30]]
@@ -34,19 +36,6 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     prompts = [*REPEAT, *PROMPTS]
     num_blocks = -(-layers // bs)
     return folder, model, prompts, [reference_greedy(model, p, MAX) for p in prompts], num_blocks
-
-
-def _generate(folder: Path, prompts: list[list[int]], params: SamplingParams | None = None, **kw
-              ) -> tuple[list[list[int]], LLM]:
-    llm = LLM(str(folder), max_model_len=64, **kw)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        params or SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True))
-    return [o.outputs[0].token_ids for o in outs], llm
-
-
-def _assert_idle(llm: LLM) -> None:
-    assert llm.engine.kv_blocks_held_by_requests() == 0
-    assert llm.engine.depth_rows_in_use() == 0
 
 
 def _truncated(model: ReferenceLlama, layers: int) -> ReferenceLlama:
