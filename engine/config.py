@@ -171,7 +171,7 @@ class SpeculativeConfig:
         if cfg.attn_res_mode != "block":
             raise ValueError(f"speculative_config.method \"depth\" needs a Block AttnRes model (attn_res_mode "
                              f"\"block\"); this model's attn_res_mode is {cfg.attn_res_mode!r}")
-        n = -(-cfg.num_hidden_layers // cfg.attn_res_block_size)
+        n = cfg.num_depth_blocks
         if self.exit_block is not None and self.exit_block >= n:
             raise ValueError(f"speculative_config.exit_block must be < the model's number of blocks ({n}: "
                              f"{cfg.num_hidden_layers} layers, attn_res_block_size {cfg.attn_res_block_size}); "

@@ -344,10 +344,7 @@ class ModelRunner:
             dev, non_blocking=True)  # [B_d, nb]
         meta.decode_context_lens = lens.to(torch.int32).to(dev, non_blocking=True)
         if self.model.k.needs_decode_gather:  # else the op reads the table (a fallback builds the view)
-            gather = self._slots(table_rows, int(lens.max()))  # [B_d, C]
-            meta.decode_gather = gather.to(dev, non_blocking=True)
-            meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
-                                < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+            self._decode_gather(meta, self._slots(table_rows, int(lens.max())), lens)
 
     # ---- depth drafts (speculative method depth) -------------------------------------------------
     def _depth_drafts(self, rows: _Rows) -> None:
@@ -418,12 +415,16 @@ class ModelRunner:
         batch = self._static_batch(p)
         if self.model.k.needs_decode_gather:  # the reference decode attention: gather + mask, over the pad too
             lens = inputs.context_lens[:p].to(torch.long)
-            gather = self._slots_of(inputs.decode_table[:p], int(lens.max()))  # [p, C]
-            dev = self.device
-            batch.attn.decode_gather = gather.to(dev, non_blocking=True)
-            batch.attn.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
-                                      < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
+            self._decode_gather(batch.attn, self._slots_of(inputs.decode_table[:p], int(lens.max())), lens)
         return batch
+
+    def _decode_gather(self, meta: AttentionMetadata, gather: torch.Tensor, lens: torch.Tensor) -> None:
+        """The reference decode attention's view in `meta`: host KV slots [B_d, C] of each decode row and its
+        context lengths [B_d] -> decode_gather and decode_mask [B_d, 1, 1, C] on the device."""
+        dev = self.device
+        meta.decode_gather = gather.to(dev, non_blocking=True)
+        meta.decode_mask = (torch.arange(gather.shape[1], device=dev).unsqueeze(0)
+                            < lens.to(dev, non_blocking=True).unsqueeze(1))[:, None, None, :]
 
     def _slots(self, table_rows: torch.Tensor, length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of each given block-table row: [B, length]."""

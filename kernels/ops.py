@@ -372,32 +372,22 @@ def _probe_runs(name: str) -> list[Callable[[Callable], list[torch.Tensor]]]:
 
 
 def _probe_decode_layer(fn: Callable, dt: torch.dtype, glue: str) -> list[torch.Tensor]:
-    """decode_layer on 3 decode rows of odd shapes (d 67, 6 heads of 24 over 2 KV heads, ffn 37, blocks of 5
-    scattered through the cache, contexts 3, 12 and 7): its output and everything it writes."""
-    g = torch.Generator().manual_seed(11)
-    m, d, h, kv, hd, f, bs = 3, 67, 6, 2, 24, 37, 5
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(dt)
-
-    weights = [rand((h + 2 * kv) * hd, d, scale=d ** -0.5), rand(d, h * hd, scale=(h * hd) ** -0.5),
-               rand(2 * f, d, scale=d ** -0.5), rand(d, f, scale=f ** -0.5)]
-    x, norm_w = rand(m, d), (1 + 0.1 * torch.randn(d, generator=g)).to(dt)
-    k_cache, v_cache = rand(40, kv, hd), rand(40, kv, hd)
-    table = torch.tensor([[4, 1, 6], [0, 5, 2], [7, 3, 6]])
-    lens = torch.tensor([3, 12, 7], dtype=torch.int32)
-    slots = torch.tensor([table[i, (int(n) - 1) // bs] * bs + (int(n) - 1) % bs for i, n in enumerate(lens)])
-    angles = torch.randn(m, 1, hd // 2, generator=g)
-    cos, sin = angles.cos(), angles.sin()
+    """decode_layer on layer 0 of decode_layers_case (3 decode rows, d 67, 6 heads of 24 over 2 KV heads, ffn 37,
+    blocks of 5 scattered through the cache, contexts 3, 12 and 7): its output and everything it writes."""
+    args, _ = decode_layers_case(dt, block=False, seed=11)
+    x, weights, norms, k_caches, v_caches, cos, sin, slots, table, lens, bs, scale, eps = args
+    k_cache, v_cache, norm_w = k_caches[0], v_caches[0], norms[1]
+    m, d = x.shape
+    g = torch.Generator().manual_seed(12)
     if glue == "standard":
-        residual = rand(m, d)
-        out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, residual,
+        residual = torch.randn(m, d, generator=g).to(dt)
+        out = fn(x, weights[:4], cos, sin, k_cache, v_cache, slots, table, lens, bs, scale, norm_w, eps, residual,
                  None, None, None, None, True)
         return [out, k_cache, v_cache, residual]
     partial, lse1, xo1, query = (torch.randn(m, d, generator=g), torch.randn(m, generator=g),
                                  torch.randn(m, d, generator=g), torch.randn(d, generator=g))
-    out = fn(x, weights, cos, sin, k_cache, v_cache, slots, table, lens, bs, 0.2, norm_w, 1e-6, None, partial, lse1,
-             xo1, query, True)
+    out = fn(x, weights[:4], cos, sin, k_cache, v_cache, slots, table, lens, bs, scale, norm_w, eps, None, partial,
+             lse1, xo1, query, True)
     return [out, k_cache, v_cache, partial.to(dt)]  # fp32 partial += a bf16 delta: compared at the delta's tolerance
 
 
