@@ -32,6 +32,7 @@ from engine.config import (
 )
 from kernels.ops import BACKENDS
 from models.loader import DEFAULT_MODEL
+from models.quantization import QUANTIZATION_CHOICES
 
 __all__ = ["DefaultsFormatter", "EngineArgs", "FriendlyParser", "flag_name", "option"]
 
@@ -163,6 +164,11 @@ class EngineArgs(CliArgs):
                                   "CUDA, or CPU under TRITON_INTERPRET=1), reference (plain PyTorch) or auto "
                                   "(triton on a CUDA device, else native where its ops work on this machine; "
                                   "the reference with a warning when they do not)", choices=list(BACKENDS))
+    quantization: str = option(
+        "auto", "weights served in a quantized block format, computed without dequantizing the whole matrix: "
+                "auto (a GGUF file's Q8_0/Q4_0/Q4_1 tensors as stored, other types dequantized to --dtype; a float "
+                "checkpoint in --dtype), none (everything dequantized to --dtype), int8 (= q8_0), q8_0, q4_0, q4_1 "
+                "(every linear, the embedding and the LM head quantized at load)", choices=list(QUANTIZATION_CHOICES))
     # scheduler
     max_model_len: int | None = option(None, "prompt + output tokens per request (None: the model's "
                                              "max_position_embeddings)", type=int)
@@ -283,6 +289,9 @@ class EngineArgs(CliArgs):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in BACKENDS:
             errors.append(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r} (--kernels)")
+        if str(self.quantization).lower() not in QUANTIZATION_CHOICES:
+            errors.append(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {self.quantization!r} "
+                          "(--quantization)")
         spec = self._speculative(errors)
         if errors:
             raise ValueError("; ".join(errors))
@@ -290,6 +299,7 @@ class EngineArgs(CliArgs):
             speculative=spec,
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
             depth_stats=self.depth_stats, device=device, kernels=self.kernels, enforce_eager=self.enforce_eager,
+            quantization=str(self.quantization),
             max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=kv_bytes, depth_cache_memory=depth_bytes,
                               enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks,

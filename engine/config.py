@@ -12,6 +12,7 @@ import torch
 
 from kernels.ops import BACKENDS
 from models.config import ModelConfig
+from models.quantization import check_quantization
 
 __all__ = ["AUTO", "DEFAULT_KV_CACHE_MEMORY", "DTYPE_CHOICES", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "SpeculativeConfig", "parse_bytes", "parse_dtype",
            "resolve_dtype"]
@@ -216,9 +217,11 @@ class EngineConfig:
     enforce_eager: bool = False  # never capture CUDA graphs
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (None: min(max_num_seqs, 256))
     speculative: SpeculativeConfig | None = None  # None: no drafts (the non-speculative path, unchanged)
+    quantization: str = "auto"  # weights served in a quantized block format (models/quantization.py)
 
     def __post_init__(self) -> None:
         if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:
             raise ValueError(f"max_cuda_graph_batch_size must be >= 1, got {self.max_cuda_graph_batch_size}")
         if self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r}")
+        object.__setattr__(self, "quantization", check_quantization(self.quantization))

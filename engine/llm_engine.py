@@ -33,6 +33,7 @@ from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
 from models.loader import checkpoint_dtype, load_config, load_model, load_tokenizer, resolve_model
 from models.parallel_plan import shard_sizes
+from models.quantization import weight_bytes
 from models.tokenizer import Tokenizer
 
 logger = logging.getLogger("depthserve.engine")
@@ -75,13 +76,14 @@ class LLMEngine:
             spec = WorkerSpec(self.model_dir, config.dtype, num_blocks, config.cache.block_size,
                               self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels,
                               device=config.device, gpu_memory_utilization=config.cache.gpu_memory_utilization,
-                              max_num_seqs=config.scheduler.max_num_seqs)
+                              max_num_seqs=config.scheduler.max_num_seqs, quantization=config.quantization)
             self.tp_group = TPGroup(tp, spec)
         try:
             # The rotary table covers the positions served, not max_position_embeddings (which a
             # checkpoint may set to billions).
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
-                                    cfg=mcfg, max_model_len=self.max_model_len, device=config.device)
+                                    cfg=mcfg, max_model_len=self.max_model_len, device=config.device,
+                                    quantization=config.quantization)
             self.model.prepare_for_inference(self.kernels)  # weights packed once, after the loaders ran
             profile = None
             if num_blocks is None:
@@ -125,6 +127,8 @@ class LLMEngine:
                     "Block AttnRes" if self.model_config.attn_res_mode == "block" else
                     "Full AttnRes" if self.model_config.is_attn_res else "standard residual",
                     dtype, self.dtype_reason, self.max_model_len)
+        logger.info("weights: %.1f MiB per rank; quantized: %s (--quantization %s)",
+                    weight_bytes(self.model) / 2**20, self.model.quant_plan.summary(), cfg.quantization)
         per_request = -(-self.max_model_len // bs)
         logger.info("KV cache size: %d tokens (%d blocks of %d, %.1f MiB per rank); maximum concurrency for %d "
                     "tokens per request: %.2fx", num_blocks * bs, num_blocks, bs, num_blocks * per_block / 2**20,

@@ -99,6 +99,7 @@ class WorkerSpec:
     device: str = "cpu"  # cpu (gloo) or cuda (NCCL, rank r on cuda:r)
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 1  # rows of logits the profile step computes
+    quantization: str = "auto"  # which weights are served quantized (models/quantization.py)
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -222,7 +223,8 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec,
     control = _init(rank, world, port, device=spec.device)
     comm = DistCommunicator(rank, world)
     cfg = load_config(spec.model_dir)
-    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len, device=dev)
+    model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len, device=dev,
+                       quantization=spec.quantization)
     model.prepare_for_inference(spec.kernels)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
     depth = DepthCache(pool_spec, spec.depth_tokens, device=dev) if pool_spec is not None else None

@@ -51,7 +51,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu, cpu_attention, cpu_gemv, reference
+from kernels import cpu, cpu_attention, cpu_gemv, quant, reference
+from kernels.quant import QuantFormat
 from models.context import AttentionMetadata
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
@@ -99,6 +100,7 @@ class PackedLinear:
     packed: torch.Tensor | None = None
     small_m_rows: int = 0  # up to this many rows go to the small-M kernel on `weight` (kernels/cpu_gemv.py)
     upcast: bool = False  # more rows compute in fp32 (a bf16 weight on a CPU without bf16 GEMM support)
+    quant: QuantFormat | None = None  # `weight` is uint8 blocks of this format (kernels/quant.py)
 
 
 def _probe(dtype: torch.dtype) -> str | None:
@@ -188,9 +190,13 @@ def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.fl
     return Backend("native", name)
 
 
-def pack_linear(weight: torch.Tensor, backend: Backend) -> PackedLinear:
+def pack_linear(weight: torch.Tensor, backend: Backend, fmt: QuantFormat | None = None) -> PackedLinear:
     """Prepare a [out, in] weight once for `backend`: a packed oneDNN copy for the native linears, and the
-    number of rows the small-M kernel takes on the plain weight where the native ops run."""
+    number of rows the small-M kernel takes on the plain weight where the native ops run. A quantized weight
+    (`fmt`) is used as stored: up to QUANT_MAX_M rows go to the native quantized kernel."""
+    if fmt is not None:
+        native = backend.native_ops and weight.device.type == "cpu" and _quant_native_ok()
+        return PackedLinear(weight, None, QUANT_MAX_M if native else 0, quant=fmt)
     small = _small_m_rows(weight, backend)
     if backend.native and weight.device.type == "cpu":
         return PackedLinear(weight, cpu.pack_linear(weight), small)
@@ -235,9 +241,69 @@ def _small_m_linear_ok() -> bool:
     return True
 
 
+# Up to this many rows a quantized linear runs the native kernel on the blocks (it streams them once for all
+# rows); more rows dequantize the weight (in pieces of QUANT_PIECE_BYTES) and run a GEMM, whose cost the rows
+# amortise.
+QUANT_MAX_M = 64
+QUANT_PIECE_BYTES = 32 << 20
+
+
+@functools.cache
+def _quant_native_ok() -> bool:
+    """The native library registers quant_linear and dequantize, and both match kernels/quant.py on a probe."""
+    from kernels import cpu_ext
+
+    if cpu_ext.load() is None or not hasattr(torch.ops.depthserve, "quant_linear"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(4)
+        for fmt in quant.FORMATS.values():
+            q = quant.quantize(torch.randn(37, 96, generator=g), fmt)
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(3, 96, generator=g).to(dt)
+                if not _agrees(torch.ops.depthserve.quant_linear(x, q, fmt.ggml_type), quant.reference_linear(x, q, fmt)):
+                    raise RuntimeError(f"{fmt.name} {dt}: quant_linear differs from the reference")
+            if not torch.equal(torch.ops.depthserve.dequantize(q, fmt.ggml_type, torch.float32), quant.dequantize(q, fmt)):
+                raise RuntimeError(f"{fmt.name}: dequantize differs from the reference")
+    except Exception as e:  # noqa: BLE001 - a failing op means: the reference quantized linears
+        logger.warning("native quantized linears unusable, using the reference ones (%s)", e)
+        return False
+    return True
+
+
+def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 blocks [N, nb * block_bytes] -> [N, K] in `dtype`: the native op where it runs, else the reference."""
+    if q.device.type == "cpu" and _quant_native_ok():
+        return torch.ops.depthserve.dequantize(q, fmt.ggml_type, dtype)
+    return quant.dequantize(q, fmt, dtype)
+
+
+def _quant_linear(x: torch.Tensor, pw: PackedLinear, fmt: QuantFormat) -> torch.Tensor:
+    """x [T, in] @ dequantize(W)^T: the native kernel on the blocks for few rows; else the weight dequantized
+    piece by piece into a GEMM (in x's dtype where the CPU has a bf16 GEMM, else fp32, like `upcast`)."""
+    m = x.shape[0]
+    if 0 < m <= pw.small_m_rows:
+        return torch.ops.depthserve.quant_linear(x, pw.weight, fmt.ggml_type)
+    w = pw.weight
+    dt = x.dtype if x.dtype == torch.float32 or x.device.type != "cpu" or _cpu_bf16_gemm() else torch.float32
+    xx = x.to(dt)
+    k = w.shape[1] // fmt.block_bytes * quant.BLOCK
+    rows = max(1, QUANT_PIECE_BYTES // (k * torch.finfo(dt).bits // 8))
+    if rows >= w.shape[0]:
+        return F.linear(xx, dequantize(w, fmt, dt)).to(x.dtype)
+    out = torch.empty(m, w.shape[0], dtype=x.dtype, device=x.device)
+    for lo in range(0, w.shape[0], rows):
+        out[:, lo:lo + rows] = F.linear(xx, dequantize(w[lo:lo + rows], fmt, dt))
+    return out
+
+
 def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ W^T (+ bias) on whichever form `pw` holds: the small-M kernel on the plain weight for up to
-    `pw.small_m_rows` rows (kernels/cpu_gemv.py), else the packed oneDNN weight, else the reference."""
+    `pw.small_m_rows` rows (kernels/cpu_gemv.py), else the packed oneDNN weight, else the reference; a quantized
+    weight through _quant_linear."""
+    if pw.quant is not None:
+        y = _quant_linear(x, pw, pw.quant)
+        return y if bias is None else y.add_(bias)
     if 0 < x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
         y = torch.ops.depthserve.small_m_linear(x, pw.weight)  # [T, out]
         return y if bias is None else y.add_(bias)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.quant import BLOCK, QuantFormat
 from models.config import MAX_COUNT, MAX_SIZE, ModelConfig, check_int, check_positive_float
 from models.context import Communicator
 from models.llama import LlamaForServing, check_tensor_shapes
@@ -307,6 +308,27 @@ class GGUFTensor:
                 out = unpermute_rotary(out, self._rotary)
         return out if cols is None else out[:, cols]
 
+    @property
+    def ggml_type(self) -> int:
+        return int(self._t.tensor_type)
+
+    def read_quantized(self, fmt: QuantFormat, rows: slice | None = None,
+                       cols: slice | None = None) -> torch.Tensor | None:
+        """The stored blocks of rows x cols (uint8 [rows, cols / 32 * block_bytes]) when the tensor is stored in
+        `fmt`, else None. Row slices and the Q/K head un-permutation move whole rows, and a column slice on block
+        boundaries moves whole blocks, so the bytes are the file's."""
+        if self.ggml_type != fmt.ggml_type or len(self.shape) != 2:
+            return None
+        data = self._t.data if rows is None else self._t.data[rows]
+        out = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)).reshape(-1, self._t.data.shape[-1])
+        if self._rotary is not None:
+            if out.shape[0] % self._rotary:
+                raise ValueError(f"rows {rows} of {self._t.name} do not cover whole heads")
+            out = unpermute_rotary(out, self._rotary).contiguous()
+        if cols is not None:
+            out = out[:, cols.start // BLOCK * fmt.block_bytes:cols.stop // BLOCK * fmt.block_bytes]
+        return out
+
 
 def iter_gguf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
     """(Hugging Face name, lazily dequantized tensor) for every tensor in the file."""
@@ -316,10 +338,18 @@ def iter_gguf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str,
         yield name, GGUFTensor(t, rotary)
 
 
+def stored_types(path: str | Path) -> dict[str, int | None]:
+    """Hugging Face tensor name -> its ggml type id, None for a float type (F32, F16, BF16)."""
+    return {hf_name(t.name): None if t.tensor_type.name in ("F32", "F16", "BF16") else int(t.tensor_type)
+            for t in open_gguf(path).tensors}
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype, comm: Communicator | None = None, cfg: ModelConfig | None = None,
-              max_model_len: int | None = None) -> tuple[ModelConfig, LlamaForServing]:
-    """Build the model of a GGUF file with weights dequantized to `dtype` (this rank's shards only);
-    `max_model_len` sizes the rotary table (default: the file's context_length)."""
+              max_model_len: int | None = None,
+              quantization: str = "auto") -> tuple[ModelConfig, LlamaForServing]:
+    """Build the model of a GGUF file (this rank's shards only): weights in their stored block format where
+    `quantization` (models/quantization.py) keeps them so, the rest dequantized to `dtype`; `max_model_len` sizes
+    the rotary table (default: the file's context_length)."""
     if cfg is None:
         cfg = gguf_config(path)
     else:
@@ -327,6 +357,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, comm: Communicator | None = 
         check_gguf_tensors(cfg, gguf_tensor_shapes(r, where), where, gguf_metadata(r, "general.architecture"))
     with torch.device("cpu"):
         model = LlamaForServing(cfg, dtype=dtype, comm=comm, max_positions=max_model_len)
+    model.quantize(quantization, stored_types(path))
     model.load_weights(iter_gguf_tensors(path, cfg))
     return cfg, model.eval()
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops, reference
+from kernels import ops, quant, reference
+from kernels.quant import QuantFormat
 from models.context import AttentionMetadata, Communicator, ForwardBatch
 from models.parallel_plan import ShardSizes, TensorSource, as_source
 
@@ -51,15 +52,19 @@ linear = reference.linear  # x [T, in] @ w[out, in]^T on the plain weight (kerne
 
 class PackedWeight:
     """Mixin for a module whose `weight` a linear reads: `prepare_weights(backend)` packs it once after
-    loading (kernels.ops); until then, and on the reference backend, the plain weight is used."""
+    loading (kernels.ops); until then, and on the reference backend, the plain weight is used. A weight served
+    quantized (models/quantization.py) is uint8 blocks of format `quant`."""
 
     packed: ops.PackedLinear | None = None
+    quant: QuantFormat | None = None
 
     def prepare_weights(self, backend: ops.Backend) -> None:
-        self.packed = ops.pack_linear(self.weight, backend)  # type: ignore[attr-defined]
+        self.packed = ops.pack_linear(self.weight, backend, self.quant)  # type: ignore[attr-defined]
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
+            if self.quant is not None:
+                return quant.reference_linear(x, self.weight, self.quant)  # type: ignore[attr-defined]
             return linear(x, self.weight)  # type: ignore[attr-defined]
         return ops.linear(x, self.packed)
 
@@ -227,6 +232,7 @@ class VocabParallelEmbedding(PackedWeight, nn.Module):
         self.vocab = shards.full_vocab
         self.lo, self.hi = rows.start, rows.stop
         self.comm = comm
+        self.dtype = dtype
         self.weight = nn.Parameter(torch.zeros(shards.vocab, hidden, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
@@ -241,11 +247,17 @@ class VocabParallelEmbedding(PackedWeight, nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm is None:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         local = ids - self.lo
         inside = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside.unsqueeze(-1)
+        out = self._rows(local.clamp(0, self.weight.shape[0] - 1)) * inside.unsqueeze(-1)
         return self.comm.all_reduce(out)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [T, d] in the serving dtype: looked up, or (quantized) the rows' blocks dequantized."""
+        if self.quant is None:
+            return F.embedding(ids, self.weight)
+        return ops.dequantize(self.weight.index_select(0, ids), self.quant, self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [S, d] -> fp32 logits [S, vocab]."""

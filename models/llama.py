@@ -21,6 +21,7 @@ from models.config import ModelConfig
 from models.context import Communicator, DepthBuffers, ForwardBatch
 from models.layers import Attention, PackedWeight, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
 from models.parallel_plan import ShardSizes, TensorSource, as_source, default_weight_loader, shard_sizes
+from models.quantization import QuantPlan, apply_plan, quant_plan
 
 
 class DecoderLayer(nn.Module):
@@ -171,6 +172,7 @@ class LlamaForServing(nn.Module):
         # per layer (w_qkv, w_o, w_gate_up, w_down) for the fused decode layer; None: the per-op path always
         self.fused_layers: list[list[torch.Tensor]] | None = None
         self.fused_norms: list[torch.Tensor] = []  # (input, post-attention) norm weights per layer, for decode_layers
+        self.quant_plan = QuantPlan()  # the weights served quantized (quantize())
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -380,6 +382,13 @@ class LlamaForServing(nn.Module):
         return self
 
     # ---- weights ---------------------------------------------------------------------------------
+    def quantize(self, requested: str, stored: Mapping[str, int | None]) -> QuantPlan:
+        """Before load_weights: serve the weights `requested` (--quantization) picks in a quantized block format
+        (models/quantization.py); `stored` maps checkpoint names to their ggml types (GGUF). Returns the plan."""
+        self.quant_plan = quant_plan(self, requested, stored)
+        apply_plan(self, self.quant_plan)
+        return self.quant_plan
+
     def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
         """Copy checkpoint tensors (Hugging Face + K3 AttnRes names) into this rank's shards.
 

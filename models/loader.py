@@ -270,29 +270,31 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
 
 def load_model(folder: Path, dtype: torch.dtype, comm: Communicator | None = None,
                cfg: ModelConfig | None = None, max_model_len: int | None = None,
-               device: torch.device | str = "cpu") -> LlamaForServing:
+               device: torch.device | str = "cpu", quantization: str = "auto") -> LlamaForServing:
     """The loaded model; its config is checked against the tensor headers before any parameter exists.
 
     `max_model_len`: the longest sequence served, which sizes the rotary table (default: the model's
     max_position_embeddings). `device`: where the model runs; it is built and loaded on the CPU, then moved.
+    `quantization`: which weights are served in a quantized block format (models/quantization.py).
     """
-    model = _load_on_cpu(folder, dtype, comm, cfg, max_model_len)
+    model = _load_on_cpu(folder, dtype, comm, cfg, max_model_len, quantization)
     if torch.device(device).type != "cpu":
         model.to_device(device)
     return model
 
 
 def _load_on_cpu(folder: Path, dtype: torch.dtype, comm: Communicator | None, cfg: ModelConfig | None,
-                 max_model_len: int | None) -> LlamaForServing:
+                 max_model_len: int | None, quantization: str) -> LlamaForServing:
     if is_gguf(folder):
         from models.gguf import load_gguf
 
-        return load_gguf(folder, dtype, comm, cfg, max_model_len)[1]
+        return load_gguf(folder, dtype, comm, cfg, max_model_len, quantization)[1]
     if cfg is None:
         cfg = load_config(folder)
     else:
         check_safetensors(folder, cfg)
     with torch.device("cpu"):
         model = LlamaForServing(cfg, dtype=dtype, comm=comm, max_positions=max_model_len)
+    model.quantize(quantization, {})
     model.load_weights(iter_safetensors(folder))
     return model.eval()
