@@ -133,6 +133,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--device", default=EngineArgs.device, help="cpu, cuda or auto")
     p.add_argument("--num-threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--quantization", nargs="+", default=[EngineArgs.quantization], metavar="Q",
+                   help="weights served quantized (auto, none, int8, q8_0, q4_0, q4_1); several values score each "
+                        "model once per value, e.g. `--quantization none int8 q4_0` for the cost of quantizing")
     p.add_argument("--output-json", type=Path, help='also write [{"model", "perplexity", "bits_per_byte", '
                                                     '"tokens"}, ...] here')
     return p
@@ -146,11 +149,12 @@ def run(ns: argparse.Namespace) -> int:
     if not text:
         return _usage(f"--file {ns.file} is empty: nothing to score")
     results = []
-    for model in ns.model:
-        name = Path(model).name
+    quants = list(dict.fromkeys(ns.quantization))
+    for model, q in ((m, q) for m in ns.model for q in quants):
+        name = Path(model).name + (f" [{q}]" if len(quants) > 1 else "")
         try:
             llm = LLM(model, dtype=ns.dtype, max_model_len=ns.max_model_len, device=ns.device,
-                      num_threads=ns.num_threads)
+                      num_threads=ns.num_threads, quantization=q)
         except (ValueError, OSError) as e:
             return _usage(f"cannot load {model}: {e}")
         try:
