@@ -40,12 +40,36 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "common.h"
 #include "fused.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+#endif
+
+// Tuning knobs, settable with -D for experiments (loadtest/bench_quant.py --variant); the defaults are the measured
+// choice on a 2-core Zen 4 (AVX-512).
+#ifndef DS_QUANT_LIBRARY  // the op namespace: experiments load other builds side by side
+#define DS_QUANT_LIBRARY depthserve
+#endif
+#ifndef DS_QUANT_EXPAND_BYTES  // fp32 rows expanded at a time when M > MB
+#define DS_QUANT_EXPAND_BYTES (128 * 1024)
+#endif
+#if defined(__AVX512F__)  // the tile on expanded rows when K is short: weight rows x x rows (more rows of x per
+#ifndef DS_QUANT_XR       // weight load; those rows of x must stay in L1)
+#define DS_QUANT_XR 2
+#endif
+#ifndef DS_QUANT_XMB
+#define DS_QUANT_XMB 8
+#endif
+#else  // 16 registers: the R x MB tile throughout
+#define DS_QUANT_XR Isa::R
+#define DS_QUANT_XMB Isa::MB
+#endif
+#ifndef DS_QUANT_XMB_BYTES  // the fp32 bytes of XMB rows of x up to which that tile is used (else R x MB)
+#define DS_QUANT_XMB_BYTES (24 * 1024)
 #endif
 
 namespace depthserve {
@@ -87,6 +111,35 @@ struct Isa {
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
+
+  // sum(a[i]) for 16 vectors at once, each by _mm512_reduce_add_ps's tree (halves of 256, of 128, then lanes 0+2
+  // and 1+3, then those two), so the results equal sum()'s bit for bit; out[sum16_lane(i)] = the sum of a[i],
+  // stored as T (bf16: rounded as from_f rounds).
+  static int sum16_lane(int i) { return 4 * (i % 4) + i / 4; }
+  template <typename T>
+  static void sum16_to(const V* a, T* out) {
+    V c[8], e[4];
+    for (int p = 0; p < 8; ++p)  // [lo256 + hi256 of a[2p] | of a[2p+1]]
+      c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                           _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xEE));
+    for (int q = 0; q < 4; ++q)  // 128-bit block j: lo128 + hi128 of that, for a[4q + j]
+      e[q] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88),
+                           _mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
+    const V h = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x44), _mm512_shuffle_ps(e[0], e[1], 0xEE));
+    const V i = _mm512_add_ps(_mm512_shuffle_ps(e[2], e[3], 0x44), _mm512_shuffle_ps(e[2], e[3], 0xEE));
+    const V j = _mm512_add_ps(_mm512_shuffle_ps(h, i, 0x88), _mm512_shuffle_ps(h, i, 0xDD));  // lane 4b + q: a[4q + b]
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(out, j);
+    } else {  // from_f<bf16_t> on 16 lanes: round to nearest even, NaN -> 0x7fc0
+      const __m512i u = _mm512_castps_si512(j);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                    _mm512_set1_epi32(0x7f800000));
+      const __m512i v = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(v));
+    }
+  }
 
   template <int F>
   static void expand(const uint8_t* b, V* w) {
@@ -237,6 +290,15 @@ inline void tile(const S& s, int64_t nb, const float* x, int64_t ldx, T* y, int6
       }
     }
   }
+#if defined(__AVX512F__)
+  if constexpr (R * MB == 16) {  // a full tile: its 16 reductions side by side (the scalar ones cost ~1/3 at K 576)
+    alignas(64) T out[16];
+    Isa::sum16_to(&acc[0][0], out);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + r] = out[Isa::sum16_lane(r * MB + m)];
+    return;
+  }
+#endif
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) y[m * ldy + r] = from_f<T>(Isa::sum(acc[r][m]));
 }
@@ -289,14 +351,17 @@ inline void expand_row(const uint8_t* w, int64_t nb, float* out) {
   }
 }
 
-// Per-thread scratch for the expanded rows of M > MB, kept for the thread's next calls.
-float* scratch(size_t floats) {
+// Per-thread scratch, 64-byte aligned, kept for the thread's next calls: a fresh allocation per call costs page
+// faults (measured ~15% of a 32-row call). Slot 0: the expanded rows of M > MB (worker threads); slot 1: x in
+// fp32 (the calling thread).
+float* scratch(size_t floats, int slot = 0) {
   struct Buf {
     float* p = nullptr;
     size_t n = 0;
     ~Buf() { std::free(p); }
   };
-  thread_local Buf buf;
+  thread_local Buf bufs[2];
+  Buf& buf = bufs[slot];
   if (floats > buf.n) {
     std::free(buf.p);
     buf.n = (floats + 15) / 16 * 16;
@@ -306,7 +371,7 @@ float* scratch(size_t floats) {
   return buf.p;
 }
 
-constexpr int64_t kExpandBytes = 128 * 1024;  // fp32 rows expanded at a time when M > MB (stays in L2)
+constexpr int64_t kExpandBytes = DS_QUANT_EXPAND_BYTES;  // fp32 rows expanded at a time when M > MB
 
 // M > MB: chunks of rows expanded once into fp32 scratch, then the same tiles on it for every MB rows of x.
 template <int F, int R, int MB, typename T>
@@ -348,7 +413,11 @@ void run(const uint8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, 
     } else if (M <= Isa::MB) {
       rows_direct<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else {
-      rows_expanded<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
+      if (DS_QUANT_XMB * K * int64_t(sizeof(float)) <= DS_QUANT_XMB_BYTES) {
+        rows_expanded<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
+      } else {
+        rows_expanded<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
+      }
     }
   });
 }
@@ -397,7 +466,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qw, int64_t ggml_
   // x in fp32, unit column stride, rows 64-byte aligned (as small_m_linear takes it)
   const float* xp = nullptr;
   int64_t ldx = 0;
-  std::unique_ptr<float, decltype(&std::free)> xbuf(nullptr, &std::free);
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
   if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && aligned(x.const_data_ptr()) &&
       (M == 1 || x.stride(0) % 16 == 0)) {
@@ -405,14 +473,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qw, int64_t ggml_
     ldx = M > 1 ? x.stride(0) : K;
   } else {
     ldx = (K + 15) / 16 * 16;
-    xbuf.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(M * ldx) * sizeof(float))));
-    TORCH_CHECK(xbuf, "quant_linear: out of memory");
+    float* xbuf = scratch(static_cast<size_t>(M * ldx), 1);
     const int64_t s0 = x.stride(0), s1 = x.stride(1);
     with_type(kind_of(x), [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(x.const_data_ptr());
       for (int64_t m = 0; m < M; ++m) {
-        float* dst = xbuf.get() + m * ldx;
+        float* dst = xbuf + m * ldx;
         const T* src = base + m * s0;
         if (s1 == 1) {
 #pragma omp simd
@@ -422,7 +489,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qw, int64_t ggml_
         }
       }
     });
-    xp = xbuf.get();
+    xp = xbuf;
   }
   fused::qgemv(static_cast<int>(ggml_type), wc.const_data_ptr<uint8_t>(), wc.stride(0), xp, ldx, M, N, K,
                kind_of(x), y.data_ptr());
@@ -489,12 +556,12 @@ int quant_block_bytes(int64_t ggml_type) { return block_bytes(ggml_type); }
 }  // namespace fused
 }  // namespace depthserve
 
-TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+TORCH_LIBRARY_FRAGMENT(DS_QUANT_LIBRARY, m) {
   m.def("quant_linear(Tensor x, Tensor qw, int ggml_type) -> Tensor");
   m.def("dequantize(Tensor qw, int ggml_type, ScalarType dtype) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(depthserve, CPU, m) {
+TORCH_LIBRARY_IMPL(DS_QUANT_LIBRARY, CPU, m) {
   m.impl("quant_linear", &depthserve::quant_linear);
   m.impl("dequantize", &depthserve::dequantize);
 }

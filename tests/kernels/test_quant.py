@@ -31,9 +31,9 @@ def _case(m: int, n: int, k: int, fmt: QuantFormat, dtype: torch.dtype) -> tuple
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
-@pytest.mark.parametrize("k", [32, 96, 576])
+@pytest.mark.parametrize("k", [32, 96, 576, 800])  # 800: past the 2 x 8 tile's K
 @pytest.mark.parametrize("n", [1, 7, 37, 129])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 64])
 def test_linear_matches_reference(ds, fmt, m, n, k) -> None:
     for dtype in (F32, BF16):
         x, q = _case(m, n, k, fmt, dtype)
@@ -55,10 +55,11 @@ def test_linear_matches_reference(ds, fmt, m, n, k) -> None:
 
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
-def test_fp32_is_small_m_linear_on_the_dequantized_weight(ds, fmt) -> None:
+@pytest.mark.parametrize("k", [192, 800])
+def test_fp32_is_small_m_linear_on_the_dequantized_weight(ds, fmt, k) -> None:
     """The kernel expands each block exactly as dequantize does and sums as small_m_linear's fp32 tiles do; a row's
     result is independent of M (the M <= 4 register path and the M > 4 scratch path agree)."""
-    x, q = _case(20, 75, 192, fmt, F32)
+    x, q = _case(20, 75, k, fmt, F32)
     got = ds.quant_linear(x, q, fmt.ggml_type)
     torch.testing.assert_close(got, ds.small_m_linear(x, quant.dequantize(q, fmt)), rtol=0, atol=0)
     for i in (0, 3, 19):
