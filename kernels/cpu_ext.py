@@ -257,7 +257,7 @@ def _registered_ops() -> tuple[str, ...]:
     ns = torch.ops.depthserve
     return tuple(name for name in ("rms_norm", "add_rms_norm", "attnres_site", "attnres_phase1", "attnres_mix",
                                    "decode_attention", "small_m_linear", "rotary", "silu_mul", "store_kv", "decode_layer",
-                                   "decode_layers")
+                                   "decode_layers", "quant_linear", "dequantize")
                  if hasattr(ns, name))
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from types import ModuleType
 
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu, cpu_attention, cpu_gemv, quant, reference
-from kernels.quant import QuantFormat
+from kernels.quant import QuantFormat, format_named, quantize
 from models.context import AttentionMetadata
 
 __all__ = ["BACKENDS", "Backend", "KernelSet", "PackedLinear", "kernel_set", "linear", "pack_linear",
@@ -457,12 +457,18 @@ def _probe_decode_layer(fn: Callable, dt: torch.dtype, glue: str) -> list[torch.
     return [out, k_cache, v_cache, partial.to(dt)]  # fp32 partial += a bf16 delta: compared at the delta's tolerance
 
 
-def decode_layers_case(dt: torch.dtype, block: bool, rows: int = 3, seed: int = 5) -> tuple[list, dict]:
+def decode_layers_case(dt: torch.dtype, block: bool, rows: int = 3, seed: int = 5,
+                       quant: Sequence[str | None] | None = None) -> tuple[list, dict]:
     """Inputs of decode_layers (positional, keyword) for a small odd model: 3 layers (Block AttnRes: blocks of 2,
     which do not divide them), d 67, 6 heads of 24 over 2 KV heads, ffn 37, cache blocks of 5 scattered through
-    the cache, `rows` (<= 3) decode rows with contexts 3, 12 and 7. The probe's case, and the tests'."""
+    the cache, `rows` (<= 3) decode rows with contexts 3, 12 and 7. The probe's case, and the tests'.
+    `quant`: weight-only quantization formats (kernels/quant.py names, None: plain) taken in turn by the 12
+    linears (w_qkv, w_o, w_gate_up, w_down per layer); the model is then d 96, 4 heads of 24, ffn 64, whose
+    input sizes are multiples of the 32-weight blocks."""
     g = torch.Generator().manual_seed(seed)
     m, d, h, kv, hd, f, bs, n_layers, rb = rows, 67, 6, 2, 24, 37, 5, 3, 2
+    if quant is not None:
+        d, h, f = 96, 4, 64
 
     def rand(*shape: int, scale: float = 1.0, dtype: torch.dtype = dt) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -472,6 +478,9 @@ def decode_layers_case(dt: torch.dtype, block: bool, rows: int = 3, seed: int = 
         weights += [rand((h + 2 * kv) * hd, d, scale=d ** -0.5), rand(d, h * hd, scale=(h * hd) ** -0.5),
                     rand(2 * f, d, scale=d ** -0.5), rand(d, f, scale=f ** -0.5)]
         norms += [(1 + 0.1 * torch.randn(d, generator=g)).to(dt) for _ in range(2)]
+    if quant:
+        weights = [w if (name := quant[i % len(quant)]) is None else quantize(w, format_named(name))
+                   for i, w in enumerate(weights)]
     k_caches, v_caches = [rand(40, kv, hd) for _ in range(n_layers)], [rand(40, kv, hd) for _ in range(n_layers)]
     table = torch.tensor([[4, 1, 6], [0, 5, 2], [7, 3, 6]])[:m]
     lens = torch.tensor([3, 12, 7], dtype=torch.int32)[:m]

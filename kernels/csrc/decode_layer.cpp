@@ -14,6 +14,10 @@
 //   lse1, xo1, query, norm_weight, eps, accumulate).
 // Every intermediate is rounded to the model's dtype where the per-op path rounds it, so the result is the
 // per-op path's, bit for bit.
+// Each of the 4 linears may instead be weight-only quantized: uint8 [N, K / 32 * bb] rows of ggml blocks
+// (kernels/quant.py; Q8_0, Q4_0 or Q4_1, told apart by bytes per block given the linear's K), run by
+// fused::qgemv, the loops of depthserve::quant_linear, which is what the per-op path calls for them. A layer may
+// mix formats and plain weights.
 //
 // Why: at batch 1 the per-op path makes ~10 op calls per layer (300 a step), each with the Python between
 // them, a dispatcher call and a fresh output tensor; here a layer is one call, its intermediates live in
@@ -74,12 +78,32 @@ void to_f32(Kind kind, const void* x, int64_t sx, int64_t M, int64_t K, float* o
   });
 }
 
-void check_linear(const at::Tensor& w, int64_t n, int64_t k, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == n && w.size(1) == k, "decode_layer: ", name, " must be [", n, ", ", k,
-              "], got ", w.sizes());
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == x.scalar_type(), "decode_layer: ", name,
-              " must be a CPU tensor of x's dtype");
-  TORCH_CHECK(w.stride(1) == 1 && w.stride(0) >= k, "decode_layer: ", name, " must have unit-stride rows");
+// A linear's weight [n, k]: a plain one of x's dtype, or a quantized one, uint8 [n, k / 32 * bb] of ggml blocks
+// (kernels/quant.py). Returns the ggml type of a quantized weight (inferred from the row's byte count, which given
+// k is unambiguous: 34, 18 or 20 bytes per block of 32), 0 for a plain one.
+int check_linear(const at::Tensor& w, int64_t n, int64_t k, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), "decode_layer: ", name, " must be a CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == n, "decode_layer: ", name, " must have ", n, " rows ([", n, ", ", k,
+              "] or quantized), got ", w.sizes());
+  int type = 0;
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(k % 32 == 0, "decode_layer: ", name, " is quantized (uint8), but its input size ", k,
+                " is not a multiple of 32");
+    const int64_t blocks = k / 32;
+    const int64_t bb = w.size(1) % blocks == 0 ? w.size(1) / blocks : 0;
+    for (int t : {8, 2, 3}) {
+      if (fused::quant_block_bytes(t) == bb) type = t;
+    }
+    TORCH_CHECK(type != 0, "decode_layer: ", name, " is quantized (uint8) with rows of ", w.size(1), " bytes; for ",
+                blocks, " blocks of 32 inputs they must be ", blocks * 34, " (Q8_0), ", blocks * 18, " (Q4_0) or ",
+                blocks * 20, " (Q4_1)");
+  } else {
+    TORCH_CHECK(w.size(1) == k, "decode_layer: ", name, " must be [", n, ", ", k, "], got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "decode_layer: ", name, " must be of x's dtype (", x.scalar_type(),
+                ") or uint8 (quantized), got ", w.scalar_type());
+  }
+  TORCH_CHECK(w.stride(1) == 1 && w.stride(0) >= w.size(1), "decode_layer: ", name, " must have unit-stride rows");
+  return type;
 }
 
 // an fp32 CPU tensor of `dim` dims, contiguous in the last unless `strided` (lse1: a column of the [T, Q] pool)
@@ -149,6 +173,7 @@ Step check_step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // One layer's sizes, from its weights and caches (checked against the step).
 struct Layer {
   const at::Tensor* w;  // w_qkv, w_o, w_gate_up, w_down
+  int qtype[4];         // each one's ggml type when quantized (uint8), else 0
   const at::Tensor* k_cache;
   const at::Tensor* v_cache;
   int64_t H, KV, hd, nqkv, f;
@@ -167,16 +192,16 @@ Layer check_layer(const Step& st, const at::Tensor& x, const at::Tensor* w, cons
               nqkv, " are not (H + 2 KV) x hd for KV ", KV, ", hd ", hd, " (cos/sin give hd ", 2 * half, ")");
   const int64_t H = nqkv / hd - 2 * KV, f = w[2].dim() == 2 ? w[2].size(0) / 2 : 0;
   TORCH_CHECK(H % KV == 0, "decode_layer: query heads must be a multiple of KV heads");
-  check_linear(w[0], nqkv, st.d, x, "w_qkv");
-  check_linear(w[1], st.d, H * hd, x, "w_o");
-  check_linear(w[2], 2 * f, st.d, x, "w_gate_up");
-  check_linear(w[3], st.d, f, x, "w_down");
+  const int q0 = check_linear(w[0], nqkv, st.d, x, "w_qkv");
+  const int q1 = check_linear(w[1], st.d, H * hd, x, "w_o");
+  const int q2 = check_linear(w[2], 2 * f, st.d, x, "w_gate_up");
+  const int q3 = check_linear(w[3], st.d, f, x, "w_down");
   for (int64_t t = 0; t < st.M; ++t) {
     const int64_t s = st.slots[t * st.s_stride];
     TORCH_CHECK(s >= 0 && s < S, "decode_layer: slot ", s, " of row ", t, " is outside the caches' ", S, " slots");
   }
   fused::check_decode_context(k_cache, st.table, st.t_sb, st.t_sn, st.nb, st.lens, st.M, st.block_size);
-  return Layer{w, &k_cache, &v_cache, H, KV, hd, nqkv, f};
+  return Layer{w, {q0, q1, q2, q3}, &k_cache, &v_cache, H, KV, hd, nqkv, f};
 }
 
 // What runs between the attention and the MLP: the standard residual add + norm, or a Phase-2 AttnRes site.
@@ -194,6 +219,18 @@ struct Glue {
   bool accumulate = true;
 };
 
+// Linear i of a layer on the fp32 rows xf: the plain gemv or the quantized one (the per-op path's small_m_linear
+// or quant_linear: the same loops).
+void layer_linear(Kind kind, const Layer& l, int i, const float* xf, int64_t ldx, int64_t M, int64_t N, int64_t K,
+                  void* y) {
+  const at::Tensor& w = l.w[i];
+  if (l.qtype[i] != 0) {
+    fused::qgemv(l.qtype[i], static_cast<const uint8_t*>(w.data_ptr()), w.stride(0), xf, ldx, M, N, K, kind, y);
+  } else {
+    fused::gemv(kind, w.data_ptr(), w.stride(0), xf, ldx, M, N, K, y);
+  }
+}
+
 // The layer (checked): x [M, d] at row stride sx of st.kind -> its MLP output into out [M, d] (contiguous).
 void run_layer(const Step& st, const Layer& l, const void* x, int64_t sx, const Glue& g, void* out) {
   const Kind kind = st.kind;
@@ -208,10 +245,9 @@ void run_layer(const Step& st, const Layer& l, const void* x, int64_t sx, const 
   char* x2 = s.x2.get(M * d * el);                       // [M, d] the MLP's normalised input
   char* gu = s.gu.get(M * 2 * f * el);                   // [M, 2 f]
   char* act = s.act.get(M * f * el);                     // [M, f]
-  const at::Tensor* w = l.w;
 
   to_f32(kind, x, sx, M, d, xf, ldx);
-  fused::gemv(kind, w[0].data_ptr(), w[0].stride(0), xf, ldx, M, nqkv, d, qkv);
+  layer_linear(kind, l, 0, xf, ldx, M, nqkv, d, qkv);
   fused::rotary_rows(kind, qkv, nqkv, hd, H, qkv + nq * el, nqkv, hd, KV, hd / 2, st.cos, st.sc, st.sin, st.ss, M);
   for (int64_t t = 0; t < M; ++t) {  // K and V rows into their slots
     const int64_t slot = st.slots[t * st.s_stride];
@@ -230,7 +266,7 @@ void run_layer(const Step& st, const Layer& l, const void* x, int64_t sx, const 
   fused::decode_attention_rows(kind, qkv, nqkv, hd, *l.k_cache, *l.v_cache, st.table, st.t_sb, st.t_sn, st.lens, M, H,
                                st.block_size, st.scale, attn);
   to_f32(kind, attn, nq, M, nq, xf, ldx);
-  fused::gemv(kind, w[1].data_ptr(), w[1].stride(0), xf, ldx, M, d, nq, a);
+  layer_linear(kind, l, 1, xf, ldx, M, d, nq, a);
   if (g.residual != nullptr) {
     fused::add_rms_norm_rows(kind, a, d, g.residual, g.sr, kind, g.norm_w, x2, M, d, st.eps);
   } else {
@@ -238,10 +274,10 @@ void run_layer(const Step& st, const Layer& l, const void* x, int64_t sx, const 
                              g.norm_w, x2, M, d, st.eps);
   }
   to_f32(kind, x2, d, M, d, xf, ldx);
-  fused::gemv(kind, w[2].data_ptr(), w[2].stride(0), xf, ldx, M, 2 * f, d, gu);
+  layer_linear(kind, l, 2, xf, ldx, M, 2 * f, d, gu);
   fused::silu_mul_rows(kind, gu, 2 * f, act, M, f);
   to_f32(kind, act, f, M, f, xf, ldx);
-  fused::gemv(kind, w[3].data_ptr(), w[3].stride(0), xf, ldx, M, d, f, out);
+  layer_linear(kind, l, 3, xf, ldx, M, d, f, out);
 }
 
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::Tensor& cos, const at::Tensor& sin,

@@ -19,6 +19,15 @@ namespace depthserve::fused {
 void gemv(Kind kind, const void* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
           void* y);
 
+// quant.cpp: y[M, N] = x[M, K] @ dequantize(w)^T for w rows of ggml_type blocks (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8),
+// unit-stride rows at ldw_bytes; x as gemv takes it (fp32 rows, 64-byte aligned at ldx); y [M, N] contiguous, of
+// ykind (rounded once from fp32). K a multiple of 32. Threads as quant_linear's, which calls it.
+void qgemv(int ggml_type, const uint8_t* w, int64_t ldw_bytes, const float* x, int64_t ldx, int64_t M, int64_t N,
+           int64_t K, Kind ykind, void* y);
+
+// quant.cpp: bytes per block of 32 weights of a ggml type (34, 18, 20), 0 for a type qgemv does not take.
+int quant_block_bytes(int64_t ggml_type);
+
 // rotary.cpp: rotate q [rows, hq, 2 half] and k [rows, hk, 2 half] in place (row strides sq0 / sk0, head
 // strides sq1 / sk1); cos / sin [rows, half] fp32 at row strides sc / ss.
 void rotary_rows(Kind kind, void* q, int64_t sq0, int64_t sq1, int64_t hq, void* k, int64_t sk0, int64_t sk1,
