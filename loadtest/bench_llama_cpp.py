@@ -152,20 +152,24 @@ class DepthserveRunner:
         assert self.tokenizer is not None
         return self.tokenizer.decode(ids)
 
-    def generate(self, ids: list[int], n: int) -> dict:
+    def generate(self, ids: list[int], n: int, logprobs: int | None = None) -> dict:
+        """Greedy, `n` tokens; with `logprobs`, each token's top alternatives too (for the greedy check only)."""
         from engine import SamplingParams
 
         eng = self.engine
-        eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        eng.add_request({"prompt_token_ids": ids}, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                                                  logprobs=logprobs))
         out: list[int] = []
         stamps: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
         t0 = time.perf_counter()
         while eng.has_unfinished_requests():
             for o in eng.step():  # DELTA outputs: each carries only the new ids
                 new = list(o.outputs[0].token_ids)
                 stamps += [time.perf_counter() - t0] * len(new)
                 out += new
-        return {"ids": out, "t": stamps}
+                tops += [list(lp.top) for lp in o.outputs[0].logprobs or []]
+        return {"ids": out, "t": stamps, "top": tops}
 
 
 def engine_quantization(engine_args: type, wanted: str | None) -> str | None:
@@ -188,6 +192,20 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def at_difference(a: Sequence[int], b: Sequence[int], diff: int | None,
+                  tops: Sequence[Sequence[tuple[int, float]]]) -> dict | None:
+    """At the first differing token, how close depthserve's own choice was: its top-1 minus top-2 logprob and
+    the logprob it gave llama.cpp's token (None if outside its top 5). A gap of a few hundredths is a
+    near-tie that rounding (bf16 weights here, int8 activations in llama.cpp's quantized dot products) can
+    flip; a large gap would point at a bug."""
+    if diff is None or diff >= len(a) or diff >= len(b) or diff >= len(tops) or len(tops[diff]) < 2:
+        return None
+    top = list(tops[diff])
+    other = next((lp for tok, lp in top if tok == a[diff]), None)
+    return {"depthserve_top1_minus_top2": top[0][1] - top[1][1], "depthserve_logprob_of_llama_cpp_token": other,
+            "depthserve_logprob_of_own_token": next((lp for tok, lp in top if tok == b[diff]), None)}
 
 
 def bench_file(model: Path, python: Path, args: argparse.Namespace) -> dict:
@@ -217,10 +235,12 @@ def bench_file(model: Path, python: Path, args: argparse.Namespace) -> dict:
         for text in CHECK_PROMPTS:
             ids = ds.encode(text)
             a = lw.generate(ids, args.check_tokens)["ids"]
-            b = ds.generate(ids, args.check_tokens)["ids"]
+            got = ds.generate(ids, args.check_tokens, logprobs=5)
+            b = got["ids"]
             diff = first_difference(a, b)
             checks.append({"prompt": text, "first_diff": diff, "llama_cpp_ids": a, "depthserve_ids": b,
-                           "llama_cpp_text": ds.decode(a), "depthserve_text": ds.decode(b)})
+                           "llama_cpp_text": ds.decode(a), "depthserve_text": ds.decode(b),
+                           "at_diff": at_difference(a, b, diff, got["top"])})
         version = lw.version
     finally:
         lw.close()
@@ -247,11 +267,14 @@ def markdown(result: dict) -> str:
         roof = roofline_tok_s(f["bytes"], bw)
         lines.append(f"| {f['name']} | {f['bytes'] / 2**20:.0f} | {lc:.1f} | {ds:.1f} | {f['ratio']:.2f}x "
                      f"| {roof:.0f} | {lc / roof * 100:.0f}% | {ds / roof * 100:.0f}% |")
-    lines += ["", "| file | prompt | first differing token | llama.cpp text | depthserve text |",
+    lines += ["", "| file | prompt | first differing token (depthserve top-1 - top-2 logprob there) | llama.cpp text "
+              "| depthserve text |",
               "|---|---|---:|---|---|"]
     for f in result["files"]:
         for c in f["greedy"]:
             d = "equal" if c["first_diff"] is None else str(c["first_diff"])
+            if c.get("at_diff"):
+                d += f" (gap {c['at_diff']['depthserve_top1_minus_top2']:.3f})"
             lines.append(f"| {f['name']} | {_cell(c['prompt'])} | {d} | {_cell(c['llama_cpp_text'])} "
                          f"| {_cell(c['depthserve_text'])} |")
     return "\n".join(lines)

@@ -15,6 +15,11 @@ files and the same cores. Nothing here touches the project's venv, and CI never 
   storage format, which is what a speed comparison wants; it says nothing about the quality of Q8_0 or
   BF16 made from the original weights.
 
+The pin lives here (``VERSION``), not in pyproject.toml: the project pins its tested set in
+.ci/constraints.txt, which .ci/lock resolves from the runtime and ``dev`` dependencies only, and an extra
+outside that lock would be an untested pin that invites compiling llama.cpp into the project's venv, which
+this script exists to avoid.
+
 The cache lives under ``$DEPTHSERVE_LLAMA_CPP_CACHE``, else ``~/.cache/depthserve/llama_cpp``, in a folder
 keyed by the version, the machine and a digest of the CPU's feature flags (GGML_NATIVE builds for this CPU,
 so a copied cache on another CPU must not be reused). Each step leaves a marker file once done, so a

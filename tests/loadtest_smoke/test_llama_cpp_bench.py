@@ -133,3 +133,11 @@ def test_server_context_kills_a_server_that_dies(tmp_path: Path) -> None:
             [sys.executable, "-c", "raise SystemExit(3)"], 1, tmp_path / "log", timeout=20):
         pass
     assert not bench_vs_llama_server._LIVE
+
+
+def test_at_difference_reports_the_margin() -> None:
+    tops = [[(1, -0.1), (9, -2.0)], [(5, -0.70), (6, -0.72), (7, -3.0)]]
+    d = bench_llama_cpp.at_difference([1, 6], [1, 5], 1, tops)
+    assert d is not None and d["depthserve_top1_minus_top2"] == pytest.approx(0.02)
+    assert d["depthserve_logprob_of_llama_cpp_token"] == -0.72 and d["depthserve_logprob_of_own_token"] == -0.70
+    assert bench_llama_cpp.at_difference([1, 6], [1, 6], None, tops) is None
