@@ -168,7 +168,8 @@ def build_binaries(lay: Layout, jobs: int = 2) -> None:
     src = lay.src / "vendor" / "llama.cpp"
     _run([cmake, "-S", src, "-B", lay.build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
           "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"])
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+          "-DLLAMA_USE_PREBUILT_UI=OFF"])  # no web UI download: there is no network here, and no need
     _run([cmake, "--build", lay.build, "--config", "Release", "-j", str(jobs), "--target", *TARGETS])
     lay.bin.mkdir(parents=True, exist_ok=True)
     for name in TARGETS:
