@@ -145,14 +145,17 @@ def markdown(result: dict) -> str:
     for f in result["files"]:
         for c, servers in sorted(f["runs"].items(), key=lambda kv: int(kv[0])):
             lc, ds = servers.get("llama.cpp"), servers.get("depthserve")
-            if not lc or not ds:
-                continue
-            ratio = ds["output_tok_s"] / lc["output_tok_s"] if lc["output_tok_s"] else float("nan")
-            exact = "yes" if lc["exact_output"] and ds["exact_output"] else "NO"
-            lines.append(f"| {f['name']} | {c} | {lc['output_tok_s']:.1f} | {ds['output_tok_s']:.1f} | {ratio:.2f}x "
-                         f"| {lc['ttft_p50_ms']:.0f} | {ds['ttft_p50_ms']:.0f} | {lc['tpot_p50_ms']:.1f} "
-                         f"| {ds['tpot_p50_ms']:.1f} | {exact} |")
+            ratio = (f"{ds['output_tok_s'] / lc['output_tok_s']:.2f}x" if lc and ds and lc["output_tok_s"]
+                     else "n/a")
+            exact = "yes" if all(r["exact_output"] for r in servers.values()) else "NO"
+            lines.append(f"| {f['name']} | {c} | {_fmt(lc, 'output_tok_s', '.1f')} | {_fmt(ds, 'output_tok_s', '.1f')} "
+                         f"| {ratio} | {_fmt(lc, 'ttft_p50_ms', '.0f')} | {_fmt(ds, 'ttft_p50_ms', '.0f')} "
+                         f"| {_fmt(lc, 'tpot_p50_ms', '.1f')} | {_fmt(ds, 'tpot_p50_ms', '.1f')} | {exact} |")
     return "\n".join(lines)
+
+
+def _fmt(r: dict | None, key: str, spec: str) -> str:
+    return "n/a" if r is None or r.get(key) is None else format(r[key], spec)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -178,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from loadtest.llama_cpp import quantize, require
     from loadtest.ports import free_port
 
-    lay = require(what=("binaries",))
+    lay = require(what=("binaries",)) if "llama.cpp" in args.servers or args.builtin else None
     files = list(args.files)
     if args.builtin:
         q = quantize(lay, types=("BF16", "Q8_0"))
@@ -199,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     n = num_prompts_for(c, args.per_stream)
                     for name in args.servers:
                         port = args.port or free_port()
-                        cmd = (llama_server_cmd(lay.binary("llama-server"), f, port, c, args.threads,
+                        cmd = (llama_server_cmd(lay.binary("llama-server"), f,  # type: ignore[union-attr] port, c, args.threads,
                                                 args.input_len, args.output_len) if name == "llama.cpp" else
                                depthserve_cmd(f, port, c, args.threads, args.input_len, args.output_len,
                                               args.quantization))

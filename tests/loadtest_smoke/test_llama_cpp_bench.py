@@ -141,3 +141,9 @@ def test_at_difference_reports_the_margin() -> None:
     assert d is not None and d["depthserve_top1_minus_top2"] == pytest.approx(0.02)
     assert d["depthserve_logprob_of_llama_cpp_token"] == -0.72 and d["depthserve_logprob_of_own_token"] == -0.70
     assert bench_llama_cpp.at_difference([1, 6], [1, 6], None, tops) is None
+
+
+def test_vs_llama_server_table_with_one_server() -> None:
+    r = {"output_tok_s": 80.0, "ttft_p50_ms": 20.0, "tpot_p50_ms": 12.0, "exact_output": True}
+    md = bench_vs_llama_server.markdown({"files": [{"name": "m", "runs": {"1": {"depthserve": r}}}]})
+    assert "| m | 1 | n/a | 80.0 | n/a | n/a | 20 | n/a | 12.0 | yes |" in md
