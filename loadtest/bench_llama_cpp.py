@@ -52,6 +52,8 @@ CHECK_PROMPTS = (
 # ----------------------------------------------------------------------------------------------- worker
 def worker_llama(model: str, threads: int, n_ctx: int) -> int:
     """JSON lines on stdin/stdout: {"ids": [...], "n": N} -> {"ids": [...], "t": [stamps], "perf": {...}}."""
+    here = Path(__file__).resolve().parent  # run as a script: its folder holds loadtest/llama_cpp.py, which
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # would shadow the package
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,

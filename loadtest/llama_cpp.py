@@ -7,7 +7,8 @@ files and the same cores. Nothing here touches the project's venv, and CI never 
   built here) with pip, installs it (with its small dependencies) into a dedicated venv under the cache,
   and builds ``llama-server`` and ``llama-quantize`` with cmake from the llama.cpp sources vendored in
   that sdist (``vendor/llama.cpp``: the same ggml as the Python package), Release, ``-DGGML_NATIVE=ON``,
-  ``-DLLAMA_CURL=OFF``, only those two targets, ``-j2``. About 3-4 minutes each on 2 cores.
+  ``-DLLAMA_CURL=OFF``, only those two targets, ``-j2``. Here (2 cores shared with other builds) the
+  package took 7 minutes and the two binaries about 12.
 * ``path``: prints the cached paths (python, llama-server, llama-quantize) as JSON; fails when not built.
 * ``quantize``: BF16, Q8_0 and Q4_0 GGUFs of SmolLM2-135M-Instruct, made by llama-quantize
   ``--allow-requantize`` from the built-in Q4_1 file (the only GGUF shipped with a package): every file
@@ -29,6 +30,8 @@ second call is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -37,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp gives llama-server and llama-quantize
@@ -185,6 +188,21 @@ def build(lay: Layout | None = None, jobs: int = 2, what: str = "all") -> Layout
     """Everything `build` promises, each step skipped when its marker is there."""
     lay = Layout() if lay is None else lay
     lay.dir.mkdir(parents=True, exist_ok=True)
+    with _locked(lay.dir / ".lock"):  # two builds at once would share (and break) one cmake build folder
+        return _build_locked(lay, jobs, what)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(lay: Layout, jobs: int, what: str) -> Layout:
     if (what in ("all", "python") and not lay.done("python")) or (what in ("all", "bin") and not lay.done("binaries")):
         sdist = fetch_sdist(lay)
         if what in ("all", "python"):
@@ -200,7 +218,7 @@ def require(lay: Layout | None = None, what: Sequence[str] = ("python", "binarie
     missing = [w for w in what if not lay.done(w)]
     if missing:
         raise SystemExit(f"llama.cpp {', '.join(missing)} not built in {lay.dir}: run "
-                         "`python -m loadtest.llama_cpp build` first (about 8 minutes on 2 cores)")
+                         "`python -m loadtest.llama_cpp build` first (about 20 minutes on 2 cores)")
     return lay
 
 
