@@ -145,6 +145,9 @@ class DepthserveRunner:
             kw["quantization"] = self.quantization
         self.engine = LLMEngine(EngineArgs(**kw).create_engine_config())
         self.tokenizer = self.engine.tokenizer
+        from loadtest.bench_throughput import weight_bytes
+
+        self.weight_bytes = weight_bytes(self.engine)  # what a decode step reads: bf16 today, whatever the file
 
     def encode(self, text: str) -> list[int]:
         assert self.tokenizer is not None, "the GGUF file carries no tokenizer"
@@ -247,7 +250,8 @@ def bench_file(model: Path, python: Path, args: argparse.Namespace) -> dict:
     finally:
         lw.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"file": str(model), "name": model.name, "bytes": model.stat().st_size, "prompt_tokens": len(prompt),
+    return {"file": str(model), "name": model.name, "bytes": model.stat().st_size,
+            "depthserve_weight_bytes": ds.weight_bytes, "prompt_tokens": len(prompt),
             "tokens": args.tokens, "llama_cpp_version": version, "quantization": ds.quantization,
             "decode_tok_s": med, "samples": rates,
             "llama_cpp_perf_tok_s": statistics.median(perf_rates) if perf_rates else None,
@@ -262,13 +266,16 @@ def roofline_tok_s(nbytes: int, bandwidth_gbs: float) -> float:
 def markdown(result: dict) -> str:
     """Decode table plus the greedy check, one line per file and prompt."""
     bw = result["read_bandwidth_gbs"]["roofline"]
-    lines = ["| file | MiB | llama.cpp tok/s | depthserve tok/s | depthserve / llama.cpp | roofline tok/s "
-             "| llama.cpp % roof | depthserve % roof |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| file | file MiB | llama.cpp tok/s | depthserve tok/s | depthserve / llama.cpp | roofline tok/s "
+             "(file bytes) | llama.cpp % roof | depthserve weights MiB | depthserve % of its roof |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in result["files"]:
         lc, ds = f["decode_tok_s"]["llama.cpp"], f["decode_tok_s"]["depthserve"]
         roof = roofline_tok_s(f["bytes"], bw)
+        wb = f.get("depthserve_weight_bytes") or f["bytes"]
         lines.append(f"| {f['name']} | {f['bytes'] / 2**20:.0f} | {lc:.1f} | {ds:.1f} | {f['ratio']:.2f}x "
-                     f"| {roof:.0f} | {lc / roof * 100:.0f}% | {ds / roof * 100:.0f}% |")
+                     f"| {roof:.0f} | {lc / roof * 100:.0f}% | {wb / 2**20:.0f} "
+                     f"| {ds / roofline_tok_s(wb, bw) * 100:.0f}% |")
     lines += ["", "| file | prompt | first differing token (depthserve top-1 - top-2 logprob there) | llama.cpp text "
               "| depthserve text |",
               "|---|---|---:|---|---|"]

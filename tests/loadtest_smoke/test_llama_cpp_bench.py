@@ -99,7 +99,9 @@ def test_llamacpp_args_and_table() -> None:
               "files": [{"name": "m.gguf", "bytes": 100 * 2**20, "decode_tok_s": {"llama.cpp": 50.0,
                          "depthserve": 25.0}, "ratio": 0.5, "greedy": [check, {**check, "first_diff": 3}]}]}
     md = bench_llama_cpp.markdown(result)
-    assert "| m.gguf | 100 | 50.0 | 25.0 | 0.50x | 95 | 52% | 26% |" in md
+    assert "| m.gguf | 100 | 50.0 | 25.0 | 0.50x | 95 | 52% | 100 | 26% |" in md
+    result["files"][0]["depthserve_weight_bytes"] = 200 * 2**20  # bf16 of a file stored in 8 bits
+    assert "| 95 | 52% | 200 | 52% |" in bench_llama_cpp.markdown(result)
     assert "Hi \\| there | equal | a\\nb" in md and "| 3 |" in md
     assert bench_llama_cpp.roofline_tok_s(10**9, 10.0) == pytest.approx(10.0)
 
