@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     n = num_prompts_for(c, args.per_stream)
                     for name in args.servers:
                         port = args.port or free_port()
-                        cmd = (llama_server_cmd(lay.binary("llama-server"), f,  # type: ignore[union-attr] port, c, args.threads,
+                        cmd = (llama_server_cmd(lay.binary("llama-server"), f, port, c, args.threads,  # type: ignore[union-attr]
                                                 args.input_len, args.output_len) if name == "llama.cpp" else
                                depthserve_cmd(f, port, c, args.threads, args.input_len, args.output_len,
                                               args.quantization))
