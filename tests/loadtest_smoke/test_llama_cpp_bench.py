@@ -149,3 +149,19 @@ def test_vs_llama_server_table_with_one_server() -> None:
     r = {"output_tok_s": 80.0, "ttft_p50_ms": 20.0, "tpot_p50_ms": 12.0, "exact_output": True}
     md = bench_vs_llama_server.markdown({"files": [{"name": "m", "runs": {"1": {"depthserve": r}}}]})
     assert "| m | 1 | n/a | 80.0 | n/a | n/a | 20 | n/a | 12.0 | yes |" in md
+
+
+def test_llama_worker_round_trip_when_built() -> None:
+    """Only where `python -m loadtest.llama_cpp build` has run (never in CI): a few greedy tokens."""
+    lay = llama_cpp.Layout()
+    if not lay.done("python"):
+        pytest.skip("llama.cpp not built in the cache")
+    model = llama_cpp.builtin_gguf()
+    w = bench_llama_cpp.LlamaWorker(lay.python, model, 2, 256)
+    try:
+        first = w.generate([504, 1463, 282], 4)
+        again = w.generate([504, 1463, 282], 4)
+    finally:
+        w.close()
+    assert len(first["ids"]) == 4 and first["ids"] == again["ids"]  # greedy: the same each time
+    assert len(first["t"]) == 4
