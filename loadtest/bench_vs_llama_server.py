@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,11 +41,11 @@ _LIVE: list[subprocess.Popen] = []
 
 
 def llama_server_cmd(binary: Path, model: Path, port: int, concurrency: int, threads: int,
-                     input_len: int, output_len: int) -> list[str]:
-    """One slot per stream, each with room for its prompt, its output and a margin."""
+                     input_len: int, output_len: int, extra: Sequence[str] = ()) -> list[str]:
+    """One slot per stream, each with room for its prompt, its output and a margin; `extra` appended."""
     ctx = concurrency * (input_len + output_len + 64)
     return [str(binary), "-m", str(model), "--parallel", str(concurrency), "-c", str(ctx), "-t", str(threads),
-            "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+            "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *extra]
 
 
 def depthserve_cmd(model: Path, port: int, concurrency: int, threads: int, input_len: int, output_len: int,
@@ -170,6 +171,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--quantization", default=None, help="passed to `depthserve serve --quantization`")
+    p.add_argument("--llama-server-args", default="",
+                   help="extra llama-server flags, e.g. '--poll 0' (its threads sleep instead of spinning: "
+                        "kinder on a machine shared with other work)")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -203,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in args.servers:
                         port = args.port or free_port()
                         cmd = (llama_server_cmd(lay.binary("llama-server"), f, port, c, args.threads,  # type: ignore[union-attr]
-                                                args.input_len, args.output_len) if name == "llama.cpp" else
+                                                args.input_len, args.output_len, shlex.split(args.llama_server_args))
+                               if name == "llama.cpp" else
                                depthserve_cmd(f, port, c, args.threads, args.input_len, args.output_len,
                                               args.quantization))
                         entry["commands"][f"{name} c={c}"] = " ".join(cmd)

@@ -110,6 +110,8 @@ def test_vs_llama_server_commands_and_table(tmp_path: Path) -> None:
     cmd = bench_vs_llama_server.llama_server_cmd(Path("/b/llama-server"), Path("m.gguf"), 9000, 8, 2, 128, 128)
     assert cmd[cmd.index("--parallel") + 1] == "8" and cmd[cmd.index("-c") + 1] == str(8 * 320)
     assert cmd[cmd.index("-t") + 1] == "2" and cmd[cmd.index("--port") + 1] == "9000"
+    assert bench_vs_llama_server.llama_server_cmd(Path("s"), Path("m"), 1, 1, 2, 8, 8, ["--poll", "0"])[-2:] == [
+        "--poll", "0"]
     ds = bench_vs_llama_server.depthserve_cmd(Path("m.gguf"), 9001, 32, 2, 128, 128)
     assert ds[1:4] == ["-m", "server.cli", "serve"] and "--quantization" not in ds
     assert ds[ds.index("--max-num-seqs") + 1] == "32" and ds[ds.index("--num-threads") + 1] == "2"
