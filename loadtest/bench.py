@@ -10,10 +10,12 @@ COMMANDS = {
     "throughput": "loadtest.bench_throughput",  # depthserve vs transformers generate(), roofline
     "serving": "loadtest.bench_serving",  # against a running server: TTFT, TPOT, ITL, goodput
     "compare": "loadtest.bench_compare",  # models side by side: latency, throughput, perplexity, plots
+    "llamacpp": "loadtest.bench_llama_cpp",  # batch-1 decode and greedy text vs llama.cpp, same GGUF files
+    "vs-llama-server": "loadtest.bench_vs_llama_server",  # serving load vs llama-server, same GGUF files
 }
 
 
-USAGE = ("usage: depthserve bench {latency,throughput,serving,compare} [options]  "
+USAGE = ("usage: depthserve bench {latency,throughput,serving,compare,llamacpp,vs-llama-server} [options]  "
          "(depthserve bench COMMAND --help)")
 HELP = {
     "latency": "AttnRes vs a standard-residual model of the same shape: decode and prefill times, interleaved "
@@ -22,6 +24,10 @@ HELP = {
                   "(--model A --baseline B: two checkpoints)",
     "serving": "a running server under load: TTFT, TPOT, ITL, E2E latency, goodput (--model A B: per model)",
     "compare": "models side by side: latency, throughput, perplexity, depth attention, in a report with plots",
+    "llamacpp": "batch-1 decode tok/s and greedy text vs llama.cpp on the same GGUF files, with the roofline "
+                "(needs `python -m loadtest.llama_cpp build`)",
+    "vs-llama-server": "serving at 1/8/32 streams vs llama-server on the same GGUF files: tok/s, TTFT, TPOT "
+                       "(needs `python -m loadtest.llama_cpp build`)",
 }
 
 
@@ -30,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(f"{USAGE}\n\ncommands:")
         for name, what in HELP.items():
-            print(f"  {name:<11} {what}")
+            print(f"  {name:<16} {what}")
         return 0
     if not args or args[0] not in COMMANDS:
         import difflib

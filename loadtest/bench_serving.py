@@ -98,13 +98,19 @@ def sample_lengths(rng: random.Random, n: int, mean: int, range_ratio: float) ->
 
 
 async def token_pool(client: httpx.AsyncClient, model: str | None) -> list[int]:
-    """Distinct token ids of CORPUS as the server's tokenizer sees it (its /tokenize route)."""
+    """Distinct token ids of CORPUS as the server's tokenizer sees it (its /tokenize route; llama-server's
+    takes the text as "content", and answers an empty list to vLLM's "prompt")."""
     body: dict[str, Any] = {"prompt": CORPUS, "add_special_tokens": False}
     if model:
         body["model"] = model
     r = await client.post("/tokenize", json=body)
     r.raise_for_status()
-    return sorted(set(r.json()["tokens"]))
+    tokens = r.json()["tokens"]
+    if not tokens:
+        r = await client.post("/tokenize", json={"content": CORPUS, "add_special": False})
+        r.raise_for_status()
+        tokens = r.json()["tokens"]
+    return sorted(set(tokens))
 
 
 async def build_requests(client: httpx.AsyncClient, args: argparse.Namespace, model: str | None
@@ -131,7 +137,8 @@ async def build_requests(client: httpx.AsyncClient, args: argparse.Namespace, mo
                 try:
                     r = await client.post("/detokenize", json={"tokens": ids, **named})
                     r.raise_for_status()
-                    prompt = r.json()["prompt"] or f"prompt {i}"
+                    got = r.json()
+                    prompt = got.get("prompt", got.get("content")) or f"prompt {i}"  # llama-server: "content"
                 except (httpx.HTTPError, KeyError, ValueError) as e:
                     raise BenchError(f"/detokenize failed ({_describe(e)})") from None
         else:  # no /tokenize: about one token per word
