@@ -16,9 +16,8 @@ read_bandwidth) is measured in the same run, before and after, and each file's b
     depthserve bench llamacpp --builtin --out bench_out/llama_cpp.json   # the four built-in formats
     depthserve bench llamacpp a.gguf b.gguf --rounds 5 --tokens 128
 
-depthserve dtype is bfloat16; ``--quantization`` is passed to the engine only where EngineArgs has that
-field (GGUF files are then served in their stored quantized format), so the script reruns unchanged once
-the quantized kernels land.
+depthserve's dtype (activations) is bfloat16; ``--quantization`` is depthserve's (default auto: a GGUF file's
+Q8_0/Q4_0/Q4_1 tensors are served in their stored format; ``none`` dequantizes them to bf16).
 
 This module's top level imports only the standard library: the worker (``--worker llama``) runs under the
 llama.cpp venv's Python, which has no torch.
@@ -131,7 +130,7 @@ class LlamaWorker:
 class DepthserveRunner:
     """The depthserve side, in this process: one engine on the file, greedy, token stream timed per step."""
 
-    def __init__(self, model: Path, threads: int, max_len: int, quantization: str | None) -> None:
+    def __init__(self, model: Path, threads: int, max_len: int, quantization: str) -> None:
         import torch
 
         from engine import LLMEngine
@@ -139,10 +138,9 @@ class DepthserveRunner:
 
         torch.set_num_threads(threads)
         kw: dict[str, Any] = dict(model=str(model), dtype="bfloat16", device="cpu", num_threads=threads,
-                                  max_model_len=max_len, max_num_seqs=4, kv_cache_memory="256MiB")
-        self.quantization = engine_quantization(EngineArgs, quantization)
-        if self.quantization is not None:
-            kw["quantization"] = self.quantization
+                                  max_model_len=max_len, max_num_seqs=4, kv_cache_memory="256MiB",
+                                  quantization=quantization)
+        self.quantization = quantization
         self.engine = LLMEngine(EngineArgs(**kw).create_engine_config())
         self.tokenizer = self.engine.tokenizer
         from loadtest.bench_throughput import weight_bytes
@@ -175,12 +173,6 @@ class DepthserveRunner:
                 out += new
                 tops += [list(lp.top) for lp in o.outputs[0].logprobs or []]
         return {"ids": out, "t": stamps, "top": tops}
-
-
-def engine_quantization(engine_args: type, wanted: str | None) -> str | None:
-    """`wanted` where EngineArgs has a `quantization` field (another change adds it), else None (not passed)."""
-    fields = getattr(engine_args, "__dataclass_fields__", {})
-    return wanted if "quantization" in fields and wanted is not None else None
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -311,8 +303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="measured rounds per engine (after one warm-up)")
     p.add_argument("--threads", type=int, default=2, help="threads for both engines")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens per prompt in the greedy check")
-    p.add_argument("--quantization", default=None,
-                   help="passed to depthserve's EngineArgs where it has that field (else ignored)")
+    p.add_argument("--quantization", default="auto",
+                   help="depthserve's --quantization (auto: GGUF tensors served as stored; none: dequantized to bf16)")
     p.add_argument("--pause", type=float, default=0.3, help="seconds idle before each round")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--worker", choices=["llama"], help=argparse.SUPPRESS)

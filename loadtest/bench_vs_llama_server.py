@@ -9,7 +9,7 @@ tokenizer, so the pools agree; ``ignore_eos`` + ``max_tokens`` make every reques
 * llama-server (the cached build of loadtest/llama_cpp.py): ``-m FILE --parallel N -c N*(in+out+64) -t T
   -tb T --port P`` (N = the concurrency: one slot per stream, as a user would set it);
 * depthserve: ``depthserve serve FILE --port P --dtype bfloat16 --num-threads T --max-num-seqs max(N, 8)``
-  (plus ``--quantization Q`` where given: for when the quantized kernels land).
+  (plus ``--quantization Q`` where given; the default, auto, serves GGUF tensors in their stored format).
 
 Each measured run follows a short warm-up run. Reports output tok/s, TTFT p50 and TPOT p50 per server and
 concurrency; ``--out`` writes them (with each run's full bench_serving summary) as JSON. Servers are started

@@ -75,22 +75,6 @@ def test_decode_rate_and_first_difference() -> None:
     assert bench_llama_cpp.first_difference([1, 2], [1, 2, 3]) == 2
 
 
-def test_quantization_passed_only_where_engine_args_has_it() -> None:
-    from dataclasses import dataclass
-
-    @dataclass
-    class With:
-        quantization: str | None = None
-
-    @dataclass
-    class Without:
-        model: str = ""
-
-    assert bench_llama_cpp.engine_quantization(With, "gguf") == "gguf"
-    assert bench_llama_cpp.engine_quantization(With, None) is None
-    assert bench_llama_cpp.engine_quantization(Without, "gguf") is None
-
-
 def test_llamacpp_args_and_table() -> None:
     a = bench_llama_cpp.parse_args(["x.gguf", "--tokens", "64", "--out", "o.json"])
     assert a.files == [Path("x.gguf")] and a.tokens == 64 and a.threads == 2 and a.worker is None
