@@ -145,10 +145,10 @@ struct Isa {
   static void expand(const uint8_t* b, V* w) {
     const __m512 d = _mm512_set1_ps(half_at(b));
     if constexpr (F == Q8_0) {
-      for (int v = 0; v < 2; ++v) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v));
-        w[v] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-      }
+      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+      const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+      w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+      w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
     } else {
       // the block's 16 possible weights in one register, indexed by the nibbles (vpermps reads 4 index bits)
       const __m512 idx = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -412,6 +412,8 @@ void run(const uint8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, 
       rows_direct<F, Isa::R1, 1, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else if (M <= Isa::MB) {
       rows_direct<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
+    } else if (M <= DS_QUANT_XMB && DS_QUANT_XMB > Isa::MB) {  // one pass of the wide tile, expanding in registers
+      rows_direct<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else {
       if (DS_QUANT_XMB * K * int64_t(sizeof(float)) <= DS_QUANT_XMB_BYTES) {
         rows_expanded<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
