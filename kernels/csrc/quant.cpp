@@ -54,6 +54,9 @@
 #ifndef DS_QUANT_LIBRARY  // the op namespace: experiments load other builds side by side
 #define DS_QUANT_LIBRARY depthserve
 #endif
+#ifndef DS_QUANT_PF_AHEAD  // the tile whose rows a tile prefetches while it streams its own (1: the next one; 2
+#define DS_QUANT_PF_AHEAD 2  // measured 1.1-1.3x ahead of 1 at M=1 on one Zen 5 core, 4 level with 2, none 3x slower)
+#endif
 #ifndef DS_QUANT_EXPAND_BYTES  // fp32 rows expanded at a time when M > MB
 #define DS_QUANT_EXPAND_BYTES (128 * 1024)
 #endif
@@ -141,9 +144,15 @@ struct Isa {
     }
   }
 
+  static V half_bcast(const uint8_t* p) {  // the fp16 at p in every lane (a word broadcast, then one convert)
+    int16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return _mm512_cvtph_ps(_mm256_set1_epi16(h));
+  }
+
   template <int F>
   static void expand(const uint8_t* b, V* w) {
-    const __m512 d = _mm512_set1_ps(half_at(b));
+    const __m512 d = half_bcast(b);
     if constexpr (F == Q8_0) {
       const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
       const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
@@ -156,7 +165,7 @@ struct Isa {
       if constexpr (F == Q4_0) {
         table = _mm512_mul_ps(d, _mm512_sub_ps(idx, _mm512_set1_ps(8.f)));
       } else {
-        table = _mm512_add_ps(_mm512_mul_ps(d, idx), _mm512_set1_ps(half_at(b + 2)));
+        table = _mm512_add_ps(_mm512_mul_ps(d, idx), half_bcast(b + 2));
       }
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + bb<F>() - 16));
       const __m512i raw = _mm512_cvtepu8_epi32(q);  // byte j in lane j: low nibble = weight j
@@ -333,7 +342,9 @@ void rows_direct(const uint8_t* w, int64_t ldw, int64_t rows, int64_t nb, const 
     const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
     int64_t n = 0;
     for (; n + R <= rows; n += R) {
-      const char* pf = contiguous && n + 2 * R <= rows ? reinterpret_cast<const char*>(w + (n + R) * ldw) : nullptr;
+      constexpr int A = DS_QUANT_PF_AHEAD;
+      const char* pf = A > 0 && contiguous && n + (A + 1) * R <= rows
+                           ? reinterpret_cast<const char*>(w + (n + A * R) * ldw) : nullptr;
       tile_m<R, MB, T>(mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx, y + m * N + n, N, pf, R * bb);
     }
     if (n < rows) tile_rm<R, MB, T>(static_cast<int>(rows - n), mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx,
