@@ -21,11 +21,19 @@
 //   each expanded weight vector feeds MB rows of x with one fma each;
 // - AVX-512 Q4_x: the 16 possible values of a block (d * (i - 8) or d * i + m) are built in one register and
 //   the nibbles index it (vpermps): 2 lookups per 32 weights instead of convert + scale per vector;
-// - register tiles: R1 weight rows at M == 1, R x MB (weight rows x x rows) at M <= MB; above MB a chunk of
-//   rows is expanded once into per-thread fp32 scratch (L2-sized) and the same tiles run on it, so the
-//   expansion is not repeated for every MB rows of x;
+// - register tiles: R1 = 8 weight rows at M == 1, R x MB = 4 x 4 (weight rows x x rows) at M <= 4, 2 x 8 at
+//   M <= 8 (AVX-512: the 16 accumulators of a full tile are reduced side by side, bf16 rounded in vector);
+//   above that a chunk of rows is expanded once into per-thread fp32 scratch (L2-sized) and the same tiles run
+//   on it (2 x 8 while 8 rows of x fit L1, else 4 x 4), so the expansion is not repeated per pass over x;
+// - while a tile streams, the tile two ahead is prefetched (rows of a few hundred bytes: the hardware
+//   prefetcher alone reaches ~0.2 of the bandwidth here);
 // - at::parallel_for over output rows, one contiguous chunk per thread; a call under ~96 KB of weight per
 //   thread stays on the caller's thread.
+// Measured (loadtest/bench_quant.py, SmolLM2-135M's linears, weights from DRAM, 2-core Zen 5 shared with other
+// work, read roofline ~52 GB/s): per decode step at M = 1 Q8_0 streams ~0.73 of the roofline (1.9x bf16
+// small_m_linear), Q4_0 / Q4_1 ~0.6 (2.6-2.8x): they are bound by the expansion (~35 G weights/s per core),
+// not by memory; at M = 8 1.35-1.4x bf16; at M = 32 level with bf16 at K = 576 (0.92-1.04x) and 0.85-0.91x
+// at K = 1536 (the FMAs bind there, and the fp32 scratch is twice bf16's bytes).
 // Not used: AVX-512 VNNI / AVX-VNNI. Their integer dot products need x quantized to int8 (llama.cpp's way);
 // here x stays fp32/bf16, never quantized, so the products are fp32 FMAs.
 // Vector paths chosen at compile time (-march=native): AVX-512F(+F16C), AVX2+FMA+F16C, a scalar fallback.
