@@ -29,11 +29,11 @@
 //   prefetcher alone reaches ~0.2 of the bandwidth here);
 // - at::parallel_for over output rows, one contiguous chunk per thread; a call under ~96 KB of weight per
 //   thread stays on the caller's thread.
-// Measured (loadtest/bench_quant.py, SmolLM2-135M's linears, weights from DRAM, 2-core Zen 5 shared with other
-// work, read roofline ~52 GB/s): per decode step at M = 1 Q8_0 streams ~0.73 of the roofline (1.9x bf16
-// small_m_linear), Q4_0 / Q4_1 ~0.6 (2.6-2.8x): they are bound by the expansion (~35 G weights/s per core),
-// not by memory; at M = 8 1.35-1.4x bf16; at M = 32 level with bf16 at K = 576 (0.92-1.04x) and 0.85-0.91x
-// at K = 1536 (the FMAs bind there, and the fp32 scratch is twice bf16's bytes).
+// Measured (loadtest/bench_quant.py -> loadtest/results/quant.json: SmolLM2-135M's linears, weights from DRAM,
+// 2 threads on a 2-core Zen 5 shared with other work, read roofline 50 GB/s), per decode step: at M = 1 Q8_0
+// streams 0.83 of the roofline (1.95x bf16 small_m_linear), Q4_0 / Q4_1 0.66 (2.9x / 2.6x): the 4-bit
+// formats are bound by the expansion (~35 G weights/s per core), not by memory; at M = 8 1.4-1.5x bf16; at
+// M = 32 Q4_x level with bf16 (0.97-1.04x at K = 576), Q8_0 0.91-0.95x, and 0.82-0.89x at K = 1536 (down).
 // Not used: AVX-512 VNNI / AVX-VNNI. Their integer dot products need x quantized to int8 (llama.cpp's way);
 // here x stays fp32/bf16, never quantized, so the products are fp32 FMAs.
 // Vector paths chosen at compile time (-march=native): AVX-512F(+F16C), AVX2+FMA+F16C, a scalar fallback.
