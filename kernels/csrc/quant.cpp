@@ -65,8 +65,14 @@
 #ifndef DS_QUANT_PF_AHEAD  // the tile whose rows a tile prefetches while it streams its own (1: the next one; 2
 #define DS_QUANT_PF_AHEAD 2  // measured 1.1-1.3x ahead of 1 at M=1 on one Zen 5 core, 4 level with 2, none 3x slower)
 #endif
+#ifndef DS_QUANT_DIRECT_MAX_M  // up to this M the quants are expanded in registers for every pass over x
+#define DS_QUANT_DIRECT_MAX_M 64
+#endif
+#ifndef DS_QUANT_DIRECT_BLOCK_BYTES  // quant bytes of the rows those passes share (from L2 after the first)
+#define DS_QUANT_DIRECT_BLOCK_BYTES (128 * 1024)
+#endif
 #ifndef DS_QUANT_EXPAND_BYTES  // fp32 rows expanded at a time when M > MB
-#define DS_QUANT_EXPAND_BYTES (128 * 1024)
+#define DS_QUANT_EXPAND_BYTES (256 * 1024)
 #endif
 #if defined(__AVX512F__)  // the tile on expanded rows when K is short: weight rows x x rows (more rows of x per
 #ifndef DS_QUANT_XR       // weight load; those rows of x must stay in L1)
@@ -341,22 +347,29 @@ inline void tile_rm(int r, int mb, const S& s, int64_t nb, const float* x, int64
 
 // Rows [0, rows) of one thread's chunk against every row of x: the tiles stream the quants and expand them
 // in registers. Used for M <= MB (each weight byte is then touched by one tile).
+// M > MB: blocks of rows (DS_QUANT_DIRECT_BLOCK_BYTES of quants) that the first pass over x reads from memory and
+// the later ones from L2.
 template <int F, int R, int MB, typename T>
 void rows_direct(const uint8_t* w, int64_t ldw, int64_t rows, int64_t nb, const float* x, int64_t ldx, int64_t M,
                  T* y, int64_t N) {
   constexpr int bb = Isa::bb<F>();
   const bool contiguous = ldw == nb * bb;  // prefetch the next tile only when it follows this one
-  for (int64_t m = 0; m < M; m += MB) {
-    const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-    int64_t n = 0;
-    for (; n + R <= rows; n += R) {
-      constexpr int A = DS_QUANT_PF_AHEAD;
-      const char* pf = A > 0 && contiguous && n + (A + 1) * R <= rows
-                           ? reinterpret_cast<const char*>(w + (n + A * R) * ldw) : nullptr;
-      tile_m<R, MB, T>(mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx, y + m * N + n, N, pf, R * bb);
-    }
-    if (n < rows) tile_rm<R, MB, T>(static_cast<int>(rows - n), mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx,
+  const int64_t block_rows =
+      M <= MB ? rows : std::max<int64_t>(1, DS_QUANT_DIRECT_BLOCK_BYTES / (R * std::max<int64_t>(1, nb * bb))) * R;
+  for (int64_t n0 = 0; n0 < rows; n0 += block_rows) {
+    const int64_t n1 = std::min(rows, n0 + block_rows);
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      int64_t n = n0;
+      for (; n + R <= n1; n += R) {
+        constexpr int A = DS_QUANT_PF_AHEAD;
+        const char* pf = A > 0 && m == 0 && contiguous && n + (A + 1) * R <= rows
+                             ? reinterpret_cast<const char*>(w + (n + A * R) * ldw) : nullptr;
+        tile_m<R, MB, T>(mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx, y + m * N + n, N, pf, R * bb);
+      }
+      if (n < n1) tile_rm<R, MB, T>(static_cast<int>(n1 - n), mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx,
                                     y + m * N + n, N);
+    }
   }
 }
 
@@ -431,7 +444,7 @@ void run(const uint8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, 
       rows_direct<F, Isa::R1, 1, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else if (M <= Isa::MB) {
       rows_direct<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
-    } else if (M <= DS_QUANT_XMB && DS_QUANT_XMB > Isa::MB) {  // one pass of the wide tile, expanding in registers
+    } else if (M <= DS_QUANT_DIRECT_MAX_M && DS_QUANT_XMB > Isa::MB) {  // the wide tile expanding in registers
       rows_direct<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else {
       if (DS_QUANT_XMB * K * int64_t(sizeof(float)) <= DS_QUANT_XMB_BYTES) {
