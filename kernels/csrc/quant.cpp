@@ -21,19 +21,21 @@
 //   each expanded weight vector feeds MB rows of x with one fma each;
 // - AVX-512 Q4_x: the 16 possible values of a block (d * (i - 8) or d * i + m) are built in one register and
 //   the nibbles index it (vpermps): 2 lookups per 32 weights instead of convert + scale per vector;
-// - register tiles: R1 = 8 weight rows at M == 1, R x MB = 4 x 4 (weight rows x x rows) at M <= 4, 2 x 8 at
-//   M <= 8 (AVX-512: the 16 accumulators of a full tile are reduced side by side, bf16 rounded in vector);
-//   above that a chunk of rows is expanded once into per-thread fp32 scratch (L2-sized) and the same tiles run
-//   on it (2 x 8 while 8 rows of x fit L1, else 4 x 4), so the expansion is not repeated per pass over x;
+// - register tiles: R1 = 8 weight rows at M == 1, R x MB = 4 x 4 (weight rows x x rows) at M <= 4, 2 x 8 up
+//   to M = 64 (AVX-512), one pass over x per 8 rows, each on a block of weight rows that the first pass reads
+//   from memory and the later ones from L2, re-expanding the quants in registers (cheaper than a round trip
+//   through fp32 scratch: measured 1.1-1.3x); above M = 64 a chunk of rows is expanded once into per-thread
+//   fp32 scratch and the tiles run on that. A full AVX-512 tile reduces its 16 accumulators side by side and
+//   rounds to bf16 in vector (one at a time they cost ~1/3 of a tile at K = 576);
 // - while a tile streams, the tile two ahead is prefetched (rows of a few hundred bytes: the hardware
 //   prefetcher alone reaches ~0.2 of the bandwidth here);
 // - at::parallel_for over output rows, one contiguous chunk per thread; a call under ~96 KB of weight per
 //   thread stays on the caller's thread.
 // Measured (loadtest/bench_quant.py -> loadtest/results/quant.json: SmolLM2-135M's linears, weights from DRAM,
-// 2 threads on a 2-core Zen 5 shared with other work, read roofline 50 GB/s), per decode step: at M = 1 Q8_0
-// streams 0.83 of the roofline (1.95x bf16 small_m_linear), Q4_0 / Q4_1 0.66 (2.9x / 2.6x): the 4-bit
-// formats are bound by the expansion (~35 G weights/s per core), not by memory; at M = 8 1.4-1.5x bf16; at
-// M = 32 Q4_x level with bf16 (0.97-1.04x at K = 576), Q8_0 0.91-0.95x, and 0.82-0.89x at K = 1536 (down).
+// 2 threads on a 2-core Zen 5 shared with other work, read roofline 49 GB/s), per decode step against bf16
+// small_m_linear on the same weights: at M = 1 Q8_0 streams 0.75 of the roofline (1.9x), Q4_0 / Q4_1 0.63
+// (3.0x / 2.75x): the 4-bit formats are bound by the expansion (~35 G weights/s per core), not by memory;
+// at M = 8 1.45-1.5x; at M = 32 1.12-1.18x (down, K = 1536: 1.03-1.10x).
 // Not used: AVX-512 VNNI / AVX-VNNI. Their integer dot products need x quantized to int8 (llama.cpp's way);
 // here x stays fp32/bf16, never quantized, so the products are fp32 FMAs.
 // Vector paths chosen at compile time (-march=native): AVX-512F(+F16C), AVX2+FMA+F16C, a scalar fallback.
