@@ -87,8 +87,8 @@ int check_linear(const at::Tensor& w, int64_t n, int64_t k, const at::Tensor& x,
               "] or quantized), got ", w.sizes());
   int type = 0;
   if (w.scalar_type() == at::kByte) {
-    TORCH_CHECK(k % 32 == 0, "decode_layer: ", name, " is quantized (uint8), but its input size ", k,
-                " is not a multiple of 32");
+    TORCH_CHECK(k > 0 && k % 32 == 0, "decode_layer: ", name, " is quantized (uint8), but its input size ", k,
+                " is not a positive multiple of 32");
     const int64_t blocks = k / 32;
     const int64_t bb = w.size(1) % blocks == 0 ? w.size(1) / blocks : 0;
     for (int t : {8, 2, 3}) {

@@ -21,11 +21,21 @@
 //   each expanded weight vector feeds MB rows of x with one fma each;
 // - AVX-512 Q4_x: the 16 possible values of a block (d * (i - 8) or d * i + m) are built in one register and
 //   the nibbles index it (vpermps): 2 lookups per 32 weights instead of convert + scale per vector;
-// - register tiles: R1 weight rows at M == 1, R x MB (weight rows x x rows) at M <= MB; above MB a chunk of
-//   rows is expanded once into per-thread fp32 scratch (L2-sized) and the same tiles run on it, so the
-//   expansion is not repeated for every MB rows of x;
+// - register tiles: R1 = 8 weight rows at M == 1, R x MB = 4 x 4 (weight rows x x rows) at M <= 4, 2 x 8 up
+//   to M = 64 (AVX-512), one pass over x per 8 rows, each on a block of weight rows that the first pass reads
+//   from memory and the later ones from L2, re-expanding the quants in registers (cheaper than a round trip
+//   through fp32 scratch: measured 1.1-1.3x); above M = 64 a chunk of rows is expanded once into per-thread
+//   fp32 scratch and the tiles run on that. A full AVX-512 tile reduces its 16 accumulators side by side and
+//   rounds to bf16 in vector (one at a time they cost ~1/3 of a tile at K = 576);
+// - while a tile streams, the tile two ahead is prefetched (rows of a few hundred bytes: the hardware
+//   prefetcher alone reaches ~0.2 of the bandwidth here);
 // - at::parallel_for over output rows, one contiguous chunk per thread; a call under ~96 KB of weight per
 //   thread stays on the caller's thread.
+// Measured (loadtest/bench_quant.py -> loadtest/results/quant.json: SmolLM2-135M's linears, weights from DRAM,
+// 2 threads on a 2-core Zen 5 shared with other work, read roofline 49 GB/s), per decode step against bf16
+// small_m_linear on the same weights: at M = 1 Q8_0 streams 0.75 of the roofline (1.9x), Q4_0 / Q4_1 0.63
+// (3.0x / 2.75x): the 4-bit formats are bound by the expansion (~35 G weights/s per core), not by memory;
+// at M = 8 1.45-1.5x; at M = 32 1.12-1.18x (down, K = 1536: 1.03-1.10x).
 // Not used: AVX-512 VNNI / AVX-VNNI. Their integer dot products need x quantized to int8 (llama.cpp's way);
 // here x stays fp32/bf16, never quantized, so the products are fp32 FMAs.
 // Vector paths chosen at compile time (-march=native): AVX-512F(+F16C), AVX2+FMA+F16C, a scalar fallback.
@@ -54,8 +64,17 @@
 #ifndef DS_QUANT_LIBRARY  // the op namespace: experiments load other builds side by side
 #define DS_QUANT_LIBRARY depthserve
 #endif
+#ifndef DS_QUANT_PF_AHEAD  // the tile whose rows a tile prefetches while it streams its own (1: the next one; 2
+#define DS_QUANT_PF_AHEAD 2  // measured 1.1-1.3x ahead of 1 at M=1 on one Zen 5 core, 4 level with 2, none 3x slower)
+#endif
+#ifndef DS_QUANT_DIRECT_MAX_M  // up to this M the quants are expanded in registers for every pass over x
+#define DS_QUANT_DIRECT_MAX_M 64
+#endif
+#ifndef DS_QUANT_DIRECT_BLOCK_BYTES  // quant bytes of the rows those passes share (from L2 after the first)
+#define DS_QUANT_DIRECT_BLOCK_BYTES (128 * 1024)
+#endif
 #ifndef DS_QUANT_EXPAND_BYTES  // fp32 rows expanded at a time when M > MB
-#define DS_QUANT_EXPAND_BYTES (128 * 1024)
+#define DS_QUANT_EXPAND_BYTES (256 * 1024)
 #endif
 #if defined(__AVX512F__)  // the tile on expanded rows when K is short: weight rows x x rows (more rows of x per
 #ifndef DS_QUANT_XR       // weight load; those rows of x must stay in L1)
@@ -141,14 +160,20 @@ struct Isa {
     }
   }
 
+  static V half_bcast(const uint8_t* p) {  // the fp16 at p in every lane (a word broadcast, then one convert)
+    int16_t h;
+    std::memcpy(&h, p, sizeof h);
+    return _mm512_cvtph_ps(_mm256_set1_epi16(h));
+  }
+
   template <int F>
   static void expand(const uint8_t* b, V* w) {
-    const __m512 d = _mm512_set1_ps(half_at(b));
+    const __m512 d = half_bcast(b);
     if constexpr (F == Q8_0) {
-      for (int v = 0; v < 2; ++v) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v));
-        w[v] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-      }
+      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+      const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+      w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+      w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
     } else {
       // the block's 16 possible weights in one register, indexed by the nibbles (vpermps reads 4 index bits)
       const __m512 idx = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -156,7 +181,7 @@ struct Isa {
       if constexpr (F == Q4_0) {
         table = _mm512_mul_ps(d, _mm512_sub_ps(idx, _mm512_set1_ps(8.f)));
       } else {
-        table = _mm512_add_ps(_mm512_mul_ps(d, idx), _mm512_set1_ps(half_at(b + 2)));
+        table = _mm512_add_ps(_mm512_mul_ps(d, idx), half_bcast(b + 2));
       }
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + bb<F>() - 16));
       const __m512i raw = _mm512_cvtepu8_epi32(q);  // byte j in lane j: low nibble = weight j
@@ -324,20 +349,29 @@ inline void tile_rm(int r, int mb, const S& s, int64_t nb, const float* x, int64
 
 // Rows [0, rows) of one thread's chunk against every row of x: the tiles stream the quants and expand them
 // in registers. Used for M <= MB (each weight byte is then touched by one tile).
+// M > MB: blocks of rows (DS_QUANT_DIRECT_BLOCK_BYTES of quants) that the first pass over x reads from memory and
+// the later ones from L2.
 template <int F, int R, int MB, typename T>
 void rows_direct(const uint8_t* w, int64_t ldw, int64_t rows, int64_t nb, const float* x, int64_t ldx, int64_t M,
                  T* y, int64_t N) {
   constexpr int bb = Isa::bb<F>();
   const bool contiguous = ldw == nb * bb;  // prefetch the next tile only when it follows this one
-  for (int64_t m = 0; m < M; m += MB) {
-    const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
-    int64_t n = 0;
-    for (; n + R <= rows; n += R) {
-      const char* pf = contiguous && n + 2 * R <= rows ? reinterpret_cast<const char*>(w + (n + R) * ldw) : nullptr;
-      tile_m<R, MB, T>(mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx, y + m * N + n, N, pf, R * bb);
-    }
-    if (n < rows) tile_rm<R, MB, T>(static_cast<int>(rows - n), mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx,
+  const int64_t block_rows =
+      M <= MB ? rows : std::max<int64_t>(1, DS_QUANT_DIRECT_BLOCK_BYTES / (R * std::max<int64_t>(1, nb * bb))) * R;
+  for (int64_t n0 = 0; n0 < rows; n0 += block_rows) {
+    const int64_t n1 = std::min(rows, n0 + block_rows);
+    for (int64_t m = 0; m < M; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m));
+      int64_t n = n0;
+      for (; n + R <= n1; n += R) {
+        constexpr int A = DS_QUANT_PF_AHEAD;
+        const char* pf = A > 0 && m == 0 && contiguous && n + (A + 1) * R <= rows
+                             ? reinterpret_cast<const char*>(w + (n + A * R) * ldw) : nullptr;
+        tile_m<R, MB, T>(mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx, y + m * N + n, N, pf, R * bb);
+      }
+      if (n < n1) tile_rm<R, MB, T>(static_cast<int>(n1 - n), mb, Quant<F>{w + n * ldw, ldw}, nb, x + m * ldx, ldx,
                                     y + m * N + n, N);
+    }
   }
 }
 
@@ -412,6 +446,8 @@ void run(const uint8_t* w, int64_t ldw, const float* x, int64_t ldx, int64_t M, 
       rows_direct<F, Isa::R1, 1, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else if (M <= Isa::MB) {
       rows_direct<F, Isa::R, Isa::MB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
+    } else if (M <= DS_QUANT_DIRECT_MAX_M && DS_QUANT_XMB > Isa::MB) {  // the wide tile expanding in registers
+      rows_direct<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);
     } else {
       if (DS_QUANT_XMB * K * int64_t(sizeof(float)) <= DS_QUANT_XMB_BYTES) {
         rows_expanded<F, DS_QUANT_XR, DS_QUANT_XMB, T>(wr, ldw, rows, nb, x, ldx, M, y + n0, N);

@@ -56,10 +56,11 @@ def test_linear_matches_reference(ds, fmt, m, n, k) -> None:
 
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.name)
 @pytest.mark.parametrize("k", [192, 800])
-def test_fp32_is_small_m_linear_on_the_dequantized_weight(ds, fmt, k) -> None:
+@pytest.mark.parametrize("m", [20, 80])
+def test_fp32_is_small_m_linear_on_the_dequantized_weight(ds, fmt, k, m) -> None:
     """The kernel expands each block exactly as dequantize does and sums as small_m_linear's fp32 tiles do; a row's
-    result is independent of M (the M <= 4 register path and the M > 4 scratch path agree)."""
-    x, q = _case(20, 75, k, fmt, F32)
+    result is independent of M (the register paths of M <= 64 and the scratch path above agree)."""
+    x, q = _case(m, 75, k, fmt, F32)
     got = ds.quant_linear(x, q, fmt.ggml_type)
     torch.testing.assert_close(got, ds.small_m_linear(x, quant.dequantize(q, fmt)), rtol=0, atol=0)
     for i in (0, 3, 19):
