@@ -215,11 +215,21 @@ def _cpu_bf16_gemm() -> bool:
         return True  # unknown: keep bf16
 
 
+# bf16 rows past which a packed oneDNN weight beats the small-M kernel where the CPU has bf16 dot products
+# (AVX512-BF16 / AMX: `_cpu_bf16_gemm`). Measured on a 2-core AVX-512 EPYC, SmolLM2-135M's linears per step:
+# level at 4 rows, oneDNN 1.4x at 8, 1.8x at 16, 2.2x at 32 (it multiplies bf16 pairs; the kernel converts to fp32
+# and FMAs). 8, not 4: a pure-decode step of up to 8 rows runs fused (FUSED_DECODE_MAX_ROWS), on this kernel.
+BF16_GEMM_MAX_M = 8
+
+
 def _small_m_rows(weight: torch.Tensor, backend: Backend) -> int:
     """Up to how many rows `linear` sends this weight to depthserve::small_m_linear (0: never)."""
     if not backend.native_ops or weight.device.type != "cpu" or weight.dim() != 2 or not _small_m_linear_ok():
         return 0
-    return cpu_gemv.MAX_M.get(weight.dtype, 0)
+    rows = cpu_gemv.MAX_M.get(weight.dtype, 0)
+    if weight.dtype == torch.bfloat16 and backend.native and _cpu_bf16_gemm():
+        rows = min(rows, BF16_GEMM_MAX_M)
+    return rows
 
 
 @functools.cache
