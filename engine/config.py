@@ -218,6 +218,9 @@ class EngineConfig:
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (None: min(max_num_seqs, 256))
     speculative: SpeculativeConfig | None = None  # None: no drafts (the non-speculative path, unchanged)
     quantization: str = "auto"  # weights served in a quantized block format (models/quantization.py)
+    # pure-decode CPU steps of at most this many rows run on one thread (None: 2 under the HTTP server, whose
+    # event loop and response streams need a core, 0 offline; see LLMEngine._step_threads)
+    small_step_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_cuda_graph_batch_size is not None and self.max_cuda_graph_batch_size < 1:

@@ -46,6 +46,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        self.num_threads = torch.get_num_threads()  # the step's threads (_step_threads may use one for small steps)
+        self.small_step_rows = config.small_step_rows or 0  # the HTTP server sets its default (None) to 2
         self.model_dir = resolve_model(config.model)
         self.model_config: ModelConfig = load_config(self.model_dir)
         if config.speculative is not None:
@@ -353,6 +355,9 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
             return []
         self.last_step_tokens = sched.num_tokens
+        threads = self._step_threads(sched.num_tokens, len(sched.scheduled))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         try:
             ran = self.runner.execute(sched)
         except Exception as e:  # fail the requests of this step only; the engine keeps serving
@@ -374,6 +379,17 @@ class LLMEngine:
         for req, stop in stopped:
             self.scheduler.finish(req, "stop", stop)
         return outputs
+
+    def _step_threads(self, num_tokens: int, num_requests: int) -> int:
+        """Threads for a step: one for a pure-decode CPU step of at most `small_step_rows` rows, else the engine's.
+        Such a step streams the weights at about the bandwidth one core reaches, and under the HTTP server the
+        event loop and the clients' streams need the other core: with both busy-waiting OpenMP threads a
+        1-stream token took 8.7 ms against 5.2 on one (SmolLM2 Q8_0, 2 cores; loadtest/RESULTS.md)."""
+        rows = self.small_step_rows
+        if (rows and num_tokens <= rows and num_tokens == num_requests and self.tp_group is None
+                and self.runner.device.type == "cpu"):
+            return 1
+        return self.num_threads
 
     # ---- introspection for tests and metrics ------------------------------------------------------
     def kv_blocks_held_by_requests(self) -> int:

@@ -49,14 +49,14 @@ def llama_server_cmd(binary: Path, model: Path, port: int, concurrency: int, thr
 
 
 def depthserve_cmd(model: Path, port: int, concurrency: int, threads: int, input_len: int, output_len: int,
-                   quantization: str | None = None) -> list[str]:
+                   quantization: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """`depthserve serve` through this interpreter, so the worktree's code is what runs."""
     cmd = [sys.executable, "-m", "server.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "bfloat16", "--num-threads", str(threads), "--max-num-seqs", str(max(concurrency, 8)),
            "--max-model-len", str(max(512, input_len + output_len + 64))]
     if quantization:
         cmd += ["--quantization", quantization]
-    return cmd
+    return [*cmd, *extra]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -171,6 +171,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--quantization", default=None, help="passed to `depthserve serve --quantization`")
+    p.add_argument("--depthserve-args", default="", help="extra `depthserve serve` flags, e.g. '--small-step-rows 0'")
     p.add_argument("--llama-server-args", default="",
                    help="extra llama-server flags, e.g. '--poll 0' (its threads sleep instead of spinning: "
                         "kinder on a machine shared with other work)")
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 args.input_len, args.output_len, shlex.split(args.llama_server_args))
                                if name == "llama.cpp" else
                                depthserve_cmd(f, port, c, args.threads, args.input_len, args.output_len,
-                                              args.quantization))
+                                              args.quantization, shlex.split(args.depthserve_args)))
                         entry["commands"][f"{name} c={c}"] = " ".join(cmd)
                         print(f"== {f.name} {name} concurrency {c} ({n} requests)", flush=True)
                         with server(cmd, port, Path(tmp) / f"{name}-{c}.log") as url:

@@ -43,6 +43,8 @@ NON_DEFAULT = {
     "gpu_memory_utilization": (["--gpu-memory-utilization", "0.5"], 0.5),
     "enforce_eager": (["--enforce-eager"], True),
     "max_cuda_graph_batch_size": (["--max-cuda-graph-batch-size", "32"], 32),
+    "quantization": (["--quantization", "int8"], "int8"),
+    "small_step_rows": (["--small-step-rows", "3"], 3),
 }
 
 

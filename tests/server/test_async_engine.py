@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.arg_utils import EngineArgs
-from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from engine.async_engine import SERVER_SMALL_STEP_ROWS, AsyncLLMEngine, EngineDeadError, QueueFullError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutputKind
 from engine.parallel import WorkerDiedError
@@ -250,3 +250,19 @@ def test_shutdown_stops_thread_and_fails_open_streams(tiny_model: Path) -> None:
             eng.generate("To be", SamplingParams(), "after")
 
     asyncio.run(run())
+
+
+def test_small_decode_steps_run_on_one_thread_under_the_server(tiny_model: Path) -> None:
+    """The server gives small pure-decode steps one thread (its event loop keeps a core); offline keeps all, and
+    prompt chunks, larger batches and verification rows (more tokens than requests) always use all."""
+    def engine(**kw: int) -> LLMEngine:
+        return LLMEngine(EngineArgs(model=str(tiny_model), num_threads=2, kv_cache_memory="8MiB",
+                                    depth_cache_memory="8MiB", **kw).create_engine_config())
+
+    offline = engine()
+    assert offline.num_threads == 2 and offline.small_step_rows == 0 and offline._step_threads(1, 1) == 2
+    served = AsyncLLMEngine(engine()).engine
+    assert served.small_step_rows == SERVER_SMALL_STEP_ROWS == 2
+    assert served._step_threads(1, 1) == served._step_threads(2, 2) == 1
+    assert served._step_threads(3, 3) == served._step_threads(2, 1) == served._step_threads(9, 1) == 2
+    assert AsyncLLMEngine(engine(small_step_rows=0)).engine._step_threads(1, 1) == 2
