@@ -323,7 +323,8 @@ def write_report(runs: dict, tp: dict | None, serving: dict | None, cost: dict, 
 # Hand-written sections (measured with their own command, quoted in them) that a regeneration keeps.
 KEPT_SECTIONS = ("## Kernels: prepacked oneDNN linears", "## Kernels: native CPU ops", "## Kernels: small-M linear",
                  "## Kernels: paged decode attention", "## Kernels: what each gained", "## Tried: inductor",
-                 "## Depth drafts", "## depthserve vs llama.cpp")
+                 "## Depth drafts", "## depthserve vs llama.cpp", "## Issue 19", "## Issue-13 round 4",
+                 "## Speculative decoding")
 
 
 def kept_sections(text: str) -> list[str]:
