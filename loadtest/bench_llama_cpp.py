@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker == "llama":
         return worker_llama(str(args.files[0]), args.threads, args.ctx)
-    from loadtest.bench_latency import read_bandwidth, write_json
+    from loadtest.bench_latency import read_bandwidth
     from loadtest.llama_cpp import require
 
     lay = require()
@@ -337,11 +337,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "load_average_start": load, "load_average_end": os.getloadavg(), "cpus": os.cpu_count()},
               "read_bandwidth_gbs": {"before": bw_before, "after": bw_after, "roofline": max(bw_before, bw_after)},
               "files": results}
+    return report(markdown(result), result, args.out)
+
+
+def report(table: str, result: dict[str, Any], out: Path | None) -> int:
+    """Print the table, write the JSON where asked (both llama.cpp benches end so)."""
+    from loadtest.bench_latency import write_json
+
     print()
-    print(markdown(result))
-    if args.out:
-        write_json(args.out, result)
-        print(f"\nwrote {args.out}")
+    print(table)
+    if out:
+        write_json(out, result)
+        print(f"\nwrote {out}")
     return 0
 
 

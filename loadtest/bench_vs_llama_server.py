@@ -182,7 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from loadtest.bench_latency import write_json
+    from loadtest.bench_llama_cpp import report
     from loadtest.llama_cpp import quantize, require
     from loadtest.ports import free_port
 
@@ -225,12 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _kill_all()
     result["config"]["load_average_end"] = os.getloadavg()
-    print()
-    print(markdown(result))
-    if args.out:
-        write_json(args.out, result)
-        print(f"\nwrote {args.out}")
-    return 0
+    return report(markdown(result), result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace depthserve {
 
@@ -108,6 +109,37 @@ template <typename F> inline void with_type(Kind k, const F& f) {
   } else {
     f(bf16_t{});
   }
+}
+
+// x [M, K] (fp32 or bf16, any strides) as the fp32 rows the GEMV kernels read (unit stride, every row 64-byte
+// aligned at a row stride that is a multiple of 16): in place when x already is that, else converted into the
+// M * ldx floats that `alloc(count)` returns. Returns the rows and their stride.
+template <typename Alloc>
+inline std::pair<const float*, int64_t> f32_rows(const at::Tensor& x, Alloc alloc) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && aligned(x.const_data_ptr()) &&
+      (M == 1 || x.stride(0) % 16 == 0)) {
+    return {x.const_data_ptr<float>(), M > 1 ? x.stride(0) : K};
+  }
+  const int64_t ldx = (K + 15) / 16 * 16;
+  float* buf = alloc(static_cast<size_t>(M * ldx));
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  with_type(kind_of(x), [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(x.const_data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = buf + m * ldx;
+      const T* src = base + m * s0;
+      if (s1 == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) dst[k] = to_f(src[k]);
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst[k] = to_f(src[k * s1]);
+      }
+    }
+  });
+  return {buf, ldx};
 }
 
 }  // namespace depthserve

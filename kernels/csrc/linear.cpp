@@ -267,34 +267,12 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w) {
 
   // x in fp32, unit column stride, every row 64-byte aligned (a misaligned row splits a vector load in two
   // cache lines): in place when it already is, else one small converted copy
-  const float* xp = nullptr;
-  int64_t ldx = 0;
   std::unique_ptr<float, decltype(&std::free)> xbuf(nullptr, &std::free);
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
-  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && aligned(x.const_data_ptr()) &&
-      (M == 1 || x.stride(0) % 16 == 0)) {
-    xp = x.const_data_ptr<float>();
-    ldx = M > 1 ? x.stride(0) : K;
-  } else {
-    ldx = (K + 15) / 16 * 16;
-    xbuf.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(M * ldx) * sizeof(float))));
+  const auto [xp, ldx] = f32_rows(x, [&](size_t n) {
+    xbuf.reset(static_cast<float*>(std::aligned_alloc(64, n * sizeof(float))));
     TORCH_CHECK(xbuf, "small_m_linear: out of memory");
-    const int64_t s0 = x.stride(0), s1 = x.stride(1);
-    for (int64_t m = 0; m < M; ++m) {
-      float* dst = xbuf.get() + m * ldx;
-      if (x.scalar_type() == at::kFloat) {
-        const float* src = x.const_data_ptr<float>() + m * s0;
-        for (int64_t k = 0; k < K; ++k) dst[k] = src[k * s1];
-      } else if (s1 == 1) {
-        const bf16* src = x.const_data_ptr<bf16>() + m * s0;
-        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]);
-      } else {
-        const bf16* src = x.const_data_ptr<bf16>() + m * s0;
-        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k * s1]);
-      }
-    }
-    xp = xbuf.get();
-  }
+    return xbuf.get();
+  });
 
   const int64_t ldw = wc.stride(0);
   if (x.scalar_type() == at::kFloat) {

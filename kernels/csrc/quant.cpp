@@ -500,33 +500,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qw, int64_t ggml_
   if (K == 0) return y.zero_();
 
   // x in fp32, unit column stride, rows 64-byte aligned (as small_m_linear takes it)
-  const float* xp = nullptr;
-  int64_t ldx = 0;
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
-  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && aligned(x.const_data_ptr()) &&
-      (M == 1 || x.stride(0) % 16 == 0)) {
-    xp = x.const_data_ptr<float>();
-    ldx = M > 1 ? x.stride(0) : K;
-  } else {
-    ldx = (K + 15) / 16 * 16;
-    float* xbuf = scratch(static_cast<size_t>(M * ldx), 1);
-    const int64_t s0 = x.stride(0), s1 = x.stride(1);
-    with_type(kind_of(x), [&](auto tag) {
-      using T = decltype(tag);
-      const T* base = static_cast<const T*>(x.const_data_ptr());
-      for (int64_t m = 0; m < M; ++m) {
-        float* dst = xbuf + m * ldx;
-        const T* src = base + m * s0;
-        if (s1 == 1) {
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) dst[k] = to_f(src[k]);
-        } else {
-          for (int64_t k = 0; k < K; ++k) dst[k] = to_f(src[k * s1]);
-        }
-      }
-    });
-    xp = xbuf;
-  }
+  const auto [xp, ldx] = f32_rows(x, [](size_t n) { return scratch(n, 1); });
   fused::qgemv(static_cast<int>(ggml_type), wc.const_data_ptr<uint8_t>(), wc.stride(0), xp, ldx, M, N, K,
                kind_of(x), y.data_ptr());
   return y;
