@@ -263,7 +263,7 @@ def _quant_native_ok() -> bool:
     """The native library registers quant_linear and dequantize, and both match kernels/quant.py on a probe."""
     from kernels import cpu_ext
 
-    if cpu_ext.load() is None or not hasattr(torch.ops.depthserve, "quant_linear"):
+    if cpu_ext.load() is None or not quant.native_available():
         return False
     try:
         g = torch.Generator().manual_seed(4)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BLOCK", "FORMATS", "QuantFormat", "dequantize", "dequantize_native", "format_named", "linear",
-           "native_available", "quantize", "quantized_shape", "reference_linear"]
+__all__ = ["BLOCK", "FORMATS", "QuantFormat", "dequantize", "format_named", "native_available", "quantize",
+           "quantized_shape", "reference_linear"]
 
 BLOCK = 32  # weights per block, every format
 
@@ -128,7 +128,7 @@ def reference_linear(x: torch.Tensor, q: torch.Tensor, fmt: QuantFormat) -> torc
     return (x.to(torch.float32) @ dequantize(q, fmt).T).to(x.dtype)
 
 
-# ---- the native kernels (kernels/csrc/quant.cpp), with the reference above as their fallback ----------------
+# ---- the native kernels (kernels/csrc/quant.cpp; kernels.ops dispatches to them, probed once) ----------------
 
 def native_available() -> bool:
     """True once the native library that registers depthserve::quant_linear is loaded in this process."""
@@ -136,17 +136,3 @@ def native_available() -> bool:
         return hasattr(torch.ops.depthserve, "quant_linear")
     except (AttributeError, RuntimeError):
         return False
-
-
-def linear(x: torch.Tensor, q: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """x [M, K] @ dequantize(q)^T in x's dtype: the native kernel (CPU) when loaded, else reference_linear."""
-    if native_available() and x.device.type == "cpu":
-        return torch.ops.depthserve.quant_linear(x, q, fmt.ggml_type)
-    return reference_linear(x, q, fmt)
-
-
-def dequantize_native(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dequantize(q, fmt, dtype) by the native kernel (CPU, fp32 / bf16) when loaded: the same values."""
-    if native_available() and q.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.depthserve.dequantize(q, fmt.ggml_type, dtype)
-    return dequantize(q, fmt, dtype)
