@@ -103,15 +103,20 @@ def test_dequantize_is_exact(ds, fmt, shape) -> None:
     assert torch.equal(got, want)
     got16 = ds.dequantize(q, fmt.ggml_type, BF16)
     assert got16.dtype == BF16 and torch.equal(got16, want.to(BF16))
-    assert torch.equal(quant.dequantize_native(q, fmt, BF16), want.to(BF16))
+    assert torch.equal(ops.dequantize(q, fmt, BF16), want.to(BF16))
 
 
-def test_thin_wrappers_fall_back(ds, monkeypatch) -> None:
-    x, q = _case(3, 9, 64, quant.Q4_1, F32)
-    native = quant.linear(x, q, quant.Q4_1)
-    monkeypatch.setattr(quant, "native_available", lambda: False)
-    torch.testing.assert_close(quant.linear(x, q, quant.Q4_1), native, rtol=1e-5, atol=1e-5)
-    assert torch.equal(quant.dequantize_native(q, quant.Q4_1), quant.dequantize(q, quant.Q4_1))
+def test_ops_linear_on_quantized_weights(ds, monkeypatch) -> None:
+    """kernels.ops.linear: up to small_m_rows rows the native kernel; more rows the weight dequantized (in pieces
+    when large) into a GEMM. Both compute reference_linear's values (fp32 x)."""
+    for m in (3, 70):
+        x, q = _case(m, 37, 64, quant.Q4_1, F32)
+        pw = ops.PackedLinear(q, None, ops.QUANT_MAX_M, quant=quant.Q4_1)
+        want = quant.reference_linear(x, q, quant.Q4_1)
+        torch.testing.assert_close(ops.linear(x, pw), want, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(ops, "QUANT_PIECE_BYTES", 64 * 4 * 5)  # 5 rows a piece: 8 pieces, the last short
+        torch.testing.assert_close(ops.linear(x, pw), want, rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()
 
 
 def test_bad_inputs_raise(ds) -> None:
