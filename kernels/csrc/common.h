@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -110,6 +111,23 @@ template <typename F> inline void with_type(Kind k, const F& f) {
     f(bf16_t{});
   }
 }
+
+// One 64-byte aligned scratch allocation, grown on demand and kept for the thread's next calls.
+struct Buffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  template <typename T = char>
+  T* get(size_t want) {
+    if (want > bytes) {
+      std::free(p);
+      bytes = (want + 63) / 64 * 64;
+      p = std::aligned_alloc(64, bytes);
+      TORCH_CHECK(p != nullptr, "depthserve: out of memory for a scratch buffer");
+    }
+    return static_cast<T*>(p);
+  }
+  ~Buffer() { std::free(p); }
+};
 
 // x [M, K] (fp32 or bf16, any strides) as the fp32 rows the GEMV kernels read (unit stride, every row 64-byte
 // aligned at a row stride that is a multiple of 16): in place when x already is that, else converted into the

@@ -39,23 +39,6 @@ namespace {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// One 64-byte aligned scratch allocation, grown on demand and kept for the thread's next calls.
-struct Buffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  template <typename T = char>
-  T* get(size_t want) {
-    if (want > bytes) {
-      std::free(p);
-      bytes = (want + 63) / 64 * 64;
-      p = std::aligned_alloc(64, bytes);
-      TORCH_CHECK(p != nullptr, "decode_layer: out of memory");
-    }
-    return static_cast<T*>(p);
-  }
-  ~Buffer() { std::free(p); }
-};
-
 struct Scratch {
   Buffer xf, qkv, attn, a, x2, gu, act, xin, mout;
 };

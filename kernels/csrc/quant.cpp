@@ -389,20 +389,8 @@ inline void expand_row(const uint8_t* w, int64_t nb, float* out) {
 // faults (measured ~15% of a 32-row call). Slot 0: the expanded rows of M > MB (worker threads); slot 1: x in
 // fp32 (the calling thread).
 float* scratch(size_t floats, int slot = 0) {
-  struct Buf {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  thread_local Buf bufs[2];
-  Buf& buf = bufs[slot];
-  if (floats > buf.n) {
-    std::free(buf.p);
-    buf.n = (floats + 15) / 16 * 16;
-    buf.p = static_cast<float*>(std::aligned_alloc(64, buf.n * sizeof(float)));
-    TORCH_CHECK(buf.p != nullptr, "quant_linear: out of memory");
-  }
-  return buf.p;
+  thread_local Buffer bufs[2];
+  return bufs[slot].get<float>(floats * sizeof(float));
 }
 
 constexpr int64_t kExpandBytes = DS_QUANT_EXPAND_BYTES;  // fp32 rows expanded at a time when M > MB
