@@ -32,7 +32,7 @@ from engine.config import (
 )
 from kernels.ops import BACKENDS
 from models.loader import DEFAULT_MODEL
-from models.quantization import QUANTIZATION_CHOICES
+from models.quantization import QUANTIZATION_CHOICES, check_quantization
 
 __all__ = ["DefaultsFormatter", "EngineArgs", "FriendlyParser", "flag_name", "option"]
 
@@ -294,9 +294,10 @@ class EngineArgs(CliArgs):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in BACKENDS:
             errors.append(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r} (--kernels)")
-        if str(self.quantization).lower() not in QUANTIZATION_CHOICES:
-            errors.append(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {self.quantization!r} "
-                          "(--quantization)")
+        try:
+            check_quantization(self.quantization)
+        except ValueError as e:
+            errors.append(f"{e} (--quantization)")
         spec = self._speculative(errors)
         if errors:
             raise ValueError("; ".join(errors))

@@ -99,7 +99,7 @@ class PackedLinear:
     weight: torch.Tensor
     packed: torch.Tensor | None = None
     small_m_rows: int = 0  # up to this many rows go to the small-M kernel on `weight` (kernels/cpu_gemv.py)
-    upcast: bool = False  # more rows compute in fp32 (a bf16 weight on a CPU without bf16 GEMM support)
+    upcast: bool = False  # more rows compute in fp32 (a bf16 or quantized weight on a CPU without bf16 GEMM support)
     quant: QuantFormat | None = None  # `weight` is uint8 blocks of this format (kernels/quant.py)
 
 
@@ -194,9 +194,10 @@ def pack_linear(weight: torch.Tensor, backend: Backend, fmt: QuantFormat | None 
     """Prepare a [out, in] weight once for `backend`: a packed oneDNN copy for the native linears, and the
     number of rows the small-M kernel takes on the plain weight where the native ops run. A quantized weight
     (`fmt`) is used as stored: up to QUANT_MAX_M rows go to the native quantized kernel."""
-    if fmt is not None:
-        native = backend.native_ops and weight.device.type == "cpu" and _quant_native_ok()
-        return PackedLinear(weight, None, QUANT_MAX_M if native else 0, quant=fmt)
+    if fmt is not None:  # rows past the kernel's dequantize into a GEMM: fp32 where the CPU has no bf16 GEMM
+        cpu_weight = weight.device.type == "cpu"
+        native = backend.native_ops and cpu_weight and _quant_native_ok()
+        return PackedLinear(weight, None, QUANT_MAX_M if native else 0, cpu_weight and not _cpu_bf16_gemm(), fmt)
     small = _small_m_rows(weight, backend)
     if backend.native and weight.device.type == "cpu":
         return PackedLinear(weight, cpu.pack_linear(weight), small)
@@ -288,14 +289,15 @@ def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.T
     return quant.dequantize(q, fmt, dtype)
 
 
-def _quant_linear(x: torch.Tensor, pw: PackedLinear, fmt: QuantFormat) -> torch.Tensor:
+def _quant_linear(x: torch.Tensor, pw: PackedLinear) -> torch.Tensor:
     """x [T, in] @ dequantize(W)^T: the native kernel on the blocks for few rows; else the weight dequantized
-    piece by piece into a GEMM (in x's dtype where the CPU has a bf16 GEMM, else fp32, like `upcast`)."""
-    m = x.shape[0]
+    piece by piece into a GEMM (in x's dtype, or fp32 where `pw.upcast`)."""
+    m, fmt = x.shape[0], pw.quant
+    assert fmt is not None
     if 0 < m <= pw.small_m_rows:
         return torch.ops.depthserve.quant_linear(x, pw.weight, fmt.ggml_type)
     w = pw.weight
-    dt = x.dtype if x.dtype == torch.float32 or x.device.type != "cpu" or _cpu_bf16_gemm() else torch.float32
+    dt = torch.float32 if pw.upcast else x.dtype
     xx = x.to(dt)
     k = w.shape[1] // fmt.block_bytes * quant.BLOCK
     rows = max(1, QUANT_PIECE_BYTES // (k * torch.finfo(dt).bits // 8))
@@ -312,7 +314,7 @@ def linear(x: torch.Tensor, pw: PackedLinear, bias: torch.Tensor | None = None) 
     `pw.small_m_rows` rows (kernels/cpu_gemv.py), else the packed oneDNN weight, else the reference; a quantized
     weight through _quant_linear."""
     if pw.quant is not None:
-        y = _quant_linear(x, pw, pw.quant)
+        y = _quant_linear(x, pw)
         return y if bias is None else y.add_(bias)
     if 0 < x.shape[0] <= pw.small_m_rows and x.dtype == pw.weight.dtype:
         y = torch.ops.depthserve.small_m_linear(x, pw.weight)  # [T, out]

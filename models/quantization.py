@@ -40,10 +40,10 @@ _QUANTIZABLE = (".qkv_proj.weight", ".o_proj.weight", ".gate_up_proj.weight", ".
 
 def check_quantization(name: str) -> str:
     """The canonical --quantization value; ValueError naming the choices."""
-    key = name.lower()
+    key = str(name).lower()
     if key not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {name!r}")
-    return "q8_0" if key == "int8" else key
+    return key if key in ("auto", "none") else quant.format_named(key).name  # int8 -> q8_0 (one alias table)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def quant_plan(model: nn.Module, requested: str, stored: Mapping[str, int | None
                                else "its stored type has no native kernel")
                 continue
         else:
-            fmt = quant.FORMATS[requested]
+            fmt = quant.format_named(requested)
         if k % quant.BLOCK:
             kept[pname] = f"an input size per rank that is not a multiple of {quant.BLOCK}"
             continue
