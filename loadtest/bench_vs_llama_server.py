@@ -21,23 +21,19 @@ in their own process group and killed on exit, errors and SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
+from loadtest.servers import kill_all, on_sigterm, server
 
 SERVERS = ("llama.cpp", "depthserve")
-_LIVE: list[subprocess.Popen] = []
 
 
 def llama_server_cmd(binary: Path, model: Path, port: int, concurrency: int, threads: int,
@@ -57,58 +53,6 @@ def depthserve_cmd(model: Path, port: int, concurrency: int, threads: int, input
     if quantization:
         cmd += ["--quantization", quantization]
     return [*cmd, *extra]
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Stop a server we started: its whole process group (it was started in a new session), TERM then KILL."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _kill_all(*_: Any) -> None:
-    for proc in list(_LIVE):
-        _kill(proc)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    _kill_all()
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def server(cmd: list[str], port: int, log: Path, timeout: float = 180.0) -> Iterator[str]:
-    """A started server's base URL, once /v1/models answers; killed when the block ends, however it ends."""
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                    p for p in (str(Path(__file__).resolve().parents[1]),
-                                                os.environ.get("PYTHONPATH")) if p)))
-    _LIVE.append(proc)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}) before it was ready; see {log}:\n"
-                                   + "".join(log.read_text().splitlines(True)[-15:]))
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout:.0f}s; see {log}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        _kill(proc)
-        _LIVE.remove(proc)
 
 
 def run_bench(url: str, concurrency: int, num_prompts: int, input_len: int, output_len: int,
@@ -194,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         print("depthserve bench vs-llama-server: error: give GGUF files or --builtin", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     result: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                          if k != "files"} | {"load_average_start": os.getloadavg()},
                               "files": []}
@@ -223,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"   {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
                               f"TPOT p50 {r['tpot_p50_ms']:.1f} ms, exact output: {r['exact_output']}", flush=True)
     finally:
-        _kill_all()
+        kill_all()
     result["config"]["load_average_end"] = os.getloadavg()
     return report(markdown(result), result, args.out)
 

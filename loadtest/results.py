@@ -65,30 +65,18 @@ def plot(series: dict[str, list[tuple[float, float]]], xlabel: str, title: str, 
 
 def serving_run(out: Path, num_prompts: int) -> dict:
     """Start `depthserve serve` on the built-in model, run bench_serving against it, stop it."""
-    port = free_port()
-    log = (out / "server.log").open("wb")
-    srv = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning",
-                            "--dtype", "bfloat16"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        import httpx
+    from loadtest.servers import server
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning", "--dtype",
+           "bfloat16"]
+    with server(cmd, port, out / "server.log", timeout=120) as url:
         path = out / "serving.json"
-        subprocess.run([sys.executable, "-m", "loadtest.bench_serving", "--base-url", f"http://127.0.0.1:{port}",
+        subprocess.run([sys.executable, "-m", "loadtest.bench_serving", "--base-url", url,
                         "--num-prompts", str(num_prompts), "--concurrency", "8", "--input-len", "128",
                         "--output-len", "64", "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--out", str(path)],
                        check=True)
         return json.loads(path.read_text())
-    finally:
-        srv.terminate()
-        srv.wait(30)
-        log.close()
 
 
 def main(argv: list[str] | None = None) -> int:

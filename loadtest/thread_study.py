@@ -18,40 +18,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from loadtest.bench_latency import write_json
 from loadtest.ports import free_port
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the server at {url} was not healthy after {timeout:.0f} s")
+from loadtest.servers import server
 
 
 def run_setting(threads: int, concurrency: list[int], num_prompts: int, input_len: int, output_len: int,
                 serve_args: list[str], workdir: Path) -> dict[int, dict]:
     """One server with `threads` torch threads; bench_serving at each concurrency. -> {concurrency: summary}."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (workdir / f"server-t{threads}.log").open("ab")
-    srv = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning",
-                            "--num-threads", str(threads), *serve_args], stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warning", "--num-threads",
+           str(threads), *serve_args]
     out: dict[int, dict] = {}
-    try:
-        _wait_healthy(url, srv)
+    with server(cmd, port, workdir / f"server-t{threads}.log") as url:
         for c in concurrency:
             path = workdir / f"t{threads}-c{c}.json"
             subprocess.run([sys.executable, "-m", "loadtest.bench_serving", "--base-url", url, "--num-prompts",
@@ -60,10 +41,6 @@ def run_setting(threads: int, concurrency: list[int], num_prompts: int, input_le
             s = json.loads(path.read_text())
             out[c] = {"output_tok_s": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
                       "tpot_p50_ms": s["tpot_ms"]["p50"], "failed": s["failed"]}
-    finally:
-        srv.terminate()
-        srv.wait(30)
-        log.close()
     return out
 
 

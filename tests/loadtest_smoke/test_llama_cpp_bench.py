@@ -118,10 +118,12 @@ def test_vs_llama_server_commands_and_table(tmp_path: Path) -> None:
 def test_server_context_kills_a_server_that_dies(tmp_path: Path) -> None:
     import sys
 
-    with pytest.raises(RuntimeError, match="exited"), bench_vs_llama_server.server(
+    from loadtest import servers
+
+    with pytest.raises(RuntimeError, match="exited"), servers.server(
             [sys.executable, "-c", "raise SystemExit(3)"], 1, tmp_path / "log", timeout=20):
         pass
-    assert not bench_vs_llama_server._LIVE
+    assert not servers._LIVE
 
 
 def test_at_difference_reports_the_margin() -> None:
