@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "Extension", "UnsupportedCPU", "build", "cache_root", "load", "reset"]
+__all__ = ["BuildError", "Extension", "UnsupportedCPU", "build", "cache_root", "cpu_flags", "load", "reset"]
 
 logger = logging.getLogger("depthserve.kernels")
 
@@ -100,13 +100,18 @@ def _march() -> str:
     return os.environ.get(ENV_MARCH) or "native"
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's ISA flags (x86 'flags' / arm 'Features' of /proc/cpuinfo); empty where there is none."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return set(value.split())
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's ISA flags (x86 'flags' / arm 'Features' of `cpuinfo`, default /proc/cpuinfo); empty where there
+    is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
     return set()
 
 
@@ -128,7 +133,7 @@ def _key() -> str:
         "flags": _flags(),
         "machine": platform.machine(),
         # -march=native code runs only on this kind of CPU; a named level runs wherever its ISA is there
-        "isa": sorted(_cpu_flags()) if march == "native" else march,
+        "isa": sorted(cpu_flags()) if march == "native" else march,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -141,7 +146,7 @@ def _check_cpu() -> None:
     """UnsupportedCPU if the library's -march level needs ISA flags this CPU lacks (x86-64 levels only)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return
-    missing = sorted(MARCH_FLAGS.get(_march(), set()) - _cpu_flags())
+    missing = sorted(MARCH_FLAGS.get(_march(), set()) - cpu_flags())
     if missing:
         raise UnsupportedCPU(f"this CPU lacks {', '.join(missing)}, which a build for -march={_march()} needs")
 

@@ -59,16 +59,9 @@ def cache_root(env: dict[str, str] | None = None) -> Path:
 
 def cpu_flags(cpuinfo: str | None = None) -> str:
     """The CPU's feature flags, sorted (empty where /proc/cpuinfo is missing): what GGML_NATIVE builds for."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return " ".join(sorted(value.split()))
-    return ""
+    from kernels.cpu_ext import cpu_flags as flags  # the native ops' build key reads the same ones
+
+    return " ".join(sorted(flags(cpuinfo)))
 
 
 def cache_key(version: str = VERSION, machine: str | None = None, flags: str | None = None) -> str:

@@ -447,11 +447,11 @@ def test_concurrent_builds_compile_once(fresh_loader, monkeypatch) -> None:
 
 def test_build_key_follows_cpu_flags_and_march(fresh_loader, monkeypatch) -> None:
     base = cpu_ext._key()
-    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: {"sse2"})
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"sse2"})
     assert cpu_ext._key() != base  # a -march=native build never runs on another kind of CPU
     monkeypatch.setenv(cpu_ext.ENV_MARCH, "x86-64-v3")
     portable = cpu_ext._key()
-    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx2"})
     assert cpu_ext._key() == portable  # a portable build does not depend on the CPU it was built on ...
     if cpu_ext.platform.machine() in ("x86_64", "AMD64"):
         with pytest.raises(cpu_ext.BuildError, match="lacks"):  # ... but only runs where its ISA is
