@@ -217,9 +217,10 @@ def _cpu_bf16_gemm() -> bool:
 
 
 # bf16 rows past which a packed oneDNN weight beats the small-M kernel where the CPU has bf16 dot products
-# (AVX512-BF16 / AMX: `_cpu_bf16_gemm`). Measured on a 2-core AVX-512 EPYC, SmolLM2-135M's linears per step:
-# level at 4 rows, oneDNN 1.4x at 8, 1.8x at 16, 2.2x at 32 (it multiplies bf16 pairs; the kernel converts to fp32
-# and FMAs). 8, not 4: a pure-decode step of up to 8 rows runs fused (FUSED_DECODE_MAX_ROWS), on this kernel.
+# (AVX512-BF16 / AMX: `_cpu_bf16_gemm`). Measured on a 2-core AVX-512 EPYC, SmolLM2-135M's linears per step, cold
+# weights (`python -m loadtest.bench_gemv --models smollm2 --dtype bfloat16 --m 4 8 16 32`): the kernel 1.16x ahead
+# at 4 rows, oneDNN 1.07x at 8, 1.56x at 16, 1.98x at 32 (it multiplies bf16 pairs; the kernel converts to fp32
+# and FMAs). The cut-off is 8: a pure-decode step of up to 8 rows runs fused (FUSED_DECODE_MAX_ROWS), on this kernel.
 BF16_GEMM_MAX_M = 8
 
 
