@@ -32,7 +32,7 @@ from engine.config import (
 )
 from kernels.ops import BACKENDS
 from models.loader import DEFAULT_MODEL
-from models.quantization import QUANTIZATION_CHOICES, check_quantization
+from models.quantization import QUANT_ACTIVATIONS, QUANTIZATION_CHOICES, check_quantization
 
 __all__ = ["DefaultsFormatter", "EngineArgs", "FriendlyParser", "flag_name", "option"]
 
@@ -169,6 +169,12 @@ class EngineArgs(CliArgs):
                 "auto (a GGUF file's Q8_0/Q4_0/Q4_1 tensors as stored, other types dequantized to --dtype; a float "
                 "checkpoint in --dtype), none (everything dequantized to --dtype), int8 (= q8_0), q8_0, q4_0, q4_1 "
                 "(every linear, the embedding and the LM head quantized at load)", choices=list(QUANTIZATION_CHOICES))
+    quant_activations: str = option(
+        "none", "activations of the quantized linears: none (weight-only: never rounded, fp32 products) or int8 "
+                "(steps of more than 8 rows, prompt chunks and batched decode, round them to int8 blocks for the "
+                "integer dot products of AVX-512 VNNI, as llama.cpp does for all its quantized dot products: about "
+                "2.5x faster linears at 32 rows, perplexity +0.3-0.6%%; smaller steps stay weight-only)",
+        choices=list(QUANT_ACTIVATIONS))
     small_step_rows: int | None = option(
         None, "CPU: pure-decode steps of at most this many rows run on one thread, leaving the other cores to the "
               "HTTP server's event loop and response streams (measured at 1 stream on 2 cores: 5.2 ms per token "
@@ -294,6 +300,9 @@ class EngineArgs(CliArgs):
                 errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in BACKENDS:
             errors.append(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r} (--kernels)")
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            errors.append(f"quant_activations must be one of {', '.join(QUANT_ACTIVATIONS)}; "
+                          f"got {self.quant_activations!r} (--quant-activations)")
         try:
             check_quantization(self.quantization)
         except ValueError as e:
@@ -305,7 +314,8 @@ class EngineArgs(CliArgs):
             speculative=spec,
             model=self.model, dtype=dtype, seed=self.seed, num_threads=self.num_threads,
             depth_stats=self.depth_stats, device=device, kernels=self.kernels, enforce_eager=self.enforce_eager,
-            quantization=str(self.quantization), small_step_rows=self.small_step_rows,
+            quantization=str(self.quantization), quant_activations=str(self.quant_activations),
+            small_step_rows=self.small_step_rows,
             max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,
             cache=CacheConfig(block_size=self.block_size, kv_cache_memory=kv_bytes, depth_cache_memory=depth_bytes,
                               enable_prefix_caching=self.enable_prefix_caching, num_kv_blocks=self.num_kv_blocks,

@@ -12,7 +12,7 @@ import torch
 
 from kernels.ops import BACKENDS
 from models.config import ModelConfig
-from models.quantization import check_quantization
+from models.quantization import QUANT_ACTIVATIONS, check_quantization
 
 __all__ = ["AUTO", "DEFAULT_KV_CACHE_MEMORY", "DTYPE_CHOICES", "DEFAULT_MAX_CUDA_GRAPH_BATCH_SIZE", "CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "SpeculativeConfig", "parse_bytes", "parse_dtype",
            "resolve_dtype"]
@@ -218,6 +218,9 @@ class EngineConfig:
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch (None: min(max_num_seqs, 256))
     speculative: SpeculativeConfig | None = None  # None: no drafts (the non-speculative path, unchanged)
     quantization: str = "auto"  # weights served in a quantized block format (models/quantization.py)
+    # int8: quantized linears round the activations of steps past ops.INT8_MIN_M rows to int8 blocks (VNNI CPUs);
+    # none: weight-only (the activations never rounded)
+    quant_activations: str = "none"
     # pure-decode CPU steps of at most this many rows run on one thread (None: 2 under the HTTP server, whose
     # event loop and response streams need a core, 0 offline; see LLMEngine._step_threads)
     small_step_rows: int | None = None
@@ -228,3 +231,6 @@ class EngineConfig:
         if self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}; got {self.kernels!r}")
         object.__setattr__(self, "quantization", check_quantization(self.quantization))
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            raise ValueError(f"quant_activations must be one of {', '.join(QUANT_ACTIVATIONS)}; "
+                             f"got {self.quant_activations!r}")

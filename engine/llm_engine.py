@@ -78,7 +78,8 @@ class LLMEngine:
             spec = WorkerSpec(self.model_dir, config.dtype, num_blocks, config.cache.block_size,
                               self.max_step_tokens, config.num_threads, self.max_model_len, self.kernels,
                               device=config.device, gpu_memory_utilization=config.cache.gpu_memory_utilization,
-                              max_num_seqs=config.scheduler.max_num_seqs, quantization=config.quantization)
+                              max_num_seqs=config.scheduler.max_num_seqs, quantization=config.quantization,
+                              int8_activations=config.quant_activations == "int8")
             self.tp_group = TPGroup(tp, spec)
         try:
             # The rotary table covers the positions served, not max_position_embeddings (which a
@@ -86,7 +87,8 @@ class LLMEngine:
             self.model = load_model(self.model_dir, config.dtype, self.tp_group.comm if self.tp_group else None,
                                     cfg=mcfg, max_model_len=self.max_model_len, device=config.device,
                                     quantization=config.quantization)
-            self.model.prepare_for_inference(self.kernels)  # weights packed once, after the loaders ran
+            # weights packed once, after the loaders ran
+            self.model.prepare_for_inference(self.kernels, config.quant_activations == "int8")
             profile = None
             if num_blocks is None:
                 profile, num_blocks = self._profile_kv_blocks(per_block)

@@ -100,6 +100,7 @@ class WorkerSpec:
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 1  # rows of logits the profile step computes
     quantization: str = "auto"  # which weights are served quantized (models/quantization.py)
+    int8_activations: bool = False  # --quant-activations int8 (LlamaForServing.prepare_for_inference)
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -225,7 +226,7 @@ def _worker_main(rank: int, world: int, port: int, spec: WorkerSpec,
     cfg = load_config(spec.model_dir)
     model = load_model(spec.model_dir, spec.dtype, comm, cfg=cfg, max_model_len=spec.max_model_len, device=dev,
                        quantization=spec.quantization)
-    model.prepare_for_inference(spec.kernels)
+    model.prepare_for_inference(spec.kernels, spec.int8_activations)
     pool_spec = depth_pool_spec(cfg, spec.dtype)
     depth = DepthCache(pool_spec, spec.depth_tokens, device=dev) if pool_spec is not None else None
     num_blocks = spec.num_kv_blocks

@@ -136,6 +136,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     p.add_argument("--quantization", nargs="+", default=[EngineArgs.quantization], metavar="Q",
                    help="weights served quantized (auto, none, int8, q8_0, q4_0, q4_1); several values score each "
                         "model once per value, e.g. `--quantization none int8 q4_0` for the cost of quantizing")
+    p.add_argument("--quant-activations", nargs="+", default=[EngineArgs.quant_activations], metavar="A",
+                   choices=["int8", "none"], help="activations of the quantized linears (int8, none); several "
+                                                  "values score each model and --quantization once per value")
     p.add_argument("--output-json", type=Path, help='also write [{"model", "perplexity", "bits_per_byte", '
                                                     '"tokens"}, ...] here')
     return p
@@ -150,11 +153,13 @@ def run(ns: argparse.Namespace) -> int:
         return _usage(f"--file {ns.file} is empty: nothing to score")
     results = []
     quants = list(dict.fromkeys(ns.quantization))
-    for model, q in ((m, q) for m in ns.model for q in quants):
-        name = Path(model).name + (f" [{q}]" if len(quants) > 1 else "")
+    acts = list(dict.fromkeys(ns.quant_activations))
+    for model, q, a in ((m, q, a) for m in ns.model for q in quants for a in acts):
+        tags = [t for t, many in ((q, len(quants) > 1), (f"activations {a}", len(acts) > 1)) if many]
+        name = Path(model).name + (f" [{', '.join(tags)}]" if tags else "")
         try:
             llm = LLM(model, dtype=ns.dtype, max_model_len=ns.max_model_len, device=ns.device,
-                      num_threads=ns.num_threads, quantization=q)
+                      num_threads=ns.num_threads, quantization=q, quant_activations=a)
         except (ValueError, OSError) as e:
             return _usage(f"cannot load {model}: {e}")
         try:

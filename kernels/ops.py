@@ -101,6 +101,7 @@ class PackedLinear:
     small_m_rows: int = 0  # up to this many rows go to the small-M kernel on `weight` (kernels/cpu_gemv.py)
     upcast: bool = False  # more rows compute in fp32 (a bf16 or quantized weight on a CPU without bf16 GEMM support)
     quant: QuantFormat | None = None  # `weight` is uint8 blocks of this format (kernels/quant.py)
+    int8: quant.Int8Weight | None = None  # the blocks repacked for the int8-activation kernel (rows > small_m_rows)
 
 
 def _probe(dtype: torch.dtype) -> str | None:
@@ -190,13 +191,17 @@ def select_backend(name: str = "auto", dtypes: Iterable[torch.dtype] = (torch.fl
     return Backend("native", name)
 
 
-def pack_linear(weight: torch.Tensor, backend: Backend, fmt: QuantFormat | None = None) -> PackedLinear:
+def pack_linear(weight: torch.Tensor, backend: Backend, fmt: QuantFormat | None = None,
+                int8_activations: bool = False) -> PackedLinear:
     """Prepare a [out, in] weight once for `backend`: a packed oneDNN copy for the native linears, and the
     number of rows the small-M kernel takes on the plain weight where the native ops run. A quantized weight
-    (`fmt`) is used as stored: up to QUANT_MAX_M rows go to the native quantized kernel."""
+    (`fmt`) is used as stored: up to QUANT_MAX_M rows go to the native quantized kernel; with
+    `int8_activations`, where the int8 kernel runs, rows past INT8_MIN_M go to it on a repacked copy instead."""
     if fmt is not None:  # rows past the kernel's dequantize into a GEMM: fp32 where the CPU has no bf16 GEMM
         cpu_weight = weight.device.type == "cpu"
         native = backend.native_ops and cpu_weight and _quant_native_ok()
+        if native and int8_activations and _int8_native_ok():
+            return PackedLinear(weight, None, INT8_MIN_M, False, fmt, quant.pack_int8(weight, fmt))
         return PackedLinear(weight, None, QUANT_MAX_M if native else 0, cpu_weight and not _cpu_bf16_gemm(), fmt)
     small = _small_m_rows(weight, backend)
     if backend.native and weight.device.type == "cpu":
@@ -283,6 +288,37 @@ def _quant_native_ok() -> bool:
     return True
 
 
+# Past this many rows a quantized linear with int8 activations runs the int8 kernel (kernels/csrc/quant_int8.cpp:
+# vpdpbusd multiplies 4x the pairs of an fp32 FMA); up to it, the weight-only kernel (the fused decode layers' too,
+# FUSED_DECODE_MAX_ROWS = 8), so batch-1 decode keeps x unrounded. Measured on a 2-core Zen 5, one thread, a
+# SmolLM2-135M layer's Q8_0 linears (/work-free command: python -m loadtest.bench_quant --int8): see INT8 in
+# loadtest/RESULTS.md.
+INT8_MIN_M = 8
+
+
+@functools.cache
+def _int8_native_ok() -> bool:
+    """The native library registers int8_linear (built for AVX-512 VNNI) and it matches the reference."""
+    if not hasattr(torch.ops.depthserve, "int8_linear"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(4)
+        for fmt in quant.FORMATS.values():
+            q = quant.quantize(torch.randn(37, 96, generator=g), fmt)
+            x = torch.randn(5, 96, generator=g)
+            got, want = _int8_linear(x, quant.pack_int8(q, fmt)), quant.int8_reference_linear(x, q, fmt)
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                raise RuntimeError(f"{fmt.name}: int8_linear differs from the reference")
+    except Exception as e:  # noqa: BLE001 - a failing op means: the weight-only kernels
+        logger.warning("native int8-activation linears unusable, using the weight-only ones (%s)", e)
+        return False
+    return True
+
+
+def _int8_linear(x: torch.Tensor, w: quant.Int8Weight) -> torch.Tensor:
+    return torch.ops.depthserve.int8_linear(x, w.w8, w.d, w.m, w.n, w.offset)
+
+
 def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
     """uint8 blocks [N, nb * block_bytes] -> [N, K] in `dtype`: the native op where it runs, else the reference."""
     if q.device.type == "cpu" and _quant_native_ok():
@@ -297,6 +333,8 @@ def _quant_linear(x: torch.Tensor, pw: PackedLinear) -> torch.Tensor:
     assert fmt is not None
     if 0 < m <= pw.small_m_rows:
         return torch.ops.depthserve.quant_linear(x, pw.weight, fmt.ggml_type)
+    if pw.int8 is not None:
+        return _int8_linear(x, pw.int8)
     w = pw.weight
     dt = torch.float32 if pw.upcast else x.dtype
     xx = x.to(dt)

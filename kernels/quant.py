@@ -10,10 +10,12 @@ a GGUF tensor is served as its bytes and a float checkpoint is quantized once at
 
 In a 4-bit block, byte j holds weight j in its low nibble and weight j + 16 in its high one (ggml's order).
 `quantize` is llama.cpp's reference quantizer (quantize_row_*_ref), byte for byte (tests compare it with
-gguf-py's); `dequantize` is the oracle the native kernels (kernels/csrc/quant.cpp) are tested against. The
-activations stay fp32 or bf16: a linear computes x @ dequantize(w)^T with fp32 accumulation, never
-quantizing x (llama.cpp rounds x to 8 bits for its dot products; that is the numerical difference between
-the two engines' outputs on the same file).
+gguf-py's); `dequantize` is the oracle the native kernels (kernels/csrc/quant.cpp) are tested against. There
+the activations stay fp32 or bf16: a linear computes x @ dequantize(w)^T with fp32 accumulation.
+
+The int8-activation linears (kernels/csrc/quant_int8.cpp, for steps of many rows where the CPU has AVX-512
+VNNI) round x to int8 blocks too, as llama.cpp does for all its quantized dot products: `quantize_activations`
+and `int8_reference_linear` are their contract, `pack_int8` the weight layout they read.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BLOCK", "FORMATS", "QuantFormat", "dequantize", "format_named", "native_available", "quantize",
-           "quantized_shape", "reference_linear"]
+__all__ = ["BLOCK", "FORMATS", "Int8Weight", "QuantFormat", "dequantize", "format_named", "int8_reference_linear",
+           "native_available", "pack_int8", "quantize", "quantize_activations", "quantized_shape", "reference_linear"]
 
 BLOCK = 32  # weights per block, every format
 
@@ -107,20 +109,27 @@ def _scales(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[..., at:at + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [N, nb * block_bytes] -> [N, nb * 32] in `dtype` (computed in fp32, rounded once)."""
+def _unpack(q: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 [N, nb * block_bytes] -> the integer quants [N, nb, 32] (int16: Q8_0's q, Q4_0's q - 8, Q4_1's q),
+    the block scales d and (Q4_1) mins m, fp32 [N, nb, 1]: w = d * quant (+ m)."""
     n = q.shape[0]
     if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] % fmt.block_bytes:
         raise ValueError(f"not a {fmt.name} tensor: {q.dtype} {list(q.shape)}")
     b = q.reshape(n, -1, fmt.block_bytes)  # [N, nb, bb]
-    d = _scales(b, 0)
     if fmt is Q8_0:
-        w = d * b[..., 2:].contiguous().view(torch.int8).to(torch.float32)
-    else:
-        nib = b[..., fmt.block_bytes - 16:]
-        vals = torch.cat([nib & 15, nib >> 4], -1).to(torch.float32)  # [N, nb, 32]
-        w = d * (vals - 8) if fmt is Q4_0 else d * vals + _scales(b, 2)
-    return w.reshape(n, -1).to(dtype)
+        return b[..., 2:].contiguous().view(torch.int8).to(torch.int16), _scales(b, 0), None
+    nib = b[..., fmt.block_bytes - 16:]
+    vals = torch.cat([nib & 15, nib >> 4], -1).to(torch.int16)  # [N, nb, 32]
+    return (vals - 8, _scales(b, 0), None) if fmt is Q4_0 else (vals, _scales(b, 0), _scales(b, 2))
+
+
+def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, nb * block_bytes] -> [N, nb * 32] in `dtype` (computed in fp32, rounded once)."""
+    vals, d, m = _unpack(q, fmt)
+    w = d * vals.to(torch.float32)
+    if m is not None:
+        w = w + m
+    return w.reshape(q.shape[0], -1).to(dtype)
 
 
 def reference_linear(x: torch.Tensor, q: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -136,3 +145,79 @@ def native_available() -> bool:
         return hasattr(torch.ops.depthserve, "quant_linear")
     except (AttributeError, RuntimeError):
         return False
+
+
+# ---- int8 activations (kernels/csrc/quant_int8.cpp) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A quantized weight repacked once for the int8-activation kernel (vpdpbusd's layout).
+
+    w8: uint8 [G, nb, 8, 16, 4] for G = ceil(N / 16) groups of 16 rows: per group and block, 8 vectors of
+    4 consecutive quants of the 16 rows, each stored as quant + offset (offset 128 where quants are signed:
+    vpdpbusd multiplies unsigned by signed bytes). d, m: fp32 [G, nb, 16], the block scales and (Q4_1) mins,
+    else an empty m. Padding rows are zero."""
+
+    w8: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    n: int
+    k: int
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w8, self.d, self.m))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts on a 64-byte boundary (the kernel's aligned vector loads)."""
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8)
+    start = -raw.data_ptr() % 64
+    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def pack_int8(q: torch.Tensor, fmt: QuantFormat) -> Int8Weight:
+    """uint8 [N, nb * block_bytes] blocks -> the Int8Weight the int8-activation kernel reads."""
+    vals, d, m = _unpack(q, fmt)  # [N, nb, 32], [N, nb, 1]
+    n, nb = vals.shape[:2]
+    offset = 0 if fmt is Q4_1 else 128
+    g = -(-n // 16)
+    pad = g * 16 - n
+    u = torch.nn.functional.pad((vals + offset).to(torch.uint8), (0, 0, 0, 0, 0, pad))  # [G*16, nb, 32]
+    w8 = u.view(g, 16, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [G, nb, 8, 16, 4]
+
+    def per_group(s: torch.Tensor) -> torch.Tensor:  # [N, nb, 1] -> [G, nb, 16]
+        return torch.nn.functional.pad(s.squeeze(-1), (0, 0, 0, pad)).view(g, 16, nb).permute(0, 2, 1)
+
+    mins = per_group(m) if m is not None else torch.empty(0)
+    return Int8Weight(_aligned(w8), _aligned(per_group(d)), _aligned(mins) if m is not None else mins, n,
+                      nb * BLOCK, offset)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> its int8 blocks: q int8 [M, K / 32, 32] and scales fp32 [M, K / 32, 1], x ~ d * q.
+
+    Per block of 32: d = amax / 127 and q = x * (127 / amax) rounded half to even (0 where amax is 0); llama.cpp's
+    Q8_0 rounding of activations, but with fp32 scales (llama.cpp stores d as fp16)."""
+    m, k = x.shape
+    xb = x.to(torch.float32).reshape(m, k // BLOCK, BLOCK)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv).to(torch.int8), amax / 127
+
+
+def int8_reference_linear(x: torch.Tensor, q: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """What int8_linear computes, in float64 (the kernel's fp32 sum of block terms differs by its rounding only):
+    y[m, n] = sum_b d_w d_x sum_k qw qx (+ m_w d_x sum_k qx), in x's dtype."""
+    qx, dx = quantize_activations(x)  # [M, nb, 32], [M, nb, 1]
+    vals, dw, mw = _unpack(q, fmt)  # [N, nb, 32], [N, nb, 1]
+    isum = torch.einsum("mbk,nbk->mnb", qx.double(), vals.double())  # exact: |sum| < 2^53
+    y = (isum * (dx.squeeze(-1).double()[:, None, :] * dw.squeeze(-1).double()[None])).sum(-1)
+    if mw is not None:
+        sx = qx.double().sum(-1) * dx.squeeze(-1).double()  # [M, nb]
+        y = y + sx @ mw.squeeze(-1).double().T
+    return y.to(x.dtype)

@@ -58,8 +58,8 @@ class PackedWeight:
     packed: ops.PackedLinear | None = None
     quant: QuantFormat | None = None
 
-    def prepare_weights(self, backend: ops.Backend) -> None:
-        self.packed = ops.pack_linear(self.weight, backend, self.quant)  # type: ignore[attr-defined]
+    def prepare_weights(self, backend: ops.Backend, int8_activations: bool = False) -> None:
+        self.packed = ops.pack_linear(self.weight, backend, self.quant, int8_activations)  # type: ignore[attr-defined]
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

@@ -447,13 +447,14 @@ class LlamaForServing(nn.Module):
         getattr(param, "weight_loader", default_weight_loader)(param, src, shard_id)
 
     @torch.no_grad()
-    def prepare_for_inference(self, backend: ops.Backend) -> None:
+    def prepare_for_inference(self, backend: ops.Backend, int8_activations: bool = False) -> None:
         """Once, after load_weights (and the move to the serving device): pack every linear's weight for the
         kernels backend and pick the other ops for this device (kernels.ops). The plain weights stay (the
-        embedding, the reference op and tests read them)."""
+        embedding, the reference op and tests read them). `int8_activations` (--quant-activations int8): the
+        quantized linears round the activations of many-row steps to int8 blocks (kernels/quant.py)."""
         for module in self.modules():
             if isinstance(module, PackedWeight):
-                module.prepare_weights(backend)
+                module.prepare_weights(backend, int8_activations)
         self.k = ops.kernel_set(backend, self.norm.weight.device)
         for layer in self.layers:
             layer.self_attn.decode_attention = self.k.decode_attention

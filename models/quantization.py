@@ -32,6 +32,7 @@ from kernels.quant import QuantFormat
 from models.parallel_plan import TensorSource, as_source
 
 QUANTIZATION_CHOICES = ("auto", "none", "int8", *quant.FORMATS)
+QUANT_ACTIVATIONS = ("int8", "none")  # --quant-activations: see kernels.ops.pack_linear
 
 # the parameters of the modules that read their weight through a linear or an embedding lookup
 _QUANTIZABLE = (".qkv_proj.weight", ".o_proj.weight", ".gate_up_proj.weight", ".down_proj.weight",

@@ -72,6 +72,83 @@ def test_quantized_tp2_equals_reference(tmp_path: Path) -> None:
         llm.shutdown()
 
 
+def _int8_native() -> bool:
+    from kernels import cpu_ext, ops
+
+    return cpu_ext.load() is not None and hasattr(torch.ops.depthserve, "int8_linear") and ops._int8_native_ok()
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize(("mode", "bs"), [("none", 0), ("block", 2)])
+def test_engine_with_int8_activations_equals_its_contract(tmp_path: Path, monkeypatch, mode: str, bs: int,
+                                                          fmt: str) -> None:
+    """--quant-activations int8: steps of more than INT8_MIN_M rows (the prompt chunks here; the decode steps of
+    3 rows stay weight-only) run the native int8 kernel; the greedy tokens equal the same engine's with that kernel
+    replaced by kernels/quant.py's contract (int8_reference_linear), and the kernel did run."""
+    from kernels import ops
+
+    if not _int8_native():
+        pytest.skip("no native int8_linear here (needs AVX-512 VNNI)")
+    cfg = _cfg(mode, bs)
+    folder, _ = write_tiny(tmp_path / "m", cfg)
+    prompts = [[1, *range(5, 5 + n)] for n in (12, 20, 9)]  # chunks of up to 16 rows: 9-16 take the int8 kernel
+
+    def run(acts: str = "int8") -> tuple[list[list[int]], torch.Tensor]:
+        llm = LLM(str(folder), dtype="float32", quantization=fmt, quant_activations=acts, max_model_len=64,
+                  max_num_batched_tokens=16, block_size=4)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], dataclasses.replace(GREEDY, logprobs=1))
+        lps = torch.tensor([lp.logprob for o in outs for lp in o.outputs[0].logprobs])
+        return [list(o.outputs[0].token_ids) for o in outs], lps
+
+    calls = []
+    native = ops._int8_linear
+
+    def counted(x, w):
+        calls.append(x.shape[0])
+        return native(x, w)
+
+    monkeypatch.setattr(ops, "_int8_linear", counted)
+    got, got_lp = run()
+    assert calls and min(calls) > ops.INT8_MIN_M
+    n = len(calls)
+    _, weight_only_lp = run("none")
+    assert len(calls) == n and not torch.allclose(got_lp, weight_only_lp, rtol=0, atol=1e-5)  # x was rounded
+
+    def contract(x, w):  # the packed weight's blocks are the module's own: recover them from the reference path
+        return quant.int8_reference_linear(x, blocks[id(w)], quant.FORMATS[fmt]).to(x.dtype)
+
+    blocks: dict[int, torch.Tensor] = {}
+    pack = ops.pack_linear
+
+    def pack_and_remember(weight, backend, f=None, int8_activations=False):
+        pw = pack(weight, backend, f, int8_activations)
+        if pw.int8 is not None:
+            blocks[id(pw.int8)] = weight
+        return pw
+
+    monkeypatch.setattr(ops, "pack_linear", pack_and_remember)
+    monkeypatch.setattr(ops, "_int8_linear", contract)
+    want, want_lp = run()
+    assert want == got and torch.allclose(got_lp, want_lp, rtol=0, atol=1e-4)
+
+
+def test_int8_activations_tp2_equals_tp1(tmp_path: Path) -> None:
+    """Each rank rounds its own slice of x to the same 32-blocks TP=1 does: TP=2 == TP=1 under int8 activations."""
+    if not _int8_native():
+        pytest.skip("no native int8_linear here (needs AVX-512 VNNI)")
+    cfg = _cfg("block", 2)
+    folder, _ = write_tiny(tmp_path / "m", cfg)
+    prompts = [{"prompt_token_ids": [1, *range(5, 5 + n)]} for n in (12, 20)]
+    kw = dict(dtype="float32", quantization="int8", quant_activations="int8", max_model_len=64)
+    one = LLM(str(folder), **kw)
+    want = [list(o.outputs[0].token_ids) for o in one.generate(prompts, GREEDY)]
+    two = LLM(str(folder), tensor_parallel_size=2, **kw)
+    try:
+        assert [list(o.outputs[0].token_ids) for o in two.generate(prompts, GREEDY)] == want
+    finally:
+        two.shutdown()
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_blocks_served_as_stored(tmp_path: Path, qtype: str) -> None:
     """A GGUF's Q8_0/Q4_x tensors become the model's weights byte for byte (Q/K rows un-permuted, q/k/v and
