@@ -33,7 +33,7 @@ from models.attn_res import depth_pool_spec
 from models.config import ModelConfig
 from models.loader import checkpoint_dtype, load_config, load_model, load_tokenizer, resolve_model
 from models.parallel_plan import shard_sizes
-from models.quantization import weight_bytes
+from models.quantization import int8_copy_bytes, weight_bytes
 from models.tokenizer import Tokenizer
 
 logger = logging.getLogger("depthserve.engine")
@@ -133,6 +133,12 @@ class LLMEngine:
                     dtype, self.dtype_reason, self.max_model_len)
         logger.info("weights: %.1f MiB per rank; quantized: %s (--quantization %s)",
                     weight_bytes(self.model) / 2**20, self.model.quant_plan.summary(), cfg.quantization)
+        if extra := int8_copy_bytes(self.model):
+            logger.info("int8 activations: %.1f MiB per rank more for the weights repacked for VNNI "
+                        "(--quant-activations int8)", extra / 2**20)
+        elif cfg.quant_activations == "int8" and self.model.quant_plan.formats:
+            logger.warning("--quant-activations int8 has no effect here: the int8 kernel needs a CPU with AVX-512 "
+                           "VNNI and the native ops (the quantized linears stay weight-only)")
         per_request = -(-self.max_model_len // bs)
         logger.info("KV cache size: %d tokens (%d blocks of %d, %.1f MiB per rank); maximum concurrency for %d "
                     "tokens per request: %.2fx", num_blocks * bs, num_blocks, bs, num_blocks * per_block / 2**20,

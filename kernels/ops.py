@@ -289,10 +289,11 @@ def _quant_native_ok() -> bool:
 
 
 # Past this many rows a quantized linear with int8 activations runs the int8 kernel (kernels/csrc/quant_int8.cpp:
-# vpdpbusd multiplies 4x the pairs of an fp32 FMA); up to it, the weight-only kernel (the fused decode layers' too,
-# FUSED_DECODE_MAX_ROWS = 8), so batch-1 decode keeps x unrounded. Measured on a 2-core Zen 5, one thread, a
-# SmolLM2-135M layer's Q8_0 linears (/work-free command: python -m loadtest.bench_quant --int8): see INT8 in
-# loadtest/RESULTS.md.
+# vpdpbusd multiplies 4x the pairs of an fp32 FMA); up to it the weight-only kernel (in the fused decode layers
+# too: FUSED_DECODE_MAX_ROWS = 8), so decode of up to 8 streams keeps x unrounded. Measured on the 2-core Zen 5,
+# SmolLM2-135M's linears per decode step, cold weights (`python -m loadtest.bench_quant --int8 --m 1 2 4 8 16 32
+# --formats q8_0 q4_1`), speedup over bf16 small_m_linear, weight-only / int8: Q8_0 1.51x / 1.13x at 4 rows,
+# 1.32x / 1.72x at 8, 1.20x / 2.48x at 16, 1.12x / 2.97x at 32 (Q4_1 alike).
 INT8_MIN_M = 8
 
 
@@ -327,8 +328,9 @@ def dequantize(q: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.T
 
 
 def _quant_linear(x: torch.Tensor, pw: PackedLinear) -> torch.Tensor:
-    """x [T, in] @ dequantize(W)^T: the native kernel on the blocks for few rows; else the weight dequantized
-    piece by piece into a GEMM (in x's dtype, or fp32 where `pw.upcast`)."""
+    """x [T, in] @ dequantize(W)^T: the native kernel on the blocks for few rows; else the int8-activation kernel
+    where the weight has its copy (`pw.int8`), else the weight dequantized piece by piece into a GEMM (in x's
+    dtype, or fp32 where `pw.upcast`)."""
     m, fmt = x.shape[0], pw.quant
     assert fmt is not None
     if 0 < m <= pw.small_m_rows:

@@ -9,11 +9,16 @@ each call is timed, medians and 10th percentiles reported. GB/s counts the bytes
 reads (Q8_0 34 bytes per 32 weights, Q4_0 18, Q4_1 20, bf16 64), so at equal GB/s the quantized linear is
 faster by the byte ratio; the per-step summary weights each linear by how often a decode step reads it.
 
+`--int8` adds, per format, the int8-activation kernel (depthserve::int8_linear, kernels/csrc/quant_int8.cpp:
+x rounded to int8 blocks, VNNI dot products) on its repacked copy of the weight ("q8_0 int8", ...): the kernel
+that --quant-activations int8 runs past ops.INT8_MIN_M rows; its GB/s count the repacked bytes.
+
 On a shared machine multi-threaded timings are only meaningful while the CPUs are otherwise idle (see
 bench_gemv.py); --quiet-wait waits for idle CPUs before each shape, and the JSON records the idle fraction seen.
 
     python -m loadtest.bench_quant --out bench_out/quant.json
     python -m loadtest.bench_quant --m 1 --formats q8_0 --linears qkv down --out /tmp/q.json
+    python -m loadtest.bench_quant --int8 --m 4 8 16 32 128 --out bench_out/quant_int8.json
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+from typing import Any
 
 import torch
 
@@ -30,13 +36,22 @@ from loadtest.bench_latency import read_bandwidth, write_json
 
 
 def bench_shape(n_out: int, k: int, ms: list[int], formats: list[str], cold_bytes: int, repeats: int,
-                budget_s: float) -> list[dict]:
+                budget_s: float, int8: bool = False) -> list[dict]:
     """One [N, K] linear: per M, each method's median / 10th-percentile us per call and GB/s of its weight."""
     g = torch.Generator().manual_seed(n_out + k)
     w = (torch.randn(n_out, k, generator=g) / k ** 0.5).to(torch.bfloat16)
-    weights = {"bf16": w, **{f: quant.quantize(w.float(), quant.format_named(f)) for f in formats}}
-    nbytes = {key: t.numel() * t.element_size() for key, t in weights.items()}
-    copies = {key: [t] + [t.clone() for _ in range(max(1, -(-cold_bytes // nbytes[key])) - 1)]
+    weights: dict[str, Any] = {"bf16": w, **{f: quant.quantize(w.float(), quant.format_named(f)) for f in formats}}
+    if int8:
+        weights |= {f"{f} int8": quant.pack_int8(weights[f], quant.format_named(f)) for f in formats}
+    nbytes = {key: t.nbytes if isinstance(t, quant.Int8Weight) else t.numel() * t.element_size()
+              for key, t in weights.items()}
+    def clone(key: str, t: Any) -> Any:
+        if isinstance(t, quant.Int8Weight):  # "q8_0 int8": repack the format's blocks
+            f = key.split()[0]
+            return quant.pack_int8(weights[f], quant.format_named(f))
+        return t.clone()
+
+    copies = {key: [t] + [clone(key, t) for _ in range(max(1, -(-cold_bytes // nbytes[key])) - 1)]
               for key, t in weights.items()}
     colds = {key: Cold(len(c)) for key, c in copies.items()}
     types = {f: quant.format_named(f).ggml_type for f in formats}
@@ -47,6 +62,11 @@ def bench_shape(n_out: int, k: int, ms: list[int], formats: list[str], cold_byte
         calls = {"bf16": lambda i, x=x: ops.small_m_linear(x, copies["bf16"][i])}
         for f in formats:
             calls[f] = lambda i, x=x, f=f: ops.quant_linear(x, copies[f][i], types[f])
+            if int8:
+                calls[f"{f} int8"] = lambda i, x=x, f=f: ops.int8_linear(x, copies[f"{f} int8"][i].w8,
+                                                                        copies[f"{f} int8"][i].d,
+                                                                        copies[f"{f} int8"][i].m, n_out,
+                                                                        copies[f"{f} int8"][i].offset)
         samples: dict[str, list[float]] = {key: [] for key in calls}
         for rep in range(repeats + 1):
             for key, call in calls.items():
@@ -109,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=0.15, help="seconds per method per round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--int8", action="store_true", help="also the int8-activation kernel per format")
     ap.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to this long for idle CPUs per shape")
     args = ap.parse_args(argv)
     if args.threads:
@@ -120,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, idle = [], []
     for name in args.linears:
         idle.append(wait_quiet(args.quiet_wait) if args.quiet_wait else cpu_idle())
-        for r in bench_shape(*shapes[name], args.m, args.formats, args.cold_mib << 20, args.repeats, args.budget_s):
+        for r in bench_shape(*shapes[name], args.m, args.formats, args.cold_mib << 20, args.repeats, args.budget_s,
+                             args.int8):
             rows.append({"layer": name, **r})
     bw_after = read_bandwidth()
     bandwidth = max(bw_before, bw_after)

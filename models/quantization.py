@@ -154,3 +154,10 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     return total
+
+
+def int8_copy_bytes(model: nn.Module) -> int:
+    """Bytes of the quantized weights' copies repacked for the int8-activation kernel (--quant-activations int8)."""
+    packs = {id(pw.int8): pw.int8 for m in model.modules()
+             if (pw := getattr(m, "packed", None)) is not None and getattr(pw, "int8", None) is not None}
+    return sum(w.nbytes for w in packs.values())
