@@ -130,7 +130,8 @@ class LlamaWorker:
 class DepthserveRunner:
     """The depthserve side, in this process: one engine on the file, greedy, token stream timed per step."""
 
-    def __init__(self, model: Path, threads: int, max_len: int, quantization: str) -> None:
+    def __init__(self, model: Path, threads: int, max_len: int, quantization: str,
+                 quant_activations: str = "none") -> None:
         import torch
 
         from engine import LLMEngine
@@ -139,8 +140,8 @@ class DepthserveRunner:
         torch.set_num_threads(threads)
         kw: dict[str, Any] = dict(model=str(model), dtype="bfloat16", device="cpu", num_threads=threads,
                                   max_model_len=max_len, max_num_seqs=4, kv_cache_memory="256MiB",
-                                  quantization=quantization)
-        self.quantization = quantization
+                                  quantization=quantization, quant_activations=quant_activations)
+        self.quantization, self.quant_activations = quantization, quant_activations
         self.engine = LLMEngine(EngineArgs(**kw).create_engine_config())
         self.tokenizer = self.engine.tokenizer
         from loadtest.bench_throughput import weight_bytes
@@ -208,7 +209,7 @@ def at_difference(a: Sequence[int], b: Sequence[int], diff: int | None,
 def bench_file(model: Path, python: Path, args: argparse.Namespace) -> dict:
     """One file: interleaved decode rounds, then the greedy check."""
     n_ctx = max(512, args.tokens + 256, args.check_tokens + 128)
-    ds = DepthserveRunner(model, args.threads, n_ctx, args.quantization)
+    ds = DepthserveRunner(model, args.threads, n_ctx, args.quantization, args.quant_activations)
     prompt = ds.encode(BENCH_PROMPT)
     lw = LlamaWorker(python, model, args.threads, n_ctx)
     try:
@@ -245,6 +246,7 @@ def bench_file(model: Path, python: Path, args: argparse.Namespace) -> dict:
     return {"file": str(model), "name": model.name, "bytes": model.stat().st_size,
             "depthserve_weight_bytes": ds.weight_bytes, "prompt_tokens": len(prompt),
             "tokens": args.tokens, "llama_cpp_version": version, "quantization": ds.quantization,
+            "quant_activations": ds.quant_activations,
             "decode_tok_s": med, "samples": rates,
             "llama_cpp_perf_tok_s": statistics.median(perf_rates) if perf_rates else None,
             "ratio": med["depthserve"] / med["llama.cpp"], "greedy": checks}
@@ -305,6 +307,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--check-tokens", type=int, default=32, help="tokens per prompt in the greedy check")
     p.add_argument("--quantization", default="auto",
                    help="depthserve's --quantization (auto: GGUF tensors served as stored; none: dequantized to bf16)")
+    p.add_argument("--quant-activations", default="none", choices=["none", "int8"],
+                   help="depthserve's --quant-activations (int8: prompts rounded to int8 blocks, as llama.cpp does)")
     p.add_argument("--pause", type=float, default=0.3, help="seconds idle before each round")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--worker", choices=["llama"], help=argparse.SUPPRESS)

@@ -39,13 +39,27 @@
 
 #include "common.h"
 
+// Tuning knobs, settable with -D for experiments (other builds load side by side under another op namespace)
+#ifndef DS_INT8_LIBRARY
+#define DS_INT8_LIBRARY depthserve
+#endif
+#ifndef DS_INT8_MB
+#define DS_INT8_MB 4
+#endif
+#ifndef DS_INT8_NJ
+#define DS_INT8_NJ 3
+#endif
+#ifndef DS_INT8_ROW_CHUNK
+#define DS_INT8_ROW_CHUNK 128
+#endif
+
 namespace depthserve {
 namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kGroupBlockBytes = 512;  // 16 rows x 32 quants
-constexpr int MB = 4, NJ = 3;              // the full tile: rows of x x groups of 16 outputs
-constexpr int64_t kRowChunk = 128;         // rows of x a thread's tiles pass over before moving on
+constexpr int MB = DS_INT8_MB, NJ = DS_INT8_NJ;  // the full tile: rows of x x groups of 16 outputs
+constexpr int64_t kRowChunk = DS_INT8_ROW_CHUNK;  // rows of x a thread's tiles pass over before moving on
 
 // x's rows as int8 blocks: q [M, K], and per row and block dx, the integer correction -offset * sx, and (Q4_1)
 // dx * sx
@@ -166,37 +180,39 @@ void tile(const uint8_t* w, const float* d, const float* mn, const QX& x, int64_
     }
 }
 
-template <int J, bool MIN, typename T>
+// rows m0..m1 of x against groups g0..g0+J: full tiles of MB rows, then one of the R < MB left
+template <int J, bool MIN, typename T, int R = MB>
 void rows(const uint8_t* w, const float* d, const float* mn, const QX& x, int64_t m0, int64_t m1, int64_t g0, T* y,
-          int64_t ldy, int64_t N) {
-  int64_t m = m0;
-  for (; m + MB <= m1; m += MB) tile<MB, J, MIN>(w, d, mn, x, m, g0, y, ldy, N);
-  switch (m1 - m) {
-    case 3: return tile<3, J, MIN>(w, d, mn, x, m, g0, y, ldy, N);
-    case 2: return tile<2, J, MIN>(w, d, mn, x, m, g0, y, ldy, N);
-    case 1: return tile<1, J, MIN>(w, d, mn, x, m, g0, y, ldy, N);
-    default: return;
+          int64_t N) {
+  if constexpr (R == MB) {
+    for (; m0 + MB <= m1; m0 += MB) tile<MB, J, MIN>(w, d, mn, x, m0, g0, y, N, N);
   }
+  if constexpr (R > 1) {
+    if (m1 - m0 == R - 1) return tile<R - 1, J, MIN>(w, d, mn, x, m0, g0, y, N, N);
+    return rows<J, MIN, T, R - 1>(w, d, mn, x, m0, m1, g0, y, N);
+  }
+}
+
+// groups g0.. (J of them, or the `left` < NJ at the end)
+template <bool MIN, typename T, int J = NJ>
+void groups(const uint8_t* w, const float* d, const float* mn, const QX& x, int64_t m0, int64_t m1, int64_t g0,
+            int64_t left, T* y, int64_t N) {
+  if (J == 1 || left >= J) return rows<J, MIN>(w, d, mn, x, m0, m1, g0, y, N);
+  if constexpr (J > 1) groups<MIN, T, J - 1>(w, d, mn, x, m0, m1, g0, left, y, N);
 }
 
 template <bool MIN, typename T>
 void run(const uint8_t* w, const float* d, const float* mn, const QX& x, int64_t M, int64_t N, T* y) {
   const int64_t G = (N + 15) / 16, tiles = (G + NJ - 1) / NJ;
-  // a tile of groups is NJ x 16 x K multiply-adds per row: split the tiles when the call is worth a fork
-  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, M * NJ * 16 * x.K / 64));
+  // one even share of the tiles per thread (a decode step's linears have 12-64 tiles: a finer grain left one
+  // thread a chunk more than the other), unless the call is too small to be worth a fork (vpdpbusd: 64 MACs)
+  const int64_t work = M * tiles * NJ * 16 * x.K / 64;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tiles);
+  const int64_t grain = work < kParallelWork || threads <= 1 ? tiles : (tiles + threads - 1) / threads;
   const auto body = [&](int64_t t0, int64_t t1) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
       const int64_t r1 = std::min(M, r0 + kRowChunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g0 = t * NJ, left = G - g0;
-        if (left >= 3) {
-          rows<3, MIN>(w, d, mn, x, r0, r1, g0, y, N, N);
-        } else if (left == 2) {
-          rows<2, MIN>(w, d, mn, x, r0, r1, g0, y, N, N);
-        } else {
-          rows<1, MIN>(w, d, mn, x, r0, r1, g0, y, N, N);
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t) groups<MIN>(w, d, mn, x, r0, r1, t * NJ, G - t * NJ, y, N);
     }
   };
   if (tiles <= grain) {
@@ -262,9 +278,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w8, const at::Tens
 }  // namespace
 }  // namespace depthserve
 
-TORCH_LIBRARY_FRAGMENT(depthserve, m) {
+TORCH_LIBRARY_FRAGMENT(DS_INT8_LIBRARY, m) {
   m.def("int8_linear(Tensor x, Tensor w8, Tensor d, Tensor mn, int n, int offset) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(depthserve, CPU, m) { m.impl("int8_linear", &depthserve::int8_linear); }
+TORCH_LIBRARY_IMPL(DS_INT8_LIBRARY, CPU, m) { m.impl("int8_linear", &depthserve::int8_linear); }
 #endif
