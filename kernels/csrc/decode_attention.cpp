@@ -12,7 +12,7 @@
 // The work item is (row, context partition), all heads. The context is walked in tiles of kTile positions;
 // within a tile one KV head at a time, its G = H / KV query heads together (up to Isa::NG per pass), so each
 // K/V element is loaded, and converted from bf16, once per pass and used by every head of the pass:
-//   1. scores s[g][t] = q_g . k_t of the whole tile, 4 positions at a time (NG x 4 register accumulators,
+//   1. scores s[g][t] = q_g . k_t of the whole tile, NT positions at a time (NG x NT register accumulators,
 //      reduced by one horizontal-add tree per head);
 //   2. one online-softmax step per head and tile (running max m, sum l): a vectorised 2^x over the tile's
 //      scores (the query is pre-scaled by log2 e, so scores are in log2 units), and one rescale of the
@@ -23,9 +23,10 @@
 // kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead).
 //
 // Cost: a position is 2 x H x hd multiply-adds (SmolLM2, H 9 x hd 64: 144 8-wide FMAs, ~26 ns at 2.8 GHz and
-// 2 FMAs a cycle) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound by its FMAs (about
-// 44-65 ns a position on the Zen 3 this was tuned on, 1 thread); read from DRAM, as 30 layers' caches are at
-// long contexts, fp32 is bound by the memory (a position is 1.5 KB) and bf16 by both.
+// 2 FMAs a cycle, or 72 16-wide ones) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound
+// by its FMAs (about 44-65 ns a position on the Zen 3 this was tuned on, 1 thread; ~23 ns with AVX-512 on a
+// Zen 5); read from DRAM, as 30 layers' caches are at long contexts, fp32 is bound by the memory (a position is
+// 1.5 KB) and bf16 by both.
 //
 // Threads: the work is one pass on the calling thread when it is small (an OpenMP region costs several µs, as
 // much as a short context's whole attention). Otherwise contexts are cut into partitions so that there are
@@ -36,9 +37,13 @@
 // with -fopenmp in the compile AND link flags (the extension then uses torch's own libgomp). Without it the op
 // still works, on one thread; the compiler says so below.
 //
-// ISA: one vector ISA chosen at compile time (Isa below, as in linear.cpp). AVX-512 CPUs run the 256-bit
-// AVX2 kernels (the tested ones; at hd 64 a 512-bit row is 4 vectors, and the 3 x 4 score tile is shaped for
-// 16 registers); anything else runs a scalar Isa of the same shape.
+// ISA: one vector ISA chosen at compile time (Isa below, as in linear.cpp): AVX-512 (16 lanes, 32 registers:
+// 3 heads x 8 positions per score call, hd 64 in one accumulate pass), else AVX2 (8 lanes, 16 registers:
+// 3 x 4), else a scalar Isa of the AVX2 shape. On a Zen 5 (full-width AVX-512, 2 cores shared with other work;
+// SmolLM2's shape, bf16, batch 32, context 256, 1 thread) the AVX-512 kernels take the op from ~355 to ~195 µs
+// with one cache hot in L2/L3 (--layers 1) and from ~570 to ~420 µs with 30 layers' caches read from DRAM
+// (--layers 30, where the misses decide); batch 1, context 2048, 30 layers: ~125 to ~95 µs:
+//   python -m loadtest.bench_decode_attention --batch 32 --context 256 --dtype bfloat16 --threads 1 --layers 30
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -58,7 +63,7 @@
 #include <new>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -72,11 +77,72 @@
 namespace depthserve {
 namespace {
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  static constexpr int W = 16;  // fp32 lanes
+  static constexpr int NG = 3;  // query heads per pass
+  static constexpr int NT = 8;  // positions per score call: 3 x 8 accumulators + 3 q + 1 k = 28 of 32 registers
+  static constexpr int DV = 4;  // acc vectors per head in registers (hd 64 in one go): 3 x 4 + 3 p + 1 v = 16
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V pin(V x) {  // as the AVX2 one; "v": any of the 32 registers ("x" is only the first 16)
+    asm("" : "+v"(x));
+    return x;
+  }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // out[0..8) = the lane sums of c[0..8): a transposing tree (each step adds two vectors' halves, so 8 rows
+  // take 16 shuffles and 8 adds, where reducing each row alone would take 8 x 8)
+  static void sums(const V* c, float* out) {
+    V h[4], q[2];
+    for (int i = 0; i < 4; ++i)  // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3]
+      h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xee));
+    for (int i = 0; i < 2; ++i)  // quarter j: row 4i + j's 4 partial sums
+      q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0xdd));
+    // quarter j: [r_j 0+1, r_j 2+3, r_4+j 0+1, r_4+j 2+3], then [r_j, r_j, r_4+j, r_4+j]
+    V x = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], 0x88), _mm512_shuffle_ps(q[0], q[1], 0xdd));
+    x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xb1));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, x)));
+  }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float hmax(V x) { return _mm512_reduce_max_ps(x); }
+  static float hsum(V x) { return _mm512_reduce_add_ps(x); }
+  // the AVX2 exp2_nonpos, 16 lanes (the same steps, so the same results)
+  static V exp2_nonpos(V x) {
+    const V lo = _mm512_set1_ps(-126.f);
+    const V xc = _mm512_max_ps(x, lo);
+    const V k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_ps(xc, k);
+    V y = _mm512_set1_ps(1.535336188319500e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.339887440266574e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618437357674640e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550332471162809e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402264791363012e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931472028550421e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), y, _mm512_castsi512_ps(e));
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
 struct Isa {
   using V = __m256;
   static constexpr int W = 8;   // fp32 lanes
-  static constexpr int NG = 3;  // query heads per pass: 3 x 4 score accumulators + 3 q + 1 k = 16 registers
+  static constexpr int NG = 3;  // query heads per pass
+  static constexpr int NT = 4;  // positions per score call: 3 x 4 accumulators + 3 q + 1 k = 16 registers
   static constexpr int DV = 4;  // acc vectors per head in registers: 3 x 4 + 3 p + 1 v = 16
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
@@ -96,9 +162,9 @@ struct Isa {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  // out[0..4) = the lane sums of a, b, c and d: one horizontal-add tree for all four
-  static void sum4(V a, V b, V c, V d, float* out) {
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  // out[0..4) = the lane sums of c[0..4): one horizontal-add tree for all four
+  static void sums(const V* c, float* out) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(c[0], c[1]), _mm256_hadd_ps(c[2], c[3]));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
   }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
@@ -137,6 +203,7 @@ struct Isa {  // one lane, the same tiling
   using V = float;
   static constexpr int W = 1;
   static constexpr int NG = 3;
+  static constexpr int NT = 4;
   static constexpr int DV = 4;
   static V zero() { return 0.f; }
   static V set1(float x) { return x; }
@@ -148,12 +215,7 @@ struct Isa {  // one lane, the same tiling
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return a * b + c; }
-  static void sum4(V a, V b, V c, V d, float* out) {
-    out[0] = a;
-    out[1] = b;
-    out[2] = c;
-    out[3] = d;
-  }
+  static void sums(const V* c, float* out) { std::copy(c, c + NT, out); }
   static V max(V a, V b) { return std::max(a, b); }
   static float hmax(V x) { return x; }
   static float hsum(V x) { return x; }
@@ -163,7 +225,7 @@ struct Isa {  // one lane, the same tiling
 
 using V = Isa::V;
 constexpr int64_t kW = Isa::W;
-constexpr int64_t kPad = kW > 4 ? kW : 4;  // a tile's rows are padded to a multiple of this (kW and 4)
+constexpr int64_t kPad = std::max<int64_t>(kW, Isa::NT);  // a tile's rows are padded to a multiple of this
 constexpr int64_t kTile = 32;              // context positions per online-softmax step (a multiple of kPad)
 constexpr int64_t kMinPartition = 64;      // split-K: no partition shorter than this many positions
 constexpr int64_t kSerialWork = 1 << 18;   // below this many q.k multiply-adds, one thread does it all
@@ -229,7 +291,7 @@ Scratch& scratch(int64_t H, int64_t hdp, bool copy) {
 }
 
 // The next tile's K/V rows of the KV head being worked on, asked for a few at a time while the current tile is
-// computed: its K rows along with the scores (4 positions per call), its V rows along with the first pass over
+// computed: its K rows along with the scores (NT positions per call), its V rows along with the first pass over
 // V (one per position). The blocks are scattered, so the hardware prefetchers lose the stream at every block
 // boundary; and a whole tile's prefetches at once (~750 lines in fp32) overflow the miss buffers, most of them
 // lost. When the context comes from DRAM (30 layers of caches do not stay in L3) this paced prefetch reads bf16
@@ -243,7 +305,7 @@ struct Ahead {
   // earlier version of this kernel never prefetched): the empty volatile asm keeps them.
   void k_rows(int64_t t) const {
     asm volatile("");
-    for (int64_t i = t; i < std::min(t + 4, n); ++i)
+    for (int64_t i = t; i < std::min<int64_t>(t + Isa::NT, n); ++i)
       for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(k[i] + koff + off);
   }
   void v_row(int64_t i) const {
@@ -253,22 +315,23 @@ struct Ahead {
   }
 };
 
-// s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and 4 positions. Forced inline (as is
-// accumulate): called out of line, its set-up per call (zeroing a stack copy of the accumulators) cost ~10%.
+// s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and Isa::NT positions. Forced inline (as
+// is accumulate): called out of line, its set-up per call (zeroing a stack copy of the accumulators) cost ~10%.
 template <int NG, typename E>
-[[gnu::always_inline]] inline void scores4(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
-  V c[NG][4];
+[[gnu::always_inline]] inline void scores(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
+  constexpr int NT = Isa::NT;
+  V c[NG][NT];
   for (int g = 0; g < NG; ++g)
-    for (int t = 0; t < 4; ++t) c[g][t] = Isa::zero();
+    for (int t = 0; t < NT; ++t) c[g][t] = Isa::zero();
   for (int64_t d = 0; d < hdp; d += kW) {
     V qv[NG];
     for (int g = 0; g < NG; ++g) qv[g] = Isa::pin(Isa::load(q + g * hdp + d));
-    for (int t = 0; t < 4; ++t) {
+    for (int t = 0; t < NT; ++t) {
       const V kv = Isa::pin(Isa::load(k[t] + koff + d));
       for (int g = 0; g < NG; ++g) c[g][t] = Isa::fma(qv[g], kv, c[g][t]);
     }
   }
-  for (int g = 0; g < NG; ++g) Isa::sum4(c[g][0], c[g][1], c[g][2], c[g][3], s + g * kTile);
+  for (int g = 0; g < NG; ++g) Isa::sums(c[g], s + g * kTile);
 }
 
 // acc_g[d, d + DV kW) = acc_g * corr[g] + sum_{t < n} p[g * kTile + t] * v_t[...] for NG heads.
@@ -303,9 +366,9 @@ inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, in
   float* s = w.s;
   const float* q = w.qf.data() + qh * hdp;
   const int64_t np = round_up(n, kPad);
-  for (int64_t t = 0; t < np; t += 4) {
+  for (int64_t t = 0; t < np; t += Isa::NT) {
     if (ahead != nullptr) ahead->k_rows(t);
-    scores4<NG>(q, hdp, k + t, koff, s + t);
+    scores<NG>(q, hdp, k + t, koff, s + t);
   }
   float corr[NG];
   for (int g = 0; g < NG; ++g) {
