@@ -20,7 +20,8 @@
 //   3. acc[g] = acc[g] * corr_g + sum_t p[g][t] v_t, NG heads x DV vectors of acc in registers.
 // K/V rows are read straight from the cache when their head dim is contiguous and a multiple of the vector
 // width; otherwise a tile's rows are first copied into zero-padded fp32 rows (any head-dim stride, and the
-// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead).
+// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead), and
+// the last tile of a work item prefetches the first of the thread's next item.
 //
 // Cost: a position is 2 x H x hd multiply-adds (SmolLM2, H 9 x hd 64: 144 8-wide FMAs, ~26 ns at 2.8 GHz and
 // 2 FMAs a cycle, or 72 16-wide ones) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound
@@ -41,9 +42,11 @@
 // 3 heads x 8 positions per score call, hd 64 in one accumulate pass), else AVX2 (8 lanes, 16 registers:
 // 3 x 4), else a scalar Isa of the AVX2 shape. On a Zen 5 (full-width AVX-512, 2 cores shared with other work;
 // SmolLM2's shape, bf16, batch 32, context 256, 1 thread) the AVX-512 kernels take the op from ~355 to ~195 µs
-// with one cache hot in L2/L3 (--layers 1) and from ~570 to ~420 µs with 30 layers' caches read from DRAM
-// (--layers 30, where the misses decide); batch 1, context 2048, 30 layers: ~125 to ~95 µs:
+// with one cache hot in L2/L3 (--layers 1; the AVX2 kernels take ~260 µs built for x86-64-v3, ~355 in a
+// -march=native build) and, with the next item's first tile prefetched, from ~580 to ~330 µs with 30 layers'
+// caches read from DRAM (--layers 30, where the misses decide); batch 1, context 2048, 30 layers: ~120 to ~90:
 //   python -m loadtest.bench_decode_attention --batch 32 --context 256 --dtype bfloat16 --threads 1 --layers 30
+// vdpbf16ps for bf16 q . k (exact products, no conversion of K) was ~10% faster hot but ~10% slower from DRAM.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -429,10 +432,16 @@ inline int64_t tile_slots(const Problem<T>& p, const int64_t* blocks, int64_t t0
   return np;
 }
 
+// Context positions [begin, end) of a row.
+struct Span {
+  int64_t row = -1, begin = 0, end = 0;
+};
+
 // All H query heads of `row` over context positions [begin, end). Leaves the online-softmax state in w.m, w.l
-// and w.acc (per query head, hdp apart, unnormalised).
+// and w.acc (per query head, hdp apart, unnormalised). The last tile prefetches the first one of `next` (what
+// this thread does next, if anything), or it would come as demand misses, a few at a time.
 template <typename T>
-void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratch& w) {
+void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Span next, Scratch& w) {
   const int64_t H = p.H, G = p.G, hd = p.hd, hdp = p.hdp;
   const float scale = p.scale * 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
   for (int64_t qh = 0; qh < H; ++qh) {  // the scaled queries in fp32, zero-padded
@@ -462,9 +471,13 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
   }
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    ahead.n = t0 + n < end ? std::min(kTile, end - t0 - n) : 0;  // the next tile's rows
+    const bool last = t0 + n == end;
+    ahead.n = !last ? std::min(kTile, end - t0 - n) : next.row >= 0 ? std::min(kTile, next.end - next.begin) : 0;
     if (ahead.n > 0) {
-      tile_slots(p, blocks, t0 + n, ahead.n, slots);
+      if (last)
+        tile_slots(p, p.table + next.row * p.t_sb, next.begin, ahead.n, slots);
+      else
+        tile_slots(p, blocks, t0 + n, ahead.n, slots);
       for (int64_t i = 0; i < ahead.n; ++i) {
         ahead.k[i] = reinterpret_cast<const char*>(p.k + slots[i] * p.k_ss);
         ahead.v[i] = reinterpret_cast<const char*>(p.v + slots[i] * p.v_ss);
@@ -489,7 +502,7 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
       }
       tile_group<float>(w, h * G, G, hdp, kb, 0, vb, 0, n, &ahead);
     }
-    if (ahead.n == 0) break;
+    if (last) break;
     np = round_up(ahead.n, kPad);  // the next tile's rows (tile_slots padded them)
     for (int64_t i = 0; i < np; ++i) {
       kr[i] = p.k + slots[i] * p.k_ss;
@@ -558,14 +571,20 @@ void run_parallel(const Problem<T>& p, int64_t B, int64_t threads, T* out) {
   // partials of split rows: running max, sum and unnormalised output per (row, query head, partition)
   std::vector<float> pm(plan.n_partials), pl(plan.n_partials), pacc(plan.n_partials * hdp);
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
+  const auto span = [&](int64_t i) {
+    if (i >= n_items) return Span{};
+    const Item it = plan.items[i];
+    const int64_t begin = it.part * plan.part_len;
+    return Span{it.row, begin, std::min<int64_t>(begin + plan.part_len, p.lens[it.row])};
+  };
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     Scratch& w = scratch(H, hdp, p.copy);
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
-      const Item it = plan.items[i];
-      const int64_t row = it.row, part = it.part;
-      const int64_t begin = part * plan.part_len, end = std::min<int64_t>(begin + plan.part_len, p.lens[row]);
-      attend(p, row, begin, end, w);
+    for (int64_t i = next.fetch_add(1), j; i < n_items; i = j) {
+      j = next.fetch_add(1);  // taken before item i runs, so that i's last tile prefetches j's first
+      const Span it = span(i);
+      const int64_t row = it.row, part = plan.items[i].part;
+      attend(p, row, it.begin, it.end, span(j), w);
       if (plan.parts[row] == 1) {  // the whole context: normalise and write the output
         write_out(p, w, row, out);
         continue;
@@ -615,7 +634,7 @@ void run(const Problem<T>& p, int64_t B, T* out) {
   }
   Scratch& w = scratch(p.H, p.hdp, p.copy);  // one pass per row on this thread: no plan, no partials
   for (int64_t row = 0; row < B; ++row) {
-    attend(p, row, 0, p.lens[row], w);
+    attend(p, row, 0, p.lens[row], row + 1 < B ? Span{row + 1, 0, p.lens[row + 1]} : Span{}, w);
     write_out(p, w, row, out);
   }
 }
