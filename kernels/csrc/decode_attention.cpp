@@ -44,7 +44,8 @@
 // SmolLM2's shape, bf16, batch 32, context 256, 1 thread) the AVX-512 kernels take the op from ~355 to ~195 µs
 // with one cache hot in L2/L3 (--layers 1; the AVX2 kernels take ~260 µs built for x86-64-v3, ~355 in a
 // -march=native build) and, with the next item's first tile prefetched, from ~580 to ~330 µs with 30 layers'
-// caches read from DRAM (--layers 30, where the misses decide); batch 1, context 2048, 30 layers: ~120 to ~90:
+// caches read from DRAM (--layers 30, where the misses decide; 2 threads: ~300 to ~200 µs); batch 1, context
+// 2048, 30 layers: ~120 to ~90 µs (2 threads: ~90 to ~45 µs):
 //   python -m loadtest.bench_decode_attention --batch 32 --context 256 --dtype bfloat16 --threads 1 --layers 30
 // vdpbf16ps for bf16 q . k (exact products, no conversion of K) was ~10% faster hot but ~10% slower from DRAM.
 
