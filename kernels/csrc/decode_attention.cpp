@@ -12,7 +12,7 @@
 // The work item is (row, context partition), all heads. The context is walked in tiles of kTile positions;
 // within a tile one KV head at a time, its G = H / KV query heads together (up to Isa::NG per pass), so each
 // K/V element is loaded, and converted from bf16, once per pass and used by every head of the pass:
-//   1. scores s[g][t] = q_g . k_t of the whole tile, 4 positions at a time (NG x 4 register accumulators,
+//   1. scores s[g][t] = q_g . k_t of the whole tile, NT positions at a time (NG x NT register accumulators,
 //      reduced by one horizontal-add tree per head);
 //   2. one online-softmax step per head and tile (running max m, sum l): a vectorised 2^x over the tile's
 //      scores (the query is pre-scaled by log2 e, so scores are in log2 units), and one rescale of the
@@ -20,12 +20,14 @@
 //   3. acc[g] = acc[g] * corr_g + sum_t p[g][t] v_t, NG heads x DV vectors of acc in registers.
 // K/V rows are read straight from the cache when their head dim is contiguous and a multiple of the vector
 // width; otherwise a tile's rows are first copied into zero-padded fp32 rows (any head-dim stride, and the
-// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead).
+// kernels never read past a row). The next tile's rows are prefetched while a tile is computed (Ahead), and
+// the last tile of a work item prefetches the first of the thread's next item.
 //
 // Cost: a position is 2 x H x hd multiply-adds (SmolLM2, H 9 x hd 64: 144 8-wide FMAs, ~26 ns at 2.8 GHz and
-// 2 FMAs a cycle) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound by its FMAs (about
-// 44-65 ns a position on the Zen 3 this was tuned on, 1 thread); read from DRAM, as 30 layers' caches are at
-// long contexts, fp32 is bound by the memory (a position is 1.5 KB) and bf16 by both.
+// 2 FMAs a cycle, or 72 16-wide ones) for 2 x KV x hd elements read. With the context in L1/L2 the op is bound
+// by its FMAs (about 44-65 ns a position on the Zen 3 this was tuned on, 1 thread; ~23 ns with AVX-512 on a
+// Zen 5); read from DRAM, as 30 layers' caches are at long contexts, fp32 is bound by the memory (a position is
+// 1.5 KB) and bf16 by both.
 //
 // Threads: the work is one pass on the calling thread when it is small (an OpenMP region costs several µs, as
 // much as a short context's whole attention). Otherwise contexts are cut into partitions so that there are
@@ -36,9 +38,16 @@
 // with -fopenmp in the compile AND link flags (the extension then uses torch's own libgomp). Without it the op
 // still works, on one thread; the compiler says so below.
 //
-// ISA: one vector ISA chosen at compile time (Isa below, as in linear.cpp). AVX-512 CPUs run the 256-bit
-// AVX2 kernels (the tested ones; at hd 64 a 512-bit row is 4 vectors, and the 3 x 4 score tile is shaped for
-// 16 registers); anything else runs a scalar Isa of the same shape.
+// ISA: one vector ISA chosen at compile time (Isa below, as in linear.cpp): AVX-512 (16 lanes, 32 registers:
+// 3 heads x 8 positions per score call, hd 64 in one accumulate pass), else AVX2 (8 lanes, 16 registers:
+// 3 x 4), else a scalar Isa of the AVX2 shape. On a Zen 5 (full-width AVX-512, 2 cores shared with other work;
+// SmolLM2's shape, bf16, batch 32, context 256, 1 thread) the AVX-512 kernels take the op from ~355 to ~195 µs
+// with one cache hot in L2/L3 (--layers 1; the AVX2 kernels take ~260 µs built for x86-64-v3, ~355 in a
+// -march=native build) and, with the next item's first tile prefetched, from ~580 to ~330 µs with 30 layers'
+// caches read from DRAM (--layers 30, where the misses decide; 2 threads: ~300 to ~200 µs); batch 1, context
+// 2048, 30 layers: ~120 to ~90 µs (2 threads: ~90 to ~45 µs):
+//   python -m loadtest.bench_decode_attention --batch 32 --context 256 --dtype bfloat16 --threads 1 --layers 30
+// vdpbf16ps for bf16 q . k (exact products, no conversion of K) was ~10% faster hot but ~10% slower from DRAM.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -58,7 +67,7 @@
 #include <new>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -72,11 +81,72 @@
 namespace depthserve {
 namespace {
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  static constexpr int W = 16;  // fp32 lanes
+  static constexpr int NG = 3;  // query heads per pass
+  static constexpr int NT = 8;  // positions per score call: 3 x 8 accumulators + 3 q + 1 k = 28 of 32 registers
+  static constexpr int DV = 4;  // acc vectors per head in registers (hd 64 in one go): 3 x 4 + 3 p + 1 v = 16
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V pin(V x) {  // as the AVX2 one; "v": any of the 32 registers ("x" is only the first 16)
+    asm("" : "+v"(x));
+    return x;
+  }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // out[0..8) = the lane sums of c[0..8): a transposing tree (each step adds two vectors' halves, so 8 rows
+  // take 16 shuffles and 8 adds, where reducing each row alone would take 8 x 8)
+  static void sums(const V* c, float* out) {
+    V h[4], q[2];
+    for (int i = 0; i < 4; ++i)  // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3]
+      h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xee));
+    for (int i = 0; i < 2; ++i)  // quarter j: row 4i + j's 4 partial sums
+      q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0xdd));
+    // quarter j: [r_j 0+1, r_j 2+3, r_4+j 0+1, r_4+j 2+3], then [r_j, r_j, r_4+j, r_4+j]
+    V x = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], 0x88), _mm512_shuffle_ps(q[0], q[1], 0xdd));
+    x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xb1));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, x)));
+  }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float hmax(V x) { return _mm512_reduce_max_ps(x); }
+  static float hsum(V x) { return _mm512_reduce_add_ps(x); }
+  // the AVX2 exp2_nonpos, 16 lanes (the same steps, so the same results)
+  static V exp2_nonpos(V x) {
+    const V lo = _mm512_set1_ps(-126.f);
+    const V xc = _mm512_max_ps(x, lo);
+    const V k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_ps(xc, k);
+    V y = _mm512_set1_ps(1.535336188319500e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.339887440266574e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618437357674640e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550332471162809e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402264791363012e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931472028550421e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), y, _mm512_castsi512_ps(e));
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
 struct Isa {
   using V = __m256;
   static constexpr int W = 8;   // fp32 lanes
-  static constexpr int NG = 3;  // query heads per pass: 3 x 4 score accumulators + 3 q + 1 k = 16 registers
+  static constexpr int NG = 3;  // query heads per pass
+  static constexpr int NT = 4;  // positions per score call: 3 x 4 accumulators + 3 q + 1 k = 16 registers
   static constexpr int DV = 4;  // acc vectors per head in registers: 3 x 4 + 3 p + 1 v = 16
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
@@ -96,9 +166,9 @@ struct Isa {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  // out[0..4) = the lane sums of a, b, c and d: one horizontal-add tree for all four
-  static void sum4(V a, V b, V c, V d, float* out) {
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  // out[0..4) = the lane sums of c[0..4): one horizontal-add tree for all four
+  static void sums(const V* c, float* out) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(c[0], c[1]), _mm256_hadd_ps(c[2], c[3]));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
   }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
@@ -137,6 +207,7 @@ struct Isa {  // one lane, the same tiling
   using V = float;
   static constexpr int W = 1;
   static constexpr int NG = 3;
+  static constexpr int NT = 4;
   static constexpr int DV = 4;
   static V zero() { return 0.f; }
   static V set1(float x) { return x; }
@@ -148,12 +219,7 @@ struct Isa {  // one lane, the same tiling
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return a * b + c; }
-  static void sum4(V a, V b, V c, V d, float* out) {
-    out[0] = a;
-    out[1] = b;
-    out[2] = c;
-    out[3] = d;
-  }
+  static void sums(const V* c, float* out) { std::copy(c, c + NT, out); }
   static V max(V a, V b) { return std::max(a, b); }
   static float hmax(V x) { return x; }
   static float hsum(V x) { return x; }
@@ -163,7 +229,7 @@ struct Isa {  // one lane, the same tiling
 
 using V = Isa::V;
 constexpr int64_t kW = Isa::W;
-constexpr int64_t kPad = kW > 4 ? kW : 4;  // a tile's rows are padded to a multiple of this (kW and 4)
+constexpr int64_t kPad = std::max<int64_t>(kW, Isa::NT);  // a tile's rows are padded to a multiple of this
 constexpr int64_t kTile = 32;              // context positions per online-softmax step (a multiple of kPad)
 constexpr int64_t kMinPartition = 64;      // split-K: no partition shorter than this many positions
 constexpr int64_t kSerialWork = 1 << 18;   // below this many q.k multiply-adds, one thread does it all
@@ -229,7 +295,7 @@ Scratch& scratch(int64_t H, int64_t hdp, bool copy) {
 }
 
 // The next tile's K/V rows of the KV head being worked on, asked for a few at a time while the current tile is
-// computed: its K rows along with the scores (4 positions per call), its V rows along with the first pass over
+// computed: its K rows along with the scores (NT positions per call), its V rows along with the first pass over
 // V (one per position). The blocks are scattered, so the hardware prefetchers lose the stream at every block
 // boundary; and a whole tile's prefetches at once (~750 lines in fp32) overflow the miss buffers, most of them
 // lost. When the context comes from DRAM (30 layers of caches do not stay in L3) this paced prefetch reads bf16
@@ -243,7 +309,7 @@ struct Ahead {
   // earlier version of this kernel never prefetched): the empty volatile asm keeps them.
   void k_rows(int64_t t) const {
     asm volatile("");
-    for (int64_t i = t; i < std::min(t + 4, n); ++i)
+    for (int64_t i = t; i < std::min<int64_t>(t + Isa::NT, n); ++i)
       for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(k[i] + koff + off);
   }
   void v_row(int64_t i) const {
@@ -253,22 +319,23 @@ struct Ahead {
   }
 };
 
-// s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and 4 positions. Forced inline (as is
-// accumulate): called out of line, its set-up per call (zeroing a stack copy of the accumulators) cost ~10%.
+// s[g * kTile + t] = q_g . k_t for NG heads (query rows hdp apart) and Isa::NT positions. Forced inline (as
+// is accumulate): called out of line, its set-up per call (zeroing a stack copy of the accumulators) cost ~10%.
 template <int NG, typename E>
-[[gnu::always_inline]] inline void scores4(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
-  V c[NG][4];
+[[gnu::always_inline]] inline void scores(const float* q, int64_t hdp, const E* const* k, int64_t koff, float* s) {
+  constexpr int NT = Isa::NT;
+  V c[NG][NT];
   for (int g = 0; g < NG; ++g)
-    for (int t = 0; t < 4; ++t) c[g][t] = Isa::zero();
+    for (int t = 0; t < NT; ++t) c[g][t] = Isa::zero();
   for (int64_t d = 0; d < hdp; d += kW) {
     V qv[NG];
     for (int g = 0; g < NG; ++g) qv[g] = Isa::pin(Isa::load(q + g * hdp + d));
-    for (int t = 0; t < 4; ++t) {
+    for (int t = 0; t < NT; ++t) {
       const V kv = Isa::pin(Isa::load(k[t] + koff + d));
       for (int g = 0; g < NG; ++g) c[g][t] = Isa::fma(qv[g], kv, c[g][t]);
     }
   }
-  for (int g = 0; g < NG; ++g) Isa::sum4(c[g][0], c[g][1], c[g][2], c[g][3], s + g * kTile);
+  for (int g = 0; g < NG; ++g) Isa::sums(c[g], s + g * kTile);
 }
 
 // acc_g[d, d + DV kW) = acc_g * corr[g] + sum_{t < n} p[g * kTile + t] * v_t[...] for NG heads.
@@ -303,9 +370,9 @@ inline void tile_pass(Scratch& w, int64_t qh, int64_t hdp, const E* const* k, in
   float* s = w.s;
   const float* q = w.qf.data() + qh * hdp;
   const int64_t np = round_up(n, kPad);
-  for (int64_t t = 0; t < np; t += 4) {
+  for (int64_t t = 0; t < np; t += Isa::NT) {
     if (ahead != nullptr) ahead->k_rows(t);
-    scores4<NG>(q, hdp, k + t, koff, s + t);
+    scores<NG>(q, hdp, k + t, koff, s + t);
   }
   float corr[NG];
   for (int g = 0; g < NG; ++g) {
@@ -366,10 +433,16 @@ inline int64_t tile_slots(const Problem<T>& p, const int64_t* blocks, int64_t t0
   return np;
 }
 
+// Context positions [begin, end) of a row.
+struct Span {
+  int64_t row = -1, begin = 0, end = 0;
+};
+
 // All H query heads of `row` over context positions [begin, end). Leaves the online-softmax state in w.m, w.l
-// and w.acc (per query head, hdp apart, unnormalised).
+// and w.acc (per query head, hdp apart, unnormalised). The last tile prefetches the first one of `next` (what
+// this thread does next, if anything), or it would come as demand misses, a few at a time.
 template <typename T>
-void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratch& w) {
+void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Span next, Scratch& w) {
   const int64_t H = p.H, G = p.G, hd = p.hd, hdp = p.hdp;
   const float scale = p.scale * 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
   for (int64_t qh = 0; qh < H; ++qh) {  // the scaled queries in fp32, zero-padded
@@ -399,9 +472,13 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
   }
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
-    ahead.n = t0 + n < end ? std::min(kTile, end - t0 - n) : 0;  // the next tile's rows
+    const bool last = t0 + n == end;
+    ahead.n = !last ? std::min(kTile, end - t0 - n) : next.row >= 0 ? std::min(kTile, next.end - next.begin) : 0;
     if (ahead.n > 0) {
-      tile_slots(p, blocks, t0 + n, ahead.n, slots);
+      if (last)
+        tile_slots(p, p.table + next.row * p.t_sb, next.begin, ahead.n, slots);
+      else
+        tile_slots(p, blocks, t0 + n, ahead.n, slots);
       for (int64_t i = 0; i < ahead.n; ++i) {
         ahead.k[i] = reinterpret_cast<const char*>(p.k + slots[i] * p.k_ss);
         ahead.v[i] = reinterpret_cast<const char*>(p.v + slots[i] * p.v_ss);
@@ -426,7 +503,7 @@ void attend(const Problem<T>& p, int64_t row, int64_t begin, int64_t end, Scratc
       }
       tile_group<float>(w, h * G, G, hdp, kb, 0, vb, 0, n, &ahead);
     }
-    if (ahead.n == 0) break;
+    if (last) break;
     np = round_up(ahead.n, kPad);  // the next tile's rows (tile_slots padded them)
     for (int64_t i = 0; i < np; ++i) {
       kr[i] = p.k + slots[i] * p.k_ss;
@@ -495,14 +572,20 @@ void run_parallel(const Problem<T>& p, int64_t B, int64_t threads, T* out) {
   // partials of split rows: running max, sum and unnormalised output per (row, query head, partition)
   std::vector<float> pm(plan.n_partials), pl(plan.n_partials), pacc(plan.n_partials * hdp);
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
+  const auto span = [&](int64_t i) {
+    if (i >= n_items) return Span{};
+    const Item it = plan.items[i];
+    const int64_t begin = it.part * plan.part_len;
+    return Span{it.row, begin, std::min<int64_t>(begin + plan.part_len, p.lens[it.row])};
+  };
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     Scratch& w = scratch(H, hdp, p.copy);
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
-      const Item it = plan.items[i];
-      const int64_t row = it.row, part = it.part;
-      const int64_t begin = part * plan.part_len, end = std::min<int64_t>(begin + plan.part_len, p.lens[row]);
-      attend(p, row, begin, end, w);
+    for (int64_t i = next.fetch_add(1), j; i < n_items; i = j) {
+      j = next.fetch_add(1);  // taken before item i runs, so that i's last tile prefetches j's first
+      const Span it = span(i);
+      const int64_t row = it.row, part = plan.items[i].part;
+      attend(p, row, it.begin, it.end, span(j), w);
       if (plan.parts[row] == 1) {  // the whole context: normalise and write the output
         write_out(p, w, row, out);
         continue;
@@ -552,7 +635,7 @@ void run(const Problem<T>& p, int64_t B, T* out) {
   }
   Scratch& w = scratch(p.H, p.hdp, p.copy);  // one pass per row on this thread: no plan, no partials
   for (int64_t row = 0; row < B; ++row) {
-    attend(p, row, 0, p.lens[row], w);
+    attend(p, row, 0, p.lens[row], row + 1 < B ? Span{row + 1, 0, p.lens[row + 1]} : Span{}, w);
     write_out(p, w, row, out);
   }
 }
