@@ -48,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "Extension", "UnsupportedCPU", "build", "cache_root", "cpu_flags", "load", "reset"]
+__all__ = ["BuildError", "Extension", "UnsupportedCPU", "build", "cache_root", "cpu_flags", "load",
+           "release_openmp_pool", "reset"]
 
 logger = logging.getLogger("depthserve.kernels")
 
@@ -344,3 +345,12 @@ if __name__ == "__main__":
     from kernels.cpu_ext import main as _main  # one module instance (kernels.ops imports it by that name)
 
     sys.exit(_main())
+
+
+def release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP thread pool (kernels/csrc/threads.cpp says why): a thread that hands the
+    stepping to another one calls this, so that libgomp manages one team, not two. False where the native
+    library is not loaded (nothing released)."""
+    if load() is None or not hasattr(torch.ops.depthserve, "release_openmp_pool"):
+        return False
+    return torch.ops.depthserve.release_openmp_pool() == 0
