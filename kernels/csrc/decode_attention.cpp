@@ -81,6 +81,10 @@
 namespace depthserve {
 namespace {
 
+// Cephes' exp2f polynomial for 2^f, |f| <= 1/2, highest power first (Horner): both vector Isas' exp2_nonpos
+constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                               5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+
 #if defined(__AVX512F__)
 struct Isa {
   using V = __m512;
@@ -129,13 +133,8 @@ struct Isa {
     const V xc = _mm512_max_ps(x, lo);
     const V k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_sub_ps(xc, k);
-    V y = _mm512_set1_ps(1.535336188319500e-4f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.339887440266574e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618437357674640e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550332471162809e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402264791363012e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931472028550421e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+    V y = _mm512_set1_ps(kExp2Poly[0]);
+    for (int i = 1; i < 7; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2Poly[i]));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), y, _mm512_castsi512_ps(e));
@@ -190,13 +189,8 @@ struct Isa {
     const V xc = _mm256_max_ps(x, lo);
     const V k = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm256_sub_ps(xc, k);
-    V y = _mm256_set1_ps(1.535336188319500e-4f);
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+    V y = _mm256_set1_ps(kExp2Poly[0]);
+    for (int i = 1; i < 7; ++i) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2Poly[i]));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     const V under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));

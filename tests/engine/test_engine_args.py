@@ -44,6 +44,7 @@ NON_DEFAULT = {
     "enforce_eager": (["--enforce-eager"], True),
     "max_cuda_graph_batch_size": (["--max-cuda-graph-batch-size", "32"], 32),
     "quantization": (["--quantization", "int8"], "int8"),
+    "quant_activations": (["--quant-activations", "int8"], "int8"),
     "small_step_rows": (["--small-step-rows", "3"], 3),
 }
 
