@@ -71,6 +71,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx512.h"
 #include "common.h"
 #include "fused.h"
 
@@ -95,10 +96,7 @@ struct Isa {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const bf16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  static V load(const bf16_t* p) { return bf16x16_load(p); }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V pin(V x) {  // as the AVX2 one; "v": any of the 32 registers ("x" is only the first 16)
     asm("" : "+v"(x));

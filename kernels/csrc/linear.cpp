@@ -35,6 +35,7 @@
 #include <cstdlib>
 #include <memory>
 
+#include "avx512.h"
 #include "fused.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -85,10 +86,7 @@ struct Isa {  // compiles (-march=skylake-avx512) but has not run: no AVX-512 ma
   static constexpr int MB = 4;  // ... times x rows: 16 accumulators + 4 weight vectors of 32 registers
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const bf16* p) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  static V load(const bf16* p) { return bf16x16_load(reinterpret_cast<const uint16_t*>(p)); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };

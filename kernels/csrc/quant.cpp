@@ -52,6 +52,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "avx512.h"
 #include "common.h"
 #include "fused.h"
 
@@ -149,14 +150,8 @@ struct Isa {
     const V j = _mm512_add_ps(_mm512_shuffle_ps(h, i, 0x88), _mm512_shuffle_ps(h, i, 0xDD));  // lane 4b + q: a[4q + b]
     if constexpr (std::is_same_v<T, float>) {
       _mm512_storeu_ps(out, j);
-    } else {  // from_f<bf16_t> on 16 lanes: round to nearest even, NaN -> 0x7fc0
-      const __m512i u = _mm512_castps_si512(j);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                    _mm512_set1_epi32(0x7f800000));
-      const __m512i v = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(v));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bf16x16_round(j));
     }
   }
 

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "avx512.h"
 #include "common.h"
 
 // Tuning knobs, settable with -D for experiments (other builds load side by side under another op namespace)
@@ -72,10 +73,7 @@ struct QX {
 };
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+inline __m512 load16(const bf16_t* p) { return bf16x16_load(p); }
 
 template <typename T>
 void quantize_rows(const T* x, int64_t s0, int64_t s1, int64_t M, int64_t K, int offset, int8_t* q, float* d,
@@ -108,23 +106,13 @@ void quantize_rows(const T* x, int64_t s0, int64_t s1, int64_t M, int64_t K, int
   });
 }
 
-// 16 fp32 lanes to bf16 as from_f<bf16_t> rounds (nearest even, NaN -> 0x7fc0)
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
-}
-
 template <typename T>
 inline void store16(T* y, __m512 v, int64_t valid) {
   const __mmask16 k = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
   if constexpr (std::is_same_v<T, float>) {
     _mm512_mask_storeu_ps(y, k, v);
   } else {
-    _mm256_mask_storeu_epi16(y, k, to_bf16(v));
+    _mm256_mask_storeu_epi16(y, k, bf16x16_round(v));
   }
 }
 
