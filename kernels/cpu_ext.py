@@ -308,6 +308,15 @@ def reset() -> None:
         _state.clear()
 
 
+def release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP thread pool (kernels/csrc/threads.cpp says why): a thread that hands the
+    stepping to another one calls this, so that libgomp manages one team, not two. False where the native
+    library is not loaded (nothing released)."""
+    if load() is None or not hasattr(torch.ops.depthserve, "release_openmp_pool"):
+        return False
+    return torch.ops.depthserve.release_openmp_pool() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.cpu_ext", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
@@ -345,12 +354,3 @@ if __name__ == "__main__":
     from kernels.cpu_ext import main as _main  # one module instance (kernels.ops imports it by that name)
 
     sys.exit(_main())
-
-
-def release_openmp_pool() -> bool:
-    """Free the calling thread's OpenMP thread pool (kernels/csrc/threads.cpp says why): a thread that hands the
-    stepping to another one calls this, so that libgomp manages one team, not two. False where the native
-    library is not loaded (nothing released)."""
-    if load() is None or not hasattr(torch.ops.depthserve, "release_openmp_pool"):
-        return False
-    return torch.ops.depthserve.release_openmp_pool() == 0
